@@ -1,0 +1,101 @@
+// Activation functions phi and their backward g * phi'(h), written once for every backend.
+//
+// Each formula is a template over the number type T, so the same text serves float and double on
+// the host, float on a CUDA device, and the SIMD vector types of the CPU stack kernel. T needs
+// + - *, comparisons (<, >), `select(cond, a, b)` and `tanh(T)` / `exp(T)` found by argument-
+// dependent lookup (std:: for built-in types). No torch headers: nvcc compiles this on its own.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__CUDACC__)
+#define DMUP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DMUP_HOST_DEVICE inline
+#endif
+
+namespace dmup {
+
+enum class Activation : int32_t { Identity = 0, Relu = 1, Abs = 2, Gelu = 3, Silu = 4 };
+
+template <class T>
+DMUP_HOST_DEVICE T select(bool cond, T a, T b) { return cond ? a : b; }
+
+#if !defined(__CUDA_ARCH__)
+using std::exp;
+using std::tanh;
+#endif
+
+template <Activation A>
+struct Act;
+
+// phi(h) = h
+template <>
+struct Act<Activation::Identity> {
+  template <class T> static DMUP_HOST_DEVICE T value(T h) { return h; }
+  template <class T> static DMUP_HOST_DEVICE T backward(T, T g) { return g; }
+};
+
+// phi(h) = max(h, 0); backward keeps g where h > 0 and is 0 elsewhere (even for g = inf), as
+// torch.relu's backward. NaN stays NaN in the forward (h < 0 is false for NaN).
+template <>
+struct Act<Activation::Relu> {
+  template <class T> static DMUP_HOST_DEVICE T value(T h) { return select(h < T(0), T(0), h); }
+  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) { return select(h > T(0), g, T(0)); }
+};
+
+// phi(h) = |h|; phi'(h) = sgn(h) with sgn(0) = 0, as torch.abs's backward.
+template <>
+struct Act<Activation::Abs> {
+  template <class T> static DMUP_HOST_DEVICE T value(T h) { return select(h < T(0), T(0) - h, h); }
+  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) {
+    return g * select(h > T(0), T(1), select(h < T(0), T(-1), T(0)));
+  }
+};
+
+// GELU, tanh form: phi(h) = h/2 * (1 + tanh(k (h + c h^3))), k = sqrt(2/pi), c = 0.044715.
+template <>
+struct Act<Activation::Gelu> {
+  static constexpr double kSqrt2OverPi = 0.7978845608028654;
+  static constexpr double kCubic = 0.044715;
+  template <class T> static DMUP_HOST_DEVICE T value(T h) {
+    T t = tanh(T(kSqrt2OverPi) * (h + T(kCubic) * h * h * h));
+    return T(0.5) * h * (T(1) + t);
+  }
+  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) {
+    T t = tanh(T(kSqrt2OverPi) * (h + T(kCubic) * h * h * h));
+    T dinner = T(kSqrt2OverPi) * (T(1) + T(3 * kCubic) * h * h);
+    return g * (T(0.5) * (T(1) + t) + T(0.5) * h * (T(1) - t * t) * dinner);
+  }
+};
+
+// SiLU: phi(h) = h * sigmoid(h); phi'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))).
+template <>
+struct Act<Activation::Silu> {
+  template <class T> static DMUP_HOST_DEVICE T sigmoid(T h) { return T(1) / (T(1) + exp(T(0) - h)); }
+  template <class T> static DMUP_HOST_DEVICE T value(T h) { return h * sigmoid(h); }
+  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) {
+    T sg = sigmoid(h);
+    return g * (sg * (T(1) + h * (T(1) - sg)));
+  }
+};
+
+template <Activation A>
+using ActivationTag = std::integral_constant<Activation, A>;
+
+// Calls f(ActivationTag<A>{}) with the compile-time activation named by a runtime value, so one
+// kernel template is instantiated per activation and the activation costs no branch per element.
+template <class F>
+inline void dispatch_activation(Activation a, F&& f) {
+  switch (a) {
+    case Activation::Identity: f(ActivationTag<Activation::Identity>{}); break;
+    case Activation::Relu: f(ActivationTag<Activation::Relu>{}); break;
+    case Activation::Abs: f(ActivationTag<Activation::Abs>{}); break;
+    case Activation::Gelu: f(ActivationTag<Activation::Gelu>{}); break;
+    case Activation::Silu: f(ActivationTag<Activation::Silu>{}); break;
+  }
+}
+
+}  // namespace dmup

@@ -1,0 +1,28 @@
+"""dmup_kernels: fused kernels for very deep, narrow residual networks under Depth-muP.
+
+Functional ops (``scaled_residual``, ``residual_stack``), drop-in modules (``ScaledResidual``,
+``ResidualStack``, ``DepthMuPNet``), depth parametrizations and optimizer param groups.
+"""
+
+from . import reference
+from ._extension import HAS_CPP
+from .nn import DepthMuPNet, ResidualStack, ScaledResidual
+from .ops import BACKENDS, residual_stack, scaled_residual
+from .optim import param_groups
+from .parametrization import COMPLETE_P, DEPTH_MUP, STANDARD, DepthParametrization
+
+__all__ = [
+    "BACKENDS",
+    "COMPLETE_P",
+    "DEPTH_MUP",
+    "HAS_CPP",
+    "STANDARD",
+    "DepthMuPNet",
+    "DepthParametrization",
+    "ResidualStack",
+    "ScaledResidual",
+    "param_groups",
+    "reference",
+    "residual_stack",
+    "scaled_residual",
+]

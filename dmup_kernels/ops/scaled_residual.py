@@ -1,0 +1,74 @@
+"""scaled_residual: out = x + scale * MS(phi(branch_out)), the epilogue of every residual block.
+
+The op ``dmup::scaled_residual`` is defined in csrc/ops.cpp with a kernel per device; this file adds
+its fake (shape) rule and its autograd rule, and the public function that validates arguments and
+picks a backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._checks import check_activation, check_flag, check_like, check_scale, check_shape, check_tensor
+from .._extension import HAS_CPP
+from ._backend import resolve_backend
+
+
+def scaled_residual(
+    x: Tensor,
+    branch_out: Tensor,
+    scale: float,
+    activation: str = "identity",
+    mean_subtract: bool = False,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``x + scale * MS(phi(branch_out))``, fused into one pass over memory.
+
+    Args:
+        x: residual stream, shape (..., n).
+        branch_out: output of the residual branch, same shape, dtype and device as ``x``.
+        scale: branch multiplier s (for Depth-muP, ``a / sqrt(L)``).
+        activation: phi, one of "relu", "abs", "gelu" (tanh form), "silu", "identity".
+        mean_subtract: subtract the mean over the last dim after phi (MS).
+        backend: "auto", "reference" or "cpp".
+    """
+    check_tensor(x, "x")
+    check_tensor(branch_out, "branch_out")
+    check_like(branch_out, "branch_out", x, "x")
+    check_shape(branch_out, "branch_out", x.shape)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., n); got a 0-dim tensor")
+    scale = check_scale(scale)
+    check_activation(activation)
+    check_flag(mean_subtract, "mean_subtract")
+    if resolve_backend(backend, x.device) == "reference":
+        return reference.scaled_residual(x, branch_out, scale, activation, mean_subtract)
+    return torch.ops.dmup.scaled_residual(x, branch_out, scale, activation, mean_subtract)
+
+
+if HAS_CPP:
+
+    @torch.library.register_fake("dmup::scaled_residual")
+    def _(x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
+        torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("dmup::scaled_residual_backward")
+    def _(grad_out: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
+        return torch.empty_like(branch_out, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        _, branch_out, ctx.scale, ctx.activation, ctx.mean_subtract = inputs
+        ctx.save_for_backward(branch_out)
+
+    def _backward(ctx, grad_out: Tensor):
+        (branch_out,) = ctx.saved_tensors
+        grad_branch = torch.ops.dmup.scaled_residual_backward(
+            grad_out, branch_out, ctx.scale, ctx.activation, ctx.mean_subtract
+        )
+        return grad_out, grad_branch, None, None, None
+
+    torch.library.register_autograd("dmup::scaled_residual", _backward, setup_context=_setup_context)

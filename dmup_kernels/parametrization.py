@@ -1,0 +1,79 @@
+"""Depth parametrizations (SPEC 2.1): how the branch multiplier and the hidden learning rate
+scale with the depth L of a residual stack.
+
+    branch_scale(L)      = multiplier * (L / base_depth) ** -alpha
+    lr_scale(L, "adam")  = (L / base_depth) ** -gamma
+    lr_scale(L, "sgd")   = (L / base_depth) ** (alpha - gamma)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ._checks import check_positive_int
+
+Optimizer = Literal["adam", "sgd"]
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class DepthParametrization:
+    """Scaling rules for a residual stack of depth L.
+
+    Args:
+        alpha: branch exponent; each residual branch is multiplied by
+            ``multiplier * (L / base_depth) ** -alpha``. Must be >= 0.
+        gamma: learning-rate exponent of the hidden (residual) weights for Adam-like optimizers:
+            ``lr * (L / base_depth) ** -gamma``; for SGD the exponent is ``alpha - gamma``.
+        multiplier: the transferable constant ``a`` of the branch multiplier. Must be finite.
+        base_depth: the depth at which the scales are exactly ``multiplier`` and 1. Must be >= 1.
+    """
+
+    alpha: float
+    gamma: float
+    multiplier: float = 1.0
+    base_depth: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "gamma", "multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite; got {value}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0; got {self.alpha}")
+        check_positive_int(self.base_depth, "base_depth")
+
+    def _relative_depth(self, depth: int) -> float:
+        return check_positive_int(depth, "depth") / self.base_depth
+
+    def branch_scale(self, depth: int) -> float:
+        """``multiplier * (depth / base_depth) ** -alpha``: the factor on every residual branch."""
+        return self.multiplier * self._relative_depth(depth) ** -self.alpha
+
+    def lr_scale(self, depth: int, optimizer: Optimizer = "adam") -> float:
+        """Factor on the learning rate of the hidden weights of a stack of this depth.
+
+        ``(depth / base_depth) ** -gamma`` for "adam" (any Adam-like optimizer) and
+        ``(depth / base_depth) ** (alpha - gamma)`` for "sgd".
+        """
+        if optimizer == "adam":
+            exponent = -self.gamma
+        elif optimizer == "sgd":
+            exponent = self.alpha - self.gamma
+        else:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
+        return self._relative_depth(depth) ** exponent
+
+
+DEPTH_MUP = DepthParametrization(alpha=0.5, gamma=0.5)
+"""Depth-muP (Yang et al. 2023): branches scaled by 1/sqrt(L), Adam learning rate by 1/sqrt(L)."""
+
+COMPLETE_P = DepthParametrization(alpha=1.0, gamma=0.0)
+"""CompleteP (Dey et al. 2025): branches scaled by 1/L, learning rate unscaled for Adam."""
+
+STANDARD = DepthParametrization(alpha=0.0, gamma=0.0)
+"""No depth scaling: the usual residual network."""

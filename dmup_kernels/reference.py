@@ -1,0 +1,100 @@
+"""Eager reference of every op: plain torch, written for clarity, differentiated by autograd.
+
+This module is the ground truth for every kernel (tests) and the "eager" peer in benchmarks.
+Notation (SPEC 2): ``x`` is the residual stream (..., n); weights follow ``nn.Linear``
+(``h = x @ W^T + b``); ``s`` is the branch scale; MS is mean subtraction over the width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu,
+    "abs": torch.abs,
+    "gelu": lambda h: F.gelu(h, approximate="tanh"),
+    "silu": F.silu,
+    "identity": lambda h: h,
+}
+"""phi by name. gelu is the tanh form: h/2 * (1 + tanh(sqrt(2/pi) * (h + 0.044715 h^3)))."""
+
+BLOCKS: tuple[str, ...] = ("post", "pre")
+
+
+def activation(h: Tensor, name: str) -> Tensor:
+    """phi(h) for the activation called ``name``."""
+    return ACTIVATIONS[name](h)
+
+
+def subtract_mean(u: Tensor) -> Tensor:
+    """MS(u) = u - mean over the last dim (the width)."""
+    return u - u.mean(dim=-1, keepdim=True)
+
+
+def scaled_residual(
+    x: Tensor, branch_out: Tensor, scale: float, activation: str = "identity", mean_subtract: bool = False
+) -> Tensor:
+    """x + scale * MS(phi(branch_out)); MS only when ``mean_subtract``."""
+    v = ACTIVATIONS[activation](branch_out)
+    if mean_subtract:
+        v = subtract_mean(v)
+    return x + scale * v
+
+
+def post_block(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    mean_subtract: bool = True,
+) -> Tensor:
+    """Post-activation block (paper Sec. 6.3): x + s * MS(phi(x @ W^T + b))."""
+    return scaled_residual(x, F.linear(x, weight, bias), scale, activation, mean_subtract)
+
+
+def pre_block(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    mean_subtract: bool = False,
+) -> Tensor:
+    """Pre-activation block (Bordelon et al.): x + s * MS(phi(x) @ W^T + b); MS only when asked."""
+    return scaled_residual(x, F.linear(ACTIVATIONS[activation](x), weight, bias), scale, "identity", mean_subtract)
+
+
+def mlp_block(x: Tensor, weight1: Tensor, weight2: Tensor, *, scale: float, activation: str = "relu") -> Tensor:
+    """Block depth 2: x + s * (phi(x @ W1^T) @ W2^T), W1 of shape (m, n) and W2 of shape (n, m)."""
+    return x + scale * F.linear(ACTIVATIONS[activation](F.linear(x, weight1)), weight2)
+
+
+def residual_stack(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    block: str = "post",
+    mean_subtract: bool = True,
+) -> Tensor:
+    """L blocks in sequence; ``weight`` is (L, n, n) and ``bias`` (L, n) or None.
+
+    block "post": x_{l+1} = x_l + s * MS(phi(x_l @ W_l^T + b_l))
+    block "pre":  x_{l+1} = x_l + s * MS(phi(x_l) @ W_l^T + b_l)
+    (MS only when ``mean_subtract``).
+    """
+    layer = post_block if block == "post" else pre_block
+    for index in range(weight.shape[0]):
+        layer_bias = None if bias is None else bias[index]
+        x = layer(x, weight[index], layer_bias, scale=scale, activation=activation, mean_subtract=mean_subtract)
+    return x
+
