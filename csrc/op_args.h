@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "activations.h"
+#include "cpu/stack_kernel.h"
 
 namespace dmup {
 
@@ -17,8 +18,6 @@ inline Activation parse_activation(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "activation must be one of 'relu', 'abs', 'gelu', 'silu', 'identity'; got '",
                     name, "'");
 }
-
-enum class Block : int32_t { Post = 0, Pre = 1 };
 
 inline Block parse_block(c10::string_view name) {
   if (name == "post") return Block::Post;

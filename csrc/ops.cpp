@@ -17,4 +17,12 @@ TORCH_LIBRARY(dmup, m) {
   // d out / d branch_out applied to grad_out: phi'(branch_out) * MS(scale * grad_out).
   m.def("scaled_residual_backward(Tensor grad_out, Tensor branch_out, float scale, str activation, "
         "bool mean_subtract) -> Tensor");
+  // L blocks in one call (SPEC 2.4); x is (B, n). Returns the output and the state the backward
+  // needs: saved (L, n, B) holds every layer's input, mask the sign bits of h for relu/abs.
+  m.def("residual_stack(Tensor x, Tensor weight, Tensor? bias, float scale, str activation, str block, "
+        "bool mean_subtract) -> (Tensor out, Tensor saved, Tensor mask)");
+  // Gradients of residual_stack wrt x, weight and bias (grad_bias is computed even without a bias).
+  m.def("residual_stack_backward(Tensor grad_out, Tensor saved, Tensor mask, Tensor weight, Tensor? bias, "
+        "float scale, str activation, str block, bool mean_subtract) -> (Tensor grad_x, Tensor grad_weight, "
+        "Tensor grad_bias)");
 }

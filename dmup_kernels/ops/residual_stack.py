@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from .. import reference
@@ -16,8 +16,8 @@ from .._checks import (
     check_tensor,
     check_width,
 )
+from .._extension import HAS_CPP
 from ._backend import resolve_backend
-from .scaled_residual import scaled_residual
 
 
 def check_stack_args(
@@ -63,16 +63,54 @@ def residual_stack(
     """
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
     backend = resolve_backend(backend, x.device)
-    if backend == "reference":
+    if backend == "reference" or x.numel() == 0:
         return reference.residual_stack(
             x, weight, bias, scale=scale, activation=activation, block=block, mean_subtract=mean_subtract
         )
-    for index in range(weight.shape[0]):
-        layer_bias = None if bias is None else bias[index]
-        if block == "post":
-            h = F.linear(x, weight[index], layer_bias)
-            x = scaled_residual(x, h, scale, activation, mean_subtract, backend=backend)
-        else:
-            h = F.linear(reference.activation(x, activation), weight[index], layer_bias)
-            x = scaled_residual(x, h, scale, "identity", mean_subtract, backend=backend)
-    return x
+    # The kernels run float32 or float64; half types run with a float32 residual stream.
+    compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    rows = x.reshape(-1, x.shape[-1]).to(compute)
+    out, _, _ = torch.ops.dmup.residual_stack(
+        rows,
+        weight.to(compute),
+        None if bias is None else bias.to(compute),
+        scale,
+        activation,
+        block,
+        mean_subtract,
+    )
+    return out.to(x.dtype).reshape(x.shape)
+
+
+def mask_planes(activation: str) -> int:
+    """Sign-bit planes the stack saves per element: relu needs [h > 0], abs also [h < 0]."""
+    return {"relu": 1, "abs": 2}.get(activation, 0)
+
+
+if HAS_CPP:
+
+    @torch.library.register_fake("dmup::residual_stack")
+    def _(x, weight, bias, scale, activation, block, mean_subtract):
+        batch, width = x.shape
+        depth = weight.shape[0]
+        mask_shape = (depth, mask_planes(activation), width, (batch + 15) // 16)
+        return x.new_empty(batch, width), x.new_empty(depth, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
+
+    @torch.library.register_fake("dmup::residual_stack_backward")
+    def _(grad_out, saved, mask, weight, bias, scale, activation, block, mean_subtract):
+        return grad_out.new_empty(grad_out.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:2])
+
+    def _setup_context(ctx, inputs, output) -> None:
+        _, weight, bias, *ctx.settings = inputs
+        _, saved, mask = output
+        ctx.mark_non_differentiable(saved, mask)
+        ctx.save_for_backward(saved, mask, weight, bias)
+
+    def _backward(ctx, grad_out, _grad_saved, _grad_mask):
+        saved, mask, weight, bias = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.dmup.residual_stack_backward(
+            grad_out, saved, mask, weight, bias, *ctx.settings
+        )
+        return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None
+
+    torch.library.register_autograd("dmup::residual_stack", _backward, setup_context=_setup_context)

@@ -1,0 +1,139 @@
+// CPU implementation of dmup::residual_stack and its backward: torch glue around stack_kernel.h.
+//
+// Forward: one parallel pass over row tiles (each tile walks all L layers). Backward: one parallel
+// pass over row tiles in reverse layer order (grad_x and every dh_l), then one over (layer, output
+// block) tasks for every dW_l and db_l. float32 runs the AVX-512 kernel where the CPU has it, else
+// the portable one; float64 always runs the portable one.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../op_args.h"
+#include "simd_scalar.h"
+#include "stack_kernel.h"
+
+namespace dmup {
+
+StackKernels<float> stack_kernels_avx512(Activation activation, Block block);
+
+namespace {
+
+template <class T>
+StackKernels<T> select_kernels(Activation activation, Block block) {
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (has_avx512) return stack_kernels_avx512(activation, block);
+  }
+  return make_stack_kernels<ScalarSimd<T>>(activation, block);
+}
+
+void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
+                        weight.size(2) == x.size(1),
+                    "weight must have shape (depth, width, width) with width = x.size(1) = ", x.size(1), "; got ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x must be float32 or float64 for the CPU stack kernel; got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have the dtype of x (", x.scalar_type(),
+                   "); got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "x and weight must be CPU tensors");
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1),
+                      "bias must have shape (depth, width) = (", weight.size(0), ", ", x.size(1), "); got ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(),
+                     "); got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be a CPU tensor");
+  }
+}
+
+template <class T>
+StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             double scale, c10::string_view activation, c10::string_view block, bool mean_subtract) {
+  const int64_t batch = x.size(0), width = x.size(1);
+  return StackProblem<T>{batch,
+                         width,
+                         weight.size(0),
+                         weight.const_data_ptr<T>(),
+                         bias ? bias->const_data_ptr<T>() : nullptr,
+                         static_cast<T>(scale),
+                         parse_activation(activation),
+                         parse_block(block),
+                         mean_subtract,
+                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T))};
+}
+
+int64_t tile_count(int64_t batch, int64_t tile_rows) { return (batch + tile_rows - 1) / tile_rows; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                                  const std::optional<at::Tensor>& bias_in,
+                                                                  double scale, c10::string_view activation,
+                                                                  c10::string_view block, bool mean_subtract) {
+  check_stack_inputs(x_in, weight_in, bias_in);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
+  const int planes = mask_planes(parse_activation(activation));
+  at::Tensor out = at::empty({batch, width}, x.options());
+  at::Tensor saved = at::empty({depth, width, batch}, x.options());
+  at::Tensor mask = at::zeros({depth, planes, width, mask_words(batch)}, x.options().dtype(at::kShort));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
+    const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
+    const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
+    const StackForwardBuffers<scalar_t> buffers{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                                saved.mutable_data_ptr<scalar_t>(),
+                                                reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())};
+    at::parallel_for(0, tile_count(batch, problem.tile_rows), 1,
+                     [&](int64_t begin, int64_t end) { kernels.forward(problem, buffers, begin, end); });
+  });
+  return {out, saved, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
+    const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
+    bool mean_subtract) {
+  check_stack_inputs(grad_out_in, weight_in, bias_in);
+  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
+  const int planes = mask_planes(parse_activation(activation));
+  TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({depth, width, batch}) && saved.is_contiguous() &&
+                        saved.scalar_type() == grad_out.scalar_type(),
+                    "saved must be the contiguous (depth, width, batch) state returned by residual_stack; got ",
+                    saved.sizes());
+  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({depth, planes, width, mask_words(batch)}) &&
+                        mask.is_contiguous() && mask.scalar_type() == at::kShort,
+                    "mask must be the state returned by residual_stack; got ", mask.sizes());
+  at::Tensor grad_x = at::empty({batch, width}, grad_out.options());
+  at::Tensor grad_h = at::empty({depth, width, batch}, grad_out.options());
+  at::Tensor grad_weight = at::empty({depth, width, width}, grad_out.options());
+  at::Tensor grad_bias = at::empty({depth, width}, grad_out.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cpu", [&] {
+    const auto problem = make_problem<scalar_t>(grad_out, weight, bias, scale, activation, block, mean_subtract);
+    const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
+    const StackBackwardBuffers<scalar_t> buffers{
+        grad_out.const_data_ptr<scalar_t>(),      saved.const_data_ptr<scalar_t>(),
+        reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
+        grad_x.mutable_data_ptr<scalar_t>(),      grad_h.mutable_data_ptr<scalar_t>(),
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, tile_count(batch, problem.tile_rows), 1,
+                     [&](int64_t begin, int64_t end) { kernels.backward_rows(problem, buffers, begin, end); });
+    at::parallel_for(0, weight_grad_tasks(depth, width), 1,
+                     [&](int64_t begin, int64_t end) { kernels.backward_weights(problem, buffers, begin, end); });
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dmup, CPU, m) {
+  m.impl("residual_stack", &residual_stack_cpu);
+  m.impl("residual_stack_backward", &residual_stack_backward_cpu);
+}
+
+}  // namespace dmup

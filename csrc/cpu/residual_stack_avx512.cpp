@@ -1,0 +1,27 @@
+// The stack kernel instantiated for float32 on AVX-512. Only this file is compiled for AVX-512, so
+// the extension loads on any x86-64 CPU; residual_stack.cpp calls it after a CPUID check.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
+// GCC 12 flags the intentionally undefined pass-through operand of masked intrinsics.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "simd_avx512.h"
+#include "stack_kernel.h"
+
+namespace dmup {
+
+StackKernels<float> stack_kernels_avx512(Activation activation, Block block) {
+  return make_stack_kernels<avx512::Simd>(activation, block);
+}
+
+}  // namespace dmup
+
+#pragma GCC pop_options

@@ -1,0 +1,84 @@
+// SIMD traits for float32 on AVX-512: 16 lanes per vector, lane masks as __mmask16.
+//
+// Include only after `#pragma GCC target("avx512f,...")` (see residual_stack_avx512.cpp). Every
+// traits type provides: T, Vec, Mask, W (lanes); zero, broadcast, load/store (W lanes), load_n /
+// store_n (first n lanes, the rest read as 0), fma(a, b, c) = a*b + c, store_bits / load_bits (one
+// bit per row, rows aligned to W), and for Vec the arithmetic operators, < and > giving a Mask,
+// select(mask, a, b), exp and tanh, so that the templates of activations.h apply to it.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace dmup {
+namespace avx512 {
+
+struct Mask {
+  __mmask16 bits;
+};
+
+struct Vec {
+  __m512 v;
+  Vec() = default;
+  Vec(__m512 value) : v(value) {}
+  explicit Vec(double s) : v(_mm512_set1_ps(static_cast<float>(s))) {}
+  explicit Vec(float s) : v(_mm512_set1_ps(s)) {}
+  explicit Vec(int s) : v(_mm512_set1_ps(static_cast<float>(s))) {}
+};
+
+inline Vec operator+(Vec a, Vec b) { return _mm512_add_ps(a.v, b.v); }
+inline Vec operator-(Vec a, Vec b) { return _mm512_sub_ps(a.v, b.v); }
+inline Vec operator*(Vec a, Vec b) { return _mm512_mul_ps(a.v, b.v); }
+inline Vec operator/(Vec a, Vec b) { return _mm512_div_ps(a.v, b.v); }
+inline Vec& operator+=(Vec& a, Vec b) { return a = a + b; }
+inline Mask operator<(Vec a, Vec b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+inline Mask operator>(Vec a, Vec b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+inline Vec select(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m.bits, b.v, a.v); }
+
+// e^x: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes
+// coefficients, about 1 ulp), and 2^k by scalef. Inputs are clamped so the result stays finite;
+// MIN/MAX return their second operand when one is NaN, so x goes second and NaN propagates.
+inline Vec exp(Vec x) {
+  __m512 t = _mm512_max_ps(_mm512_set1_ps(-87.3f), x.v);
+  t = _mm512_min_ps(_mm512_set1_ps(88.7f), t);
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), t);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, k);
+}
+
+// tanh(x) = 1 - 2 / (e^{2x} + 1): exact limits at +-inf, absolute error ~1e-7 near 0.
+inline Vec tanh(Vec x) {
+  const Vec one(1.0f);
+  return one - Vec(2.0f) / (exp(x + x) + one);
+}
+
+struct Simd {
+  using T = float;
+  using Vec = avx512::Vec;
+  using Mask = avx512::Mask;
+  static constexpr int W = 16;
+
+  static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec broadcast(float s) { return _mm512_set1_ps(s); }
+  static Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, Vec v) { _mm512_storeu_ps(p, v.v); }
+  static __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static Vec load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static void store_n(float* p, Vec v, int n) { _mm512_mask_storeu_ps(p, first(n), v.v); }
+  static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+  static void store_bits(uint16_t* words, int64_t row, Mask m) { words[row / 16] = m.bits; }
+  static Mask load_bits(const uint16_t* words, int64_t row) { return {static_cast<__mmask16>(words[row / 16])}; }
+};
+
+}  // namespace avx512
+}  // namespace dmup

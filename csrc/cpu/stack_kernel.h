@@ -1,0 +1,402 @@
+// Depth-fused residual stack on the CPU (SPEC 2.4), written once over a SIMD traits type V
+// (simd_scalar.h, simd_avx512.h). No torch headers: the torch glue is residual_stack.cpp.
+//
+// Math, per layer l (block "post"; "pre" moves phi onto the input, see below):
+//   h = x W_l^T + b_l;  u = phi(h);  v = MS(u);  x <- x + s v          (MS: minus the row mean)
+// Backward, walking l from L-1 down, g = dLoss/dx:
+//   du = MS(s g);  dh = phi'(h) du;  g <- g + dh W_l;  then dW_l = dh^T x_l, db_l = sum_rows dh.
+// Block "pre": h = phi(x) W_l^T + b_l, v = MS(h); backward dh = MS(s g), g <- g + phi'(x) (dh W_l),
+// dW_l = dh^T phi(x_l).
+//
+// Layout. Rows of x are independent, so the batch is cut into tiles of R rows (a multiple of 16).
+// A tile keeps its slice of the residual stream in a local feature-major buffer X[k][r] (stride
+// Rp = R rounded up to W lanes) and walks all L layers. Feature-major means every GEMM reads W in
+// its stored (out, in) layout as broadcast scalars and vectorises over rows, the mean over the
+// width is a sum of vectors, and relu/abs masks come out as 16-bit words per vector:
+//   saved  (L, n, B)             x_l, feature-major, the state kept for backward
+//   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: [h > 0] (plane 0), [h < 0] (1)
+//   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
+// Every output element of a row depends only on that row, summed in a fixed order, so results are
+// bitwise independent of the tiling and of the number of threads.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../activations.h"
+
+namespace dmup {
+
+enum class Block : int32_t { Post = 0, Pre = 1 };
+
+// Bit planes saved per element: relu needs sign(h) > 0, abs needs sgn(h); smooth activations
+// save nothing and recompute h in the backward.
+inline int mask_planes(Activation a) { return a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0; }
+inline int64_t mask_words(int64_t batch) { return (batch + 15) / 16; }
+
+template <class T>
+struct StackProblem {
+  int64_t batch, width, depth;
+  const T* weight;  // (L, n, n), nn.Linear layout per layer
+  const T* bias;    // (L, n) or nullptr
+  T scale;
+  Activation activation;
+  Block block;
+  bool mean_subtract;
+  int64_t tile_rows;  // R: multiple of 16
+};
+
+template <class T>
+struct StackForwardBuffers {
+  const T* x;       // (B, n)
+  T* out;           // (B, n)
+  T* saved;         // (L, n, B)
+  uint16_t* mask;   // (L, planes, n, ceil(B/16)), zeroed
+};
+
+template <class T>
+struct StackBackwardBuffers {
+  const T* grad_out;     // (B, n)
+  const T* saved;        // (L, n, B)
+  const uint16_t* mask;  // as in the forward
+  T* grad_x;             // (B, n)
+  T* grad_h;             // (L, n, B) scratch shared by the two backward phases
+  T* grad_weight;        // (L, n, n)
+  T* grad_bias;          // (L, n)
+};
+
+// Work split of the weight gradient: one task per (layer, block of kWeightGradRows output rows).
+constexpr int64_t kWeightGradRows = 64;
+inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
+  return depth * ((width + kWeightGradRows - 1) / kWeightGradRows);
+}
+
+// Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
+// tile's four local (n x R) buffers stay within about half of a 1.25 MiB L2.
+inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, int64_t bytes_per_element) {
+  const int64_t per_thread = (batch + threads - 1) / std::max<int64_t>(threads, 1);
+  const int64_t cap = std::max<int64_t>(16, (640 * 1024) / (4 * bytes_per_element * width) / 16 * 16);
+  return std::min<int64_t>(cap, std::max<int64_t>(16, (per_thread + 15) / 16 * 16));
+}
+
+// Entry points of one instruction set for one dtype; filled by make_stack_kernels<V>().
+template <class T>
+struct StackKernels {
+  void (*forward)(const StackProblem<T>&, const StackForwardBuffers<T>&, int64_t tile_begin, int64_t tile_end);
+  void (*backward_rows)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int64_t tile_begin,
+                        int64_t tile_end);
+  void (*backward_weights)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int64_t task_begin,
+                           int64_t task_end);
+};
+
+namespace stack_impl {
+
+// C[i][j] (+)= sum_p A(i, p) * Bm[p][j] for i < MI, j < NJ*W, with A(i, p) = a[i*asi + p*asp] broadcast
+// and Bm rows read as full vectors (the caller pads them). Only the first `last` lanes of the last
+// vector of each C row are read or written.
+template <class V, int MI, int NJ>
+inline void gemm_tile(int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b, int64_t bs,
+                      typename V::T* c, int64_t cs, bool accumulate, int last) {
+  using Vec = typename V::Vec;
+  Vec acc[MI][NJ];
+#pragma GCC unroll 16
+  for (int i = 0; i < MI; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) {
+      const int lanes = j == NJ - 1 ? last : V::W;
+      acc[i][j] = accumulate ? V::load_n(c + i * cs + j * V::W, lanes) : V::zero();
+    }
+  }
+  for (int64_t p = 0; p < K; ++p) {
+    Vec bv[NJ];
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) bv[j] = V::load(b + p * bs + j * V::W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MI; ++i) {
+      const Vec ai = V::broadcast(a[i * asi + p * asp]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NJ; ++j) acc[i][j] = V::fma(ai, bv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MI; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NJ; ++j) {
+      if (j == NJ - 1 && last != V::W) {
+        V::store_n(c + i * cs + j * V::W, acc[i][j], last);
+      } else {
+        V::store(c + i * cs + j * V::W, acc[i][j]);
+      }
+    }
+  }
+}
+
+template <class V, int MI, int NJ>
+inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi, int64_t asp,
+                      const typename V::T* b, int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
+  int64_t i = 0;
+  for (; i + MI <= M; i += MI) gemm_tile<V, MI, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
+  for (; i < M; ++i) gemm_tile<V, 1, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
+}
+
+// C (M x N, row stride cs) (+)= A (M x K, strides asi/asp) * Bm (K x N, row stride bs >= N rounded
+// up to W). Register tiles of MI x NJ vectors sized to fit the 32 vector registers of AVX-512.
+template <class V>
+void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
+          int64_t bs, typename V::T* c, int64_t cs, bool accumulate) {
+  const int64_t vectors = (N + V::W - 1) / V::W;
+  for (int64_t j0 = 0; j0 < vectors; j0 += 4) {
+    const int64_t nj = std::min<int64_t>(4, vectors - j0);
+    const int last = static_cast<int>(std::min<int64_t>(V::W, N - (j0 + nj - 1) * V::W));
+    const auto* bj = b + j0 * V::W;
+    auto* cj = c + j0 * V::W;
+    switch (nj) {
+      case 4: gemm_rows<V, 6, 4>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+      case 3: gemm_rows<V, 8, 3>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+      case 2: gemm_rows<V, 12, 2>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+      default: gemm_rows<V, 16, 1>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+    }
+  }
+}
+
+// dst[k * stride + r] = src[k * src_stride + r] for r < count, 0 for count <= r < live (k < rows).
+template <class V>
+inline void load_rows(typename V::T* dst, int64_t stride, int64_t live, const typename V::T* src, int64_t src_stride,
+                      int64_t rows, int64_t count) {
+  for (int64_t k = 0; k < rows; ++k) {
+    for (int64_t r = 0; r < live; r += V::W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(count - r, V::W));
+      V::store(dst + k * stride + r, V::load_n(src + k * src_stride + r, lanes));
+    }
+  }
+}
+
+// dst[k * dst_stride + r] = src[k][r] for r < count.
+template <class V>
+inline void store_rows(typename V::T* dst, int64_t dst_stride, const typename V::T* src, int64_t padded, int64_t rows,
+                       int64_t count) {
+  for (int64_t k = 0; k < rows; ++k) {
+    for (int64_t r = 0; r < count; r += V::W) {
+      const int lanes = static_cast<int>(std::min<int64_t>(count - r, V::W));
+      V::store_n(dst + k * dst_stride + r, V::load(src + k * padded + r), lanes);
+    }
+  }
+}
+
+// Row-major (rows of `width`) <-> feature-major tile: the stack's entry and exit.
+template <class T>
+inline void transpose_in(T* dst, int64_t stride, const T* src, int64_t width, int64_t live, int64_t count) {
+  for (int64_t k = 0; k < width; ++k) {
+    for (int64_t r = 0; r < live; ++r) dst[k * stride + r] = r < count ? src[r * width + k] : T(0);
+  }
+}
+
+template <class T>
+inline void transpose_out(T* dst, int64_t width, const T* src, int64_t padded, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t k = 0; k < width; ++k) dst[r * width + k] = src[k * padded + r];
+  }
+}
+
+template <class V, Activation A, Block K>
+struct Stack {
+  using T = typename V::T;
+  using Vec = typename V::Vec;
+  using Phi = Act<A>;
+  static constexpr bool kPost = K == Block::Post;
+  static constexpr bool kIdentity = A == Activation::Identity;
+  static constexpr int kPlanes = A == Activation::Relu ? 1 : A == Activation::Abs ? 2 : 0;
+
+  // Per-tile scratch: four (n x Rp) buffers and one row vector.
+  struct Scratch {
+    int64_t padded;
+    std::vector<T> data;
+    T *stream, *branch, *aux, *input, *row;
+    Scratch(int64_t width, int64_t tile_rows) : padded((tile_rows + V::W - 1) / V::W * V::W) {
+      const int64_t plane = width * padded;
+      data.assign(4 * plane + padded, T(0));
+      stream = data.data();
+      branch = stream + plane;
+      aux = branch + plane;
+      input = aux + plane;
+      row = input + plane;
+    }
+  };
+
+  // A proxy with the sign of h, rebuilt from the saved bits: enough for relu's and abs's backward.
+  static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
+    const Vec pos = select(V::load_bits(plane_pos, row), Vec(1), Vec(0));
+    if constexpr (kPlanes == 2) return select(V::load_bits(plane_neg, row), Vec(-1), pos);
+    return pos;
+  }
+
+  // row[r] = mean over o of (factor * buf[o][r]) for r < live, or 0 without mean subtraction.
+  static void row_mean(const StackProblem<T>& p, const T* buf, int64_t stride, int64_t live, T factor, T* row) {
+    for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::zero());
+    if (!p.mean_subtract) return;
+    for (int64_t o = 0; o < p.width; ++o) {
+      for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) + V::load(buf + o * stride + r));
+    }
+    const Vec scale = V::broadcast(factor / T(p.width));
+    for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) * scale);
+  }
+
+  static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int64_t tile_begin,
+                      int64_t tile_end) {
+    const int64_t n = p.width, B = p.batch, words = mask_words(B);
+    Scratch s(n, p.tile_rows);
+    const int64_t Rp = s.padded;
+    const Vec scale = V::broadcast(p.scale);
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
+      const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
+      transpose_in(s.stream, Rp, buf.x + b0 * n, n, live, rows);
+      for (int64_t l = 0; l < p.depth; ++l) {
+        const T* W = p.weight + l * n * n;
+        const T* gemm_in = s.stream;
+        if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
+          for (int64_t o = 0; o < n; ++o) {
+            for (int64_t r = 0; r < live; r += V::W) {
+              V::store(s.input + o * Rp + r, Phi::value(V::load(s.stream + o * Rp + r)));
+            }
+          }
+          gemm_in = s.input;
+        }
+        gemm<V>(n, live, n, W, n, 1, gemm_in, Rp, s.branch, Rp, false);
+        // Branch epilogue: bias, then phi (post) with its sign bits; the row mean of the result.
+        for (int64_t o = 0; o < n; ++o) {
+          const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+          T* h_row = s.branch + o * Rp;
+          uint16_t* pos = kPost && kPlanes ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
+          uint16_t* neg = kPost && kPlanes == 2 ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+          for (int64_t r = 0; r < live; r += V::W) {
+            Vec h = V::load(h_row + r) + bias;
+            if constexpr (kPost) {
+              if constexpr (kPlanes >= 1) V::store_bits(pos, b0 + r, h > Vec(0));
+              if constexpr (kPlanes == 2) V::store_bits(neg, b0 + r, h < Vec(0));
+              h = Phi::value(h);
+            }
+            V::store(h_row + r, h);
+          }
+        }
+        row_mean(p, s.branch, Rp, live, T(1), s.row);
+        // Save x_l, then x <- x + s * (v - mean).
+        T* saved = buf.saved + l * n * B + b0;
+        store_rows<V>(saved, B, s.stream, Rp, n, rows);
+        for (int64_t o = 0; o < n; ++o) {
+          for (int64_t r = 0; r < live; r += V::W) {
+            const int64_t i = o * Rp + r;
+            const Vec v = V::load(s.branch + i) - V::load(s.row + r);
+            V::store(s.stream + i, V::fma(scale, v, V::load(s.stream + i)));
+          }
+        }
+      }
+      transpose_out(buf.out + b0 * n, n, s.stream, Rp, rows);
+    }
+  }
+
+  // Phase 1 of the backward: per row tile, walk the layers in reverse; writes grad_x and grad_h.
+  static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int64_t tile_begin,
+                            int64_t tile_end) {
+    const int64_t n = p.width, B = p.batch, words = mask_words(B);
+    Scratch s(n, p.tile_rows);
+    const int64_t Rp = s.padded;
+    const Vec scale = V::broadcast(p.scale);
+    constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
+      const int64_t live = (rows + V::W - 1) / V::W * V::W;
+      transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, live, rows);  // the stream now holds g
+      for (int64_t l = p.depth - 1; l >= 0; --l) {
+        const T* W = p.weight + l * n * n;
+        const T* saved = buf.saved + l * n * B + b0;
+        if (kRecompute || (!kPost && !kIdentity)) load_rows<V>(s.input, Rp, live, saved, B, n, rows);
+        if constexpr (kRecompute) gemm<V>(n, live, n, W, n, 1, s.input, Rp, s.branch, Rp, false);
+        row_mean(p, s.stream, Rp, live, p.scale, s.row);
+        for (int64_t o = 0; o < n; ++o) {
+          const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+          const uint16_t* pos = kPlanes ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
+          const uint16_t* neg = kPlanes == 2 ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+          for (int64_t r = 0; r < live; r += V::W) {
+            const int64_t i = o * Rp + r;
+            Vec dh = scale * V::load(s.stream + i) - V::load(s.row + r);
+            if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
+            if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
+            V::store(s.aux + i, dh);
+          }
+        }
+        store_rows<V>(buf.grad_h + l * n * B + b0, B, s.aux, Rp, n, rows);
+        if constexpr (kPost || kIdentity) {
+          gemm<V>(n, live, n, W, 1, n, s.aux, Rp, s.stream, Rp, true);  // g += dh W
+        } else {
+          gemm<V>(n, live, n, W, 1, n, s.aux, Rp, s.branch, Rp, false);  // da = dh W
+          for (int64_t o = 0; o < n; ++o) {
+            for (int64_t r = 0; r < live; r += V::W) {
+              const int64_t i = o * Rp + r;
+              V::store(s.stream + i, V::load(s.stream + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
+            }
+          }
+        }
+      }
+      transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, rows);
+    }
+  }
+
+  // Phase 2: dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l, one
+  // task per (layer, block of output rows); the sum over rows runs in a fixed order.
+  static void backward_weights(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int64_t task_begin,
+                               int64_t task_end) {
+    constexpr int64_t kChunk = 256;  // rows of the packed input per pass
+    const int64_t n = p.width, B = p.batch;
+    const int64_t n_padded = (n + V::W - 1) / V::W * V::W;
+    const int64_t blocks = (n + kWeightGradRows - 1) / kWeightGradRows;
+    std::vector<T> packed(kChunk * n_padded, T(0));
+    T lanes[V::W];
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t l = task / blocks, o0 = (task % blocks) * kWeightGradRows;
+      const int64_t rows_out = std::min(kWeightGradRows, n - o0);
+      const T* saved = buf.saved + l * n * B;
+      const T* dh = buf.grad_h + l * n * B;
+      for (int64_t c0 = 0; c0 < B; c0 += kChunk) {
+        const int64_t count = std::min(kChunk, B - c0);
+        for (int64_t k = 0; k < n; ++k) {  // packed[r][k] = in_l[c0 + r][k]
+          for (int64_t r = 0; r < count; r += V::W) {
+            const int valid = static_cast<int>(std::min<int64_t>(count - r, V::W));
+            Vec v = V::load_n(saved + k * B + c0 + r, valid);
+            if constexpr (!kPost && !kIdentity) v = Phi::value(v);
+            V::store(lanes, v);
+            for (int q = 0; q < valid; ++q) packed[(r + q) * n_padded + k] = lanes[q];
+          }
+        }
+        gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
+                buf.grad_weight + (l * n + o0) * n, n, c0 > 0);
+      }
+      for (int64_t o = o0; o < o0 + rows_out; ++o) {
+        T sum = T(0);
+        for (int64_t b = 0; b < B; ++b) sum += dh[o * B + b];
+        buf.grad_bias[l * n + o] = sum;
+      }
+    }
+  }
+};
+
+template <class V, Activation A>
+StackKernels<typename V::T> kernels_for(Block block) {
+  if (block == Block::Post) return {&Stack<V, A, Block::Post>::forward, &Stack<V, A, Block::Post>::backward_rows,
+                                    &Stack<V, A, Block::Post>::backward_weights};
+  return {&Stack<V, A, Block::Pre>::forward, &Stack<V, A, Block::Pre>::backward_rows,
+          &Stack<V, A, Block::Pre>::backward_weights};
+}
+
+}  // namespace stack_impl
+
+// The kernels of instruction set V for one activation and block form.
+template <class V>
+StackKernels<typename V::T> make_stack_kernels(Activation activation, Block block) {
+  StackKernels<typename V::T> result{};
+  dispatch_activation(activation, [&](auto tag) { result = stack_impl::kernels_for<V, decltype(tag)::value>(block); });
+  return result;
+}
+
+}  // namespace dmup
