@@ -1,0 +1,228 @@
+"""Sample inputs of every op test (the pytorch/extension-cpp ``sample_inputs`` style).
+
+Each generator has two layers:
+- ``*_SPECS``: small, hashable descriptions of a case (shapes, layout, activation, ...), used to
+  parametrize tests so that every case gets its own pytest id and its own seed;
+- ``make_*_case(spec, dtype, seed)``: turns one spec into tensors (random, never zero);
+- ``sample_inputs(dtype, seed)`` / ``stack_sample_inputs(dtype, seed)``: yield every case.
+
+Layouts: "contiguous"; "transposed" (a transposed view, last dim has stride != 1); "sliced"
+(every other column of a wider tensor); "mixed" (x contiguous, branch_out transposed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "abs", "gelu", "silu", "identity")
+LAYOUTS: tuple[str, ...] = ("contiguous", "transposed", "sliced", "mixed")
+SCALES: tuple[float, ...] = (0.5, 1.0 / math.sqrt(17.0), 1.0, -0.75, 2.0)
+
+
+def random_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, layout: str = "contiguous",
+    away_from_zero: float = 0.0,
+) -> Tensor:
+    """A random normal tensor of ``shape`` in the given memory layout; no exact zeros.
+
+    With ``away_from_zero`` > 0 every element has magnitude >= away_from_zero (for gradcheck
+    around the kinks of relu and abs).
+    """
+    if layout == "transposed" and len(shape) >= 2:
+        base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=generator, dtype=torch.float64)
+        values = base.transpose(-1, -2)
+    elif layout == "sliced":
+        base = torch.randn(*shape[:-1], 2 * shape[-1], generator=generator, dtype=torch.float64)
+        values = base[..., 1::2]
+    else:
+        values = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    # never an exact zero (randn practically never gives one; make it impossible)
+    values = torch.where(values == 0, torch.full_like(values, 0.5), values)
+    if away_from_zero > 0:
+        values = torch.sign(values) * (values.abs() + away_from_zero)
+    if layout == "transposed" and len(shape) >= 2:
+        # cast into a buffer of the base's shape and return the same transposed view of it
+        buffer = torch.ones(base.shape, dtype=dtype)
+        view = buffer.transpose(-1, -2)
+        view.copy_(values)
+        return view
+    if layout == "sliced":
+        buffer = torch.ones(base.shape, dtype=dtype)
+        view = buffer[..., 1::2]
+        view.copy_(values)
+        return view
+    return values.to(dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# scaled_residual
+# ---------------------------------------------------------------------------------------------------
+
+
+class ResidualSpec(NamedTuple):
+    shape: tuple[int, ...]
+    layout: str
+    activation: str
+    mean_subtract: bool
+    scale: float
+
+    @property
+    def id(self) -> str:
+        shape = "x".join(map(str, self.shape))
+        return f"{shape}-{self.layout}-{self.activation}-{'ms' if self.mean_subtract else 'noms'}-s{self.scale:.3g}"
+
+
+@dataclass
+class ResidualCase:
+    x: Tensor
+    branch_out: Tensor
+    scale: float
+    activation: str
+    mean_subtract: bool
+    spec: ResidualSpec
+
+    def args(self) -> tuple:
+        return (self.x, self.branch_out, self.scale, self.activation, self.mean_subtract)
+
+
+RESIDUAL_SHAPES: tuple[tuple[int, ...], ...] = (
+    (4, 1),  # n = 1
+    (3, 2),
+    (5, 3),
+    (7, 5),
+    (1, 48),  # B = 1
+    (6, 48),
+    (1, 96),
+    (9, 96),
+    (5, 200),
+    (1, 200),
+    (2, 3, 48),  # leading batch dims
+    (2, 1, 4, 7),
+)
+"""Small shapes: n in {1, 2, 3, 5, 7, 48, 96, 200}, B = 1 and leading batch dims."""
+
+PARALLEL_SHAPES: tuple[tuple[int, ...], ...] = ((300, 200), (5000, 5))
+"""Enough rows that the CPU kernel splits them over several parallel tasks."""
+
+
+def _residual_specs() -> list[ResidualSpec]:
+    specs = []
+    combos = list(itertools.product(ACTIVATIONS, (True, False)))
+    for i, shape in enumerate(RESIDUAL_SHAPES):
+        for j, (activation, mean_subtract) in enumerate(combos):
+            layout = LAYOUTS[(i + j) % len(LAYOUTS)]
+            specs.append(ResidualSpec(shape, layout, activation, mean_subtract, SCALES[(i + j) % len(SCALES)]))
+    for k, shape in enumerate(PARALLEL_SHAPES):
+        specs.append(ResidualSpec(shape, LAYOUTS[k], ACTIVATIONS[k], True, SCALES[k]))
+    return specs
+
+
+RESIDUAL_SPECS: list[ResidualSpec] = _residual_specs()
+
+
+def make_residual_case(
+    spec: ResidualSpec, dtype: torch.dtype, seed: int, *, requires_grad: bool = False, away_from_zero: float = 0.0
+) -> ResidualCase:
+    generator = torch.Generator().manual_seed(seed)
+    x_layout = "contiguous" if spec.layout == "mixed" else spec.layout
+    b_layout = "transposed" if spec.layout == "mixed" else spec.layout
+    x = random_tensor(spec.shape, dtype, generator, x_layout)
+    branch_out = random_tensor(spec.shape, dtype, generator, b_layout, away_from_zero=away_from_zero)
+    if requires_grad:
+        x.requires_grad_(True)
+        branch_out.requires_grad_(True)
+    return ResidualCase(x, branch_out, spec.scale, spec.activation, spec.mean_subtract, spec)
+
+
+def sample_inputs(
+    dtype: torch.dtype, seed: int, *, requires_grad: bool = False, specs: list[ResidualSpec] | None = None
+) -> Iterator[ResidualCase]:
+    """Every scaled_residual case (or the given specs), each with its own seed derived from ``seed``."""
+    for index, spec in enumerate(RESIDUAL_SPECS if specs is None else specs):
+        yield make_residual_case(spec, dtype, seed + 7919 * index, requires_grad=requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# residual stacks (ResidualStack, DepthMuPNet, functional residual_stack)
+# ---------------------------------------------------------------------------------------------------
+
+
+class StackSpec(NamedTuple):
+    width: int
+    depth: int
+    batch_shape: tuple[int, ...]
+    block: str
+    bias: bool
+    activation: str
+    mean_subtract: bool
+    layout: str
+
+    @property
+    def id(self) -> str:
+        batch = "x".join(map(str, self.batch_shape))
+        return (
+            f"n{self.width}-L{self.depth}-B{batch}-{self.block}-{'bias' if self.bias else 'nobias'}-"
+            f"{self.activation}-{'ms' if self.mean_subtract else 'noms'}-{self.layout}"
+        )
+
+
+STACK_DEPTHS: tuple[int, ...] = (1, 2, 17, 256)
+# widths per depth: L = 256 stays narrow so the suite stays fast
+_STACK_WIDTHS: dict[int, tuple[int, ...]] = {1: (48, 200), 2: (1, 96), 17: (48, 5), 256: (7, 5)}
+_BATCHES: tuple[tuple[int, ...], ...] = ((1,), (6,), (2, 3), (5,))
+
+
+def _stack_specs() -> list[StackSpec]:
+    specs = []
+    combos = list(itertools.product(ACTIVATIONS, (True, False)))
+    index = 0
+    for depth in STACK_DEPTHS:
+        for block, bias in itertools.product(("post", "pre"), (False, True)):
+            width = _STACK_WIDTHS[depth][index % 2]
+            activation, mean_subtract = combos[index % len(combos)]
+            batch = _BATCHES[index % len(_BATCHES)]
+            layout = ("contiguous", "transposed", "sliced")[index % 3]
+            if len(batch) != 1 and layout == "transposed":
+                layout = "sliced"
+            specs.append(StackSpec(width, depth, batch, block, bias, activation, mean_subtract, layout))
+            index += 1
+    return specs
+
+
+STACK_SPECS: list[StackSpec] = _stack_specs()
+
+
+@dataclass
+class StackCase:
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    spec: StackSpec
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.spec.depth)
+
+
+def make_stack_case(spec: StackSpec, dtype: torch.dtype, seed: int, *, in_features: int | None = None) -> StackCase:
+    """x of shape (*batch, width) (or (*batch, in_features)); weight (L, n, n) with std 1/sqrt(n); bias (L, n)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = spec.width if in_features is None else in_features
+    x = random_tensor((*spec.batch_shape, features), dtype, generator, spec.layout)
+    weight = (random_tensor((spec.depth, spec.width, spec.width), torch.float64, generator) / math.sqrt(spec.width)).to(
+        dtype
+    )
+    bias = 0.1 * random_tensor((spec.depth, spec.width), torch.float64, generator) if spec.bias else None
+    return StackCase(x, weight, None if bias is None else bias.to(dtype), spec)
+
+
+def stack_sample_inputs(dtype: torch.dtype, seed: int, *, specs: list[StackSpec] | None = None) -> Iterator[StackCase]:
+    """Every stack case (or the given specs), each with its own seed derived from ``seed``."""
+    for index, spec in enumerate(STACK_SPECS if specs is None else specs):
+        yield make_stack_case(spec, dtype, seed + 7919 * index)

@@ -1,0 +1,176 @@
+"""dmup_kernels.scaled_residual (C++ CPU kernel) against the float64 eager reference (SPEC 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dmup_kernels
+from conftest import rel_err
+from dmup_kernels import reference
+from sample_inputs import ACTIVATIONS, RESIDUAL_SPECS, ResidualSpec, make_residual_case, sample_inputs
+
+pytestmark = [
+    pytest.mark.usefixtures("nan_poison"),
+    pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built"),
+]
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+SPEC_IDS = [spec.id for spec in RESIDUAL_SPECS]
+
+
+def reference64(case, grad_out):
+    """Output and gradients (x, branch_out) of the reference in float64 from the same inputs cast up."""
+    x = case.x.detach().to(torch.float64).requires_grad_()
+    b = case.branch_out.detach().to(torch.float64).requires_grad_()
+    out = reference.scaled_residual(x, b, case.scale, case.activation, case.mean_subtract)
+    out.backward(grad_out.to(torch.float64))
+    return out.detach(), x.grad, b.grad
+
+
+def run_cpp(case, grad_out):
+    out = dmup_kernels.scaled_residual(*case.args(), backend="cpp")
+    out.backward(grad_out)
+    return out.detach(), case.x.grad, case.branch_out.grad
+
+
+def test_nan_poisoning_is_active(nan_poison):
+    assert torch.empty(1000).isnan().all()
+    assert torch.empty(7, 13, dtype=torch.float64).isnan().all()
+    assert torch.empty_like(torch.ones(5, 5)).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", RESIDUAL_SPECS, ids=SPEC_IDS)
+def test_matches_reference(spec: ResidualSpec, dtype, seed):
+    case = make_residual_case(spec, dtype, seed, requires_grad=True)
+    grad_out = torch.randn(spec.shape, dtype=dtype)
+    out, dx, db = run_cpp(case, grad_out)
+    ref_out, ref_dx, ref_db = reference64(case, grad_out)
+
+    assert out.shape == case.x.shape and out.dtype == dtype
+    assert dx is not None and db is not None
+    assert dx.shape == case.x.shape and db.shape == case.branch_out.shape
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref_out) < tol, "output"
+    assert rel_err(dx, ref_dx) < tol, "grad x"
+    assert rel_err(db, ref_db) < tol, "grad branch_out"
+
+
+@pytest.mark.parametrize("spec", RESIDUAL_SPECS, ids=SPEC_IDS)
+def test_bfloat16_within_twice_eager_error(spec: ResidualSpec, seed):
+    """bf16: the kernel's error vs the float64 reference is <= 2x eager bf16's error + 1e-3."""
+    case = make_residual_case(spec, torch.bfloat16, seed, requires_grad=True)
+    grad_out = torch.randn(spec.shape, dtype=torch.bfloat16)
+    out, dx, db = run_cpp(case, grad_out)
+    ref_out, ref_dx, ref_db = reference64(case, grad_out)
+
+    x = case.x.detach().clone().requires_grad_()
+    b = case.branch_out.detach().clone().requires_grad_()
+    eager = reference.scaled_residual(x, b, case.scale, case.activation, case.mean_subtract)
+    eager.backward(grad_out)
+    assert out.dtype == torch.bfloat16 and db.dtype == torch.bfloat16
+    for name, got, eager_value, ref in (
+        ("output", out, eager.detach(), ref_out),
+        ("grad x", dx, x.grad, ref_dx),
+        ("grad branch_out", db, b.grad, ref_db),
+    ):
+        bound = 2 * rel_err(eager_value, ref) + 1e-3
+        assert rel_err(got, ref) <= bound, name
+
+
+def test_auto_backend_is_cpp_on_cpu(seed):
+    for case in sample_inputs(torch.float32, seed, specs=RESIDUAL_SPECS[::9]):
+        auto = dmup_kernels.scaled_residual(*case.args())
+        cpp = dmup_kernels.scaled_residual(*case.args(), backend="cpp")
+        ref = dmup_kernels.scaled_residual(*case.args(), backend="reference")
+        assert torch.equal(auto, cpp)
+        assert rel_err(ref, reference.scaled_residual(*case.args())) == 0
+
+
+def test_output_is_new_contiguous_tensor(seed):
+    for case in sample_inputs(torch.float64, seed, specs=RESIDUAL_SPECS[:8]):
+        out = dmup_kernels.scaled_residual(*case.args(), backend="cpp")
+        assert out.is_contiguous()
+        assert out.data_ptr() != case.x.data_ptr() and out.data_ptr() != case.branch_out.data_ptr()
+        # inputs untouched
+        assert torch.isfinite(case.x).all() and torch.isfinite(case.branch_out).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0, 5)])
+def test_empty_batch(shape):
+    x = torch.randn(shape)
+    out = dmup_kernels.scaled_residual(x, x.clone(), 0.5, "relu", True, backend="cpp")
+    assert out.shape == x.shape
+
+
+def test_only_x_requires_grad(seed):
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 9, dtype=torch.float64)
+    g = torch.randn(4, 9, dtype=torch.float64)
+    dmup_kernels.scaled_residual(x, b, 0.5, "silu", True, backend="cpp").backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def _gradcheck_specs() -> list[ResidualSpec]:
+    specs = []
+    shapes = [(3, 5), (1, 4), (2, 2, 3), (4, 1)]
+    layouts = ["contiguous", "transposed", "sliced", "mixed"]
+    for i, activation in enumerate(ACTIVATIONS):
+        for j, mean_subtract in enumerate((True, False)):
+            k = 2 * i + j
+            specs.append(ResidualSpec(shapes[k % 4], layouts[(k + 1) % 4], activation, mean_subtract, 0.8 - 0.3 * j))
+    return specs
+
+
+GRADCHECK_SPECS = _gradcheck_specs()
+
+
+@pytest.mark.parametrize("spec", GRADCHECK_SPECS, ids=[s.id for s in GRADCHECK_SPECS])
+def test_gradcheck(spec: ResidualSpec, seed):
+    # |branch_out| >= 0.2 keeps finite differences away from the kinks of relu and abs
+    case = make_residual_case(spec, torch.float64, seed, requires_grad=True, away_from_zero=0.2)
+
+    def fn(x, b):
+        return dmup_kernels.scaled_residual(x, b, case.scale, case.activation, case.mean_subtract, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, (case.x, case.branch_out), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+OPCHECK_SPECS = [
+    ResidualSpec((3, 5), "contiguous", "relu", True, 0.5),
+    ResidualSpec((2, 3, 48), "transposed", "gelu", False, -0.75),
+    ResidualSpec((1, 200), "sliced", "silu", True, 1.0),
+    ResidualSpec((4, 1), "mixed", "abs", True, 2.0),
+    ResidualSpec((6, 96), "contiguous", "identity", False, 0.25),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("spec", OPCHECK_SPECS, ids=[s.id for s in OPCHECK_SPECS])
+def test_opcheck(spec: ResidualSpec, dtype, seed):
+    case = make_residual_case(spec, dtype, seed, requires_grad=True)
+    torch.library.opcheck(torch.ops.dmup.scaled_residual.default, case.args())
+
+
+def test_opcheck_backward_op(seed):
+    case = make_residual_case(ResidualSpec((5, 7), "contiguous", "gelu", True, 0.5), torch.float64, seed)
+    grad_out = torch.randn(5, 7, dtype=torch.float64)
+    args = (grad_out, case.branch_out, case.scale, case.activation, case.mean_subtract)
+    torch.library.opcheck(torch.ops.dmup.scaled_residual_backward.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("mean_subtract", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_expanded_inputs_and_grad(activation, mean_subtract, seed):
+    """Stride-0 inputs (expand) and the stride-0 grad_out that .sum().backward() produces."""
+    x = torch.randn(5, 1, dtype=torch.float64).expand(5, 33).requires_grad_()
+    b = torch.randn(1, 33, dtype=torch.float64).expand(5, 33).requires_grad_()
+    out = dmup_kernels.scaled_residual(x, b, 0.6, activation, mean_subtract, backend="cpp")
+    out.sum().backward()
+    x64, b64 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = reference.scaled_residual(x64, b64, 0.6, activation, mean_subtract)
+    ref.sum().backward()
+    assert rel_err(out, ref) < 1e-12
+    assert rel_err(x.grad, x64.grad) < 1e-12
+    assert rel_err(b.grad, b64.grad) < 1e-12
