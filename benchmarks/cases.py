@@ -1,0 +1,246 @@
+"""What is benchmarked: one ``Case`` per (op, shape, mode), and the random inputs of a case.
+
+Shared by the runner (``run.py``) and the pytest-benchmark tests (``test_bench_ops.py``).
+
+Sets of cases (issues 2 and 3):
+- ``scaled_residual`` epilogue at a few (B, n), forward and forward+backward.
+- depth sweep: ``ResidualStack`` at depths 64..1024 for (n, B) = (32, 64) and (64, 128), training
+  step (``fwd+bwd``: forward and backward of ``loss = y.square().mean()``) and inference (``fwd``).
+- issue-3 table rows: training step at five (n, B, L) with the speed-up targets of issue 3.
+All stacks: relu, block "post", mean subtraction, no bias, float32, Depth-muP branch scale 1/sqrt(L).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from dmup_kernels import DEPTH_MUP
+
+OPS: tuple[str, ...] = ("scaled_residual", "residual_stack")
+MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
+
+SCALED_RESIDUAL_SCALE = 0.5
+"""Branch scale used by the scaled_residual cases (stacks use DEPTH_MUP.branch_scale(depth))."""
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of issue 3's target table: a training step and the speed-ups a fused backend must reach."""
+
+    width: int
+    batch: int
+    depth: int
+    target_vs_eager: float
+    target_vs_compile: float
+
+
+TABLE_ROWS: tuple[TableRow, ...] = (
+    TableRow(32, 64, 1024, 10.0, 5.0),
+    TableRow(64, 128, 512, 4.0, 2.5),
+    TableRow(128, 256, 256, 2.0, 1.4),
+    TableRow(256, 512, 128, 1.2, 1.1),
+    TableRow(128, 8, 256, 4.0, 3.0),
+)
+
+SWEEP_SHAPES: tuple[tuple[int, int], ...] = ((32, 64), (64, 128))  # (width n, batch B)
+SWEEP_DEPTHS: tuple[int, ...] = (64, 128, 256, 512, 1024)
+SWEEP_DEPTHS_QUICK: tuple[int, ...] = (64, 256)
+
+SCALED_RESIDUAL_SHAPES: tuple[tuple[int, int], ...] = ((64, 64), (256, 128), (1024, 256), (4096, 512))  # (B, n)
+SCALED_RESIDUAL_SHAPES_QUICK: tuple[tuple[int, int], ...] = ((64, 64), (1024, 256))
+
+COMPILE_MAX_DEPTH = 256
+"""Full run: torch.compile is timed for every case with depth <= this, and for every issue-3 table row.
+Compile time grows with depth (~20 s at L=64, ~45 s at L=256, ~130 s at L=1024 for a training step on
+2 cores), so compiling every deep case would take the full run well past 20 minutes."""
+COMPILE_MAX_DEPTH_QUICK = 64
+"""--quick: torch.compile only for cases with depth <= this (table rows included)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration. ``depth`` is 1 for ``scaled_residual``.
+
+    ``tags`` say which sets the case belongs to ("scaled_residual", "sweep", "table"); ``compile`` says
+    whether this run times the torch.compile peer on it; ``targets`` holds the issue-3 speed-up targets
+    (vs eager, vs compile) of a table row.
+    """
+
+    op: str
+    batch: int
+    width: int
+    depth: int = 1
+    mode: str = "fwd+bwd"
+    activation: str = "relu"
+    block: str = "post"
+    mean_subtract: bool = True
+    bias: bool = False
+    dtype: torch.dtype = torch.float32
+    tags: tuple[str, ...] = field(default=(), compare=False)
+    compile: bool = field(default=True, compare=False)
+    targets: tuple[float, float] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {OPS}; got {self.op!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if self.op == "scaled_residual" and (self.depth != 1 or self.bias or self.block != "post"):
+            raise ValueError("scaled_residual cases have depth 1, no bias and block 'post'")
+
+    @property
+    def name(self) -> str:
+        """Short unique name, e.g. ``residual_stack/n64/B128/L512/fwd+bwd`` (``--only`` matches it)."""
+        parts = [self.op, f"n{self.width}", f"B{self.batch}"]
+        if self.op == "residual_stack":
+            parts.append(f"L{self.depth}")
+        flavour = []
+        if self.activation != "relu":
+            flavour.append(self.activation)
+        if self.op == "residual_stack" and self.block != "post":
+            flavour.append(self.block)
+        if not self.mean_subtract:
+            flavour.append("noMS")
+        if self.bias:
+            flavour.append("bias")
+        if self.dtype != torch.float32:
+            flavour.append(str(self.dtype).removeprefix("torch."))
+        return "/".join(parts + flavour + [self.mode])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def scale(self) -> float:
+        """The branch scale s: Depth-muP 1/sqrt(L) for stacks."""
+        if self.op == "residual_stack":
+            return DEPTH_MUP.branch_scale(self.depth)
+        return SCALED_RESIDUAL_SCALE
+
+    @property
+    def gemms_per_layer(self) -> int:
+        """GEMMs of one layer (SPEC 5): 1 forward, 3 for a training step (h, dx, dW)."""
+        return 3 if self.mode == "fwd+bwd" else 1
+
+    @property
+    def flops(self) -> int | None:
+        """GEMM flops of one call (2*B*n*n per GEMM); None for ops without a GEMM."""
+        if self.op != "residual_stack":
+            return None
+        return 2 * self.batch * self.width * self.width * self.depth * self.gemms_per_layer
+
+    @property
+    def seed(self) -> int:
+        """A different, reproducible seed per case."""
+        return zlib.crc32(self.name.encode())
+
+
+def _merge(cases: list[Case]) -> list[Case]:
+    """One case per configuration; a configuration listed twice keeps the union of its tags."""
+    merged: dict[Case, Case] = {}
+    for case in cases:
+        if case in merged:
+            old = merged[case]
+            tags = old.tags + tuple(tag for tag in case.tags if tag not in old.tags)
+            case = replace(
+                old, tags=tags, compile=old.compile or case.compile, targets=old.targets or case.targets
+            )
+        merged[case] = case  # an existing key keeps its place; the value carries the merged fields
+    return list(merged.values())
+
+
+def runner_cases(quick: bool = False, compile_all: bool = False) -> list[Case]:
+    """The cases of ``python -m benchmarks.run`` (``--quick``: fewer shapes and depths).
+
+    torch.compile is timed on a case when ``compile_all``, or when its depth is at most
+    ``COMPILE_MAX_DEPTH`` (``COMPILE_MAX_DEPTH_QUICK`` with ``quick``), or, in the full run, when it
+    is an issue-3 table row.
+    """
+    max_depth = COMPILE_MAX_DEPTH_QUICK if quick else COMPILE_MAX_DEPTH
+
+    def compiles(depth: int, table: bool) -> bool:
+        return compile_all or depth <= max_depth or (table and not quick)
+
+    cases: list[Case] = []
+    for batch, width in SCALED_RESIDUAL_SHAPES_QUICK if quick else SCALED_RESIDUAL_SHAPES:
+        for mode in MODES:
+            cases.append(Case("scaled_residual", batch, width, mode=mode, tags=("scaled_residual",)))
+    for width, batch in SWEEP_SHAPES:
+        for depth in SWEEP_DEPTHS_QUICK if quick else SWEEP_DEPTHS:
+            for mode in ("fwd+bwd", "fwd"):
+                cases.append(
+                    Case("residual_stack", batch, width, depth, mode, tags=("sweep",), compile=compiles(depth, False))
+                )
+    for row in TABLE_ROWS:
+        cases.append(
+            Case(
+                "residual_stack",
+                row.batch,
+                row.width,
+                row.depth,
+                "fwd+bwd",
+                tags=("table",),
+                compile=compiles(row.depth, True),
+                targets=(row.target_vs_eager, row.target_vs_compile),
+            )
+        )
+    return _merge(cases)
+
+
+def pytest_cases() -> list[Case]:
+    """Small cases for the pytest-benchmark tests: two shapes per op, training step."""
+    return [
+        Case("scaled_residual", 64, 64, tags=("pytest",)),
+        Case("scaled_residual", 1024, 256, tags=("pytest",)),
+        Case("residual_stack", 64, 32, 16, tags=("pytest",)),
+        Case("residual_stack", 128, 64, 16, tags=("pytest",)),
+    ]
+
+
+@dataclass
+class Problem:
+    """The random tensors of one case, in the case's dtype on the CPU.
+
+    ``inputs`` are the forward arguments, in order (``x`` and, for scaled_residual, ``branch_out``);
+    ``params`` are the op's parameters (``weight`` and ``bias`` of a stack), copied into every variant's
+    module so that all variants (and the float64 reference) see the same values.
+    """
+
+    case: Case
+    inputs: dict[str, Tensor]
+    params: dict[str, Tensor]
+
+    def leaf_inputs(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> list[Tensor]:
+        """Fresh leaf copies of the inputs; they require grad in fwd+bwd mode."""
+        grad = self.case.mode == "fwd+bwd"
+        return [
+            t.detach().to(device=device, dtype=dtype or t.dtype).clone().requires_grad_(grad)
+            for t in self.inputs.values()
+        ]
+
+
+def make_problem(case: Case) -> Problem:
+    """Random inputs for ``case`` (fresh seed per case, never zeros, SPEC 4).
+
+    x and branch_out ~ N(0, 1); stack weights ~ N(0, 1/n) (the muP init); biases ~ N(0, 0.1^2).
+    """
+    gen = torch.Generator().manual_seed(case.seed)
+
+    def randn(*shape: int, std: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(case.dtype)
+
+    inputs = {"x": randn(case.batch, case.width)}
+    params: dict[str, Tensor] = {}
+    if case.op == "scaled_residual":
+        inputs["branch_out"] = randn(case.batch, case.width)
+    else:
+        params["weight"] = randn(case.depth, case.width, case.width, std=1.0 / math.sqrt(case.width))
+        if case.bias:
+            params["bias"] = randn(case.depth, case.width, std=0.1)
+    return Problem(case, inputs, params)

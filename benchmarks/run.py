@@ -1,0 +1,479 @@
+"""Benchmark runner: times eager PyTorch, torch.compile and every dmup_kernels backend side by side,
+after checking each against the float64 reference, prints a table per case and writes JSON + a plot.
+
+    python -m benchmarks.run [--quick] [--no-compile] [--threads N] [--out bench-results.json] [--only SUBSTRING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .cases import Case, make_problem, runner_cases
+from .measure import (
+    TOLERANCE,
+    first_call_with_parity,
+    load_average,
+    machine_info,
+    matmul_gflops,
+    reference_results,
+    saved_activation_bytes,
+    step,
+    summarize,
+    time_round_robin,
+)
+from .variants import VARIANTS, EagerResidualStack, Variant
+
+PEERS = ("eager", "compile")
+"""The variants every other variant is compared with (ratio = peer median / variant median)."""
+
+TIMING = {
+    # warm-up rounds, then enough rounds to fill budget_s, clamped to [min_repeats, max_repeats]
+    "full": {"warmup": 3, "min_repeats": 7, "max_repeats": 200, "budget_s": 4.0},
+    "quick": {"warmup": 1, "min_repeats": 5, "max_repeats": 30, "budget_s": 0.6},
+}
+
+DESCRIPTION = """\
+Times, for each case (shape x mode), the variants side by side: "eager" (a plain nn.Module looping over
+dmup_kernels.reference), "compile" (torch.compile of that same module) and each dmup_kernels backend
+(%(backends)s). Each variant is first run once on the case's inputs: that call is timed as "first ms"
+(for compile it includes compilation; inductor's caches start empty in every run) and its output and,
+in fwd+bwd mode, input and weight gradients are compared with the float64 eager reference
+(rel_err = max ||out - ref|| / ||ref||). Then warm-up, then repeats interleaved round-robin across
+variants; median/min/max in ms. "x eager"/"x compile" = that peer's median / this median (speed-up,
+from the same run). GFLOP/s counts 2*B*n*n per GEMM, 1 GEMM per layer in fwd, 3 in fwd+bwd; the
+ceiling is a 2048x2048 float32 matmul measured at start-up. "saved" = bytes saved for backward by one
+forward (saved_tensors_hooks, storages counted once, parameters left out).
+"""
+
+EPILOG = """\
+modes: fwd = inference (torch.no_grad); fwd+bwd = training step, loss = y.square().mean(), backward.
+
+cases (see benchmarks/cases.py; list them with --list):
+  full run: scaled_residual at (B,n) = (64,64) (256,128) (1024,256) (4096,512), fwd and fwd+bwd;
+            ResidualStack depth sweep L = 64 128 256 512 1024 at (n,B) = (32,64) and (64,128), fwd and
+            fwd+bwd; the issue-3 rows (n,B,L) = (32,64,1024) (64,128,512) (128,256,256) (256,512,128)
+            (128,8,256), fwd+bwd. torch.compile is timed on cases with L <= 256 and on the issue-3 rows
+            (compiling a training step takes ~45 s at L=256 and ~130 s at L=1024 on 2 cores); about
+            15-20 minutes on 2 cores.
+  --quick:  scaled_residual at (64,64) and (1024,256); sweep L = 64 and 256; the issue-3 rows;
+            fewer repeats; torch.compile only on cases with L <= 64. About 2-3 minutes on 2 cores.
+
+Parity: a variant whose rel_err exceeds the tolerance (float32: 1e-4) is marked FAIL in the table and
+makes the runner exit with status 1 at the end (as does a variant that raises). Timings are never
+asserted. Without --out the JSON goes to bench-results.json; the plot (GFLOP/s vs depth, one line per
+variant) goes next to it with the suffix .png.
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    backends = ", ".join(v.name for v in VARIANTS if v.kind == "backend")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=DESCRIPTION % {"backends": backends},
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="small run: fewer cases and repeats (see below)")
+    parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile at all")
+    parser.add_argument(
+        "--compile-all", action="store_true", help="time torch.compile on every case (a full run then takes ~30 min)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads(N) (default: torch's default)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results.json"), help="JSON output (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--only", metavar="SUBSTRING", default=None, help="run only cases whose name contains SUBSTRING"
+    )
+    parser.add_argument("--device", default="cpu", help="device of the timed tensors (default: %(default)s)")
+    parser.add_argument("--list", action="store_true", help="list the cases of this run and exit")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1; got {args.threads}")
+    if args.no_compile and args.compile_all:
+        parser.error("--no-compile and --compile-all contradict each other")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+
+def prepare_compile() -> tuple[str | None, float]:
+    """Makes torch.compile's first-call times cold and reproducible: inductor's on-disk caches go to a
+    fresh temporary directory (unless TORCHINDUCTOR_CACHE_DIR is set) and the FX-graph and autograd
+    caches are off. Then one tiny compile absorbs the one-time start-up cost (imports, C++ header
+    precompilation) so that it is not charged to the first case. Returns (temporary dir, warm-up s)."""
+    temporary = None
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        temporary = tempfile.mkdtemp(prefix="dmup-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = temporary
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+    start = time.perf_counter()
+    case = Case("residual_stack", 4, 8, 2)
+    torch._dynamo.reset()
+    module = torch.compile(EagerResidualStack(case, torch.randn(2, 8, 8)), dynamic=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    module(x).square().mean().backward()
+    torch._dynamo.reset()
+    return temporary, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------------- a case
+
+
+def base_record(case: Case, variant: Variant, threads: int) -> dict[str, Any]:
+    return {
+        "op": case.op,
+        "case": case.name,
+        "variant": variant.name,
+        "dtype": case.dtype_name,
+        "batch": case.batch,
+        "width": case.width,
+        "depth": case.depth,
+        "mode": case.mode,
+        "activation": case.activation,
+        "block": case.block,
+        "mean_subtract": case.mean_subtract,
+        "bias": case.bias,
+        "threads": threads,
+        "tags": list(case.tags),
+        "targets": None if case.targets is None else {"vs_eager": case.targets[0], "vs_compile": case.targets[1]},
+        "median_ms": None,
+        "min_ms": None,
+        "max_ms": None,
+        "repeats": 0,
+        "rel_err": None,
+        "rel_errs": None,
+        "tolerance": TOLERANCE[case.dtype],
+        "parity_ok": None,
+        "ratio_vs_eager": None,
+        "ratio_vs_compile": None,
+        "gflops": None,
+        "rows_layers_per_s": None,
+        "first_call_ms": None,
+        "saved_bytes": None,
+        "error": None,
+    }
+
+
+def run_case(
+    case: Case, variants: list[Variant], timing: dict[str, Any], device: torch.device
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Parity, first call, saved bytes and round-robin timing of every variant on one case.
+    Returns the records of the variants that ran (with an "error" where one raised) and
+    {variant: reason} for those skipped."""
+    threads = torch.get_num_threads()
+    problem = make_problem(case)
+    reference = reference_results(problem)
+    records: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    calls = {}
+    for variant in variants:
+        reason = variant.unavailable(device)
+        if reason is None and variant.kind == "compile" and not case.compile:
+            reason = "compile not timed on this case in this run (see --help, --compile-all)"
+        if reason is not None:
+            skipped[variant.name] = reason
+            continue
+        record = records[variant.name] = base_record(case, variant, threads)
+        try:
+            module = variant.build(case, problem.params, device)
+            first_ms, inputs, parity = first_call_with_parity(module, problem, reference, device)
+            record.update(
+                first_call_ms=first_ms,
+                rel_err=parity.max_error,
+                rel_errs=parity.errors,
+                tolerance=parity.tolerance,
+                parity_ok=parity.ok,
+            )
+            if case.mode == "fwd+bwd":
+                record["saved_bytes"] = saved_activation_bytes(module, inputs)
+        except Exception as error:  # noqa: BLE001 - reported in the table and the exit status
+            record.update(error=f"{type(error).__name__}: {error}", parity_ok=False)
+            continue
+        calls[variant.name] = functools.partial(step, module, inputs, case.mode)
+
+    times, errors = time_round_robin(calls, device=device, **timing) if calls else ({}, {})
+    for name, message in errors.items():
+        records[name].update(error=message, parity_ok=False)
+    for name, ms in times.items():
+        records[name].update(summarize(ms), repeats=len(ms))
+        seconds = records[name]["median_ms"] / 1e3
+        if case.flops is not None:
+            records[name]["gflops"] = case.flops / seconds / 1e9
+        if case.op == "residual_stack":
+            records[name]["rows_layers_per_s"] = case.batch * case.depth / seconds
+    for record in records.values():
+        for peer in PEERS:
+            peer_median = records.get(peer, {}).get("median_ms")
+            if peer_median is not None and record["median_ms"] is not None:
+                record[f"ratio_vs_{peer}"] = peer_median / record["median_ms"]
+    return list(records.values()), skipped
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+COLUMNS = (  # header, width
+    ("variant", 9), ("mode", 8), ("median ms", 10), ("min ms", 10), ("max ms", 10), ("x eager", 8),
+    ("x compile", 9), ("rel_err", 13), ("GFLOP/s", 8), ("first ms", 10), ("saved", 10),
+)  # fmt: skip
+
+
+def row(cells: list[str]) -> str:
+    """One table line: the first two columns left-aligned, the others right-aligned."""
+    widths = [width for _, width in COLUMNS]
+    return "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def case_table(case: Case, records: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+    """The printed table of one case, with parity failures and errors spelt out below it."""
+    repeats = max((r["repeats"] for r in records), default=0)
+    flavour = f"{case.activation}, block {case.block}, MS {'on' if case.mean_subtract else 'off'}"
+    title = f"== {case.name}  [{', '.join(case.tags)}]  {flavour}, {case.dtype_name}, {repeats} repeats"
+    if case.targets is not None:
+        title += f"; issue-3 target >= {case.targets[0]:g}x eager, >= {case.targets[1]:g}x compile"
+    lines = [title, row([header for header, _ in COLUMNS])]
+    notes = []
+    for r in records:
+        if r["error"] is not None and r["median_ms"] is None:
+            lines.append(f"{r['variant']:<9}  {r['mode']:<8}  ERROR (see below)")
+            notes.append(f"!!! ERROR {r['variant']}: {r['error']}")
+            continue
+        rel = fmt(r["rel_err"], ".1e") + ("" if r["parity_ok"] else " FAIL")
+        cells = [
+            r["variant"], r["mode"], fmt(r["median_ms"], ".3f"), fmt(r["min_ms"], ".3f"), fmt(r["max_ms"], ".3f"),
+            fmt(r["ratio_vs_eager"], ".2f", "x"), fmt(r["ratio_vs_compile"], ".2f", "x"), rel,
+            fmt(r["gflops"], ".1f"), fmt(r["first_call_ms"], ".1f"), format_bytes(r["saved_bytes"]),
+        ]  # fmt: skip
+        lines.append(row(cells))
+        if r["error"] is not None:
+            notes.append(f"!!! ERROR {r['variant']} while timing: {r['error']}")
+        if r["rel_errs"] is not None and not r["parity_ok"]:
+            detail = " ".join(f"{k}={v:.2e}" for k, v in r["rel_errs"].items())
+            notes.append(f"!!! PARITY FAILURE {r['variant']}: {detail} (tolerance {r['tolerance']:.0e})")
+    for name, reason in skipped.items():
+        lines.append(f"{name:<9}  {case.mode:<8}  skipped: {reason}")
+    return "\n".join(lines + notes)
+
+
+def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
+    sgemm = machine["sgemm"]
+    lines = [
+        f"dmup_kernels benchmarks ({'quick' if args.quick else 'full'} run), dtype float32, device {machine['device']}",
+        f"machine: {machine['cpu_model']} ({machine['logical_cpus']} logical CPUs, {machine['cpu_capability']}), "
+        f"threads {machine['threads']}",
+        f"software: torch {machine['torch']}, python {machine['python']}, dmup_kernels C++ "
+        f"{'built' if machine['dmup_kernels_cpp'] else 'NOT built'}, commit {str(machine['git_commit'])[:12]}",
+        f"ceiling: {sgemm['size']}x{sgemm['size']} float32 matmul {sgemm['median_gflops']:.1f} GFLOP/s "
+        f"(median; best {sgemm['best_gflops']:.1f})",
+    ]
+    load = machine.get("loadavg_start")
+    if load is not None:
+        busy = load[0] > 0.5 * (machine["logical_cpus"] or 1)
+        lines.append(
+            f"load average before start: {load[0]:.2f} (1 min)"
+            + ("  !!! other processes are running: timings will be noisy" if busy else "")
+        )
+    if machine.get("compile_warmup_s") is not None:
+        lines.append(
+            f"torch.compile: cold caches ({machine['compile_cache']}); start-up warm-up "
+            f"{machine['compile_warmup_s']:.1f} s, not charged to any case"
+        )
+    return "\n".join(lines)
+
+
+def target_summary(records: list[dict[str, Any]]) -> str:
+    """The issue-3 rows: each backend's speed-ups next to the targets (reported, never asserted)."""
+    rows = [r for r in records if r["targets"] is not None and r["variant"] not in PEERS]
+    if not rows:
+        return ""
+    lines = ["== issue-3 table (training step): speed-up of each backend vs its targets"]
+    lines.append(f"{'variant':<9}  {'n':>4}  {'B':>4}  {'L':>5}  {'median ms':>10}  {'x eager (target)':>18}  "
+                 f"{'x compile (target)':>19}  verdict")  # fmt: skip
+    for r in rows:
+        verdicts = []
+        for peer, key in (("eager", "vs_eager"), ("compile", "vs_compile")):
+            ratio = r[f"ratio_vs_{peer}"]
+            if ratio is None:
+                verdicts.append(f"{peer}: not timed")
+            elif ratio < r["targets"][key]:
+                verdicts.append(f"{peer}: MISSED")
+        verdict = "; ".join(verdicts) or "met"
+        if not r["parity_ok"]:
+            verdict = "PARITY FAIL; " + verdict
+        lines.append(
+            f"{r['variant']:<9}  {r['width']:>4}  {r['batch']:>4}  {r['depth']:>5}  {fmt(r['median_ms'], '10.3f')}  "
+            f"{fmt(r['ratio_vs_eager'], '.2f', 'x'):>9} ({r['targets']['vs_eager']:>4g}x)  "
+            f"{fmt(r['ratio_vs_compile'], '.2f', 'x'):>10} ({r['targets']['vs_compile']:>4g}x)  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> bool:
+    """GFLOP/s vs depth (log2 x axis), one panel per (width, batch, mode), one line per variant, with the
+    matmul ceiling dashed. Panels with a single depth are left out unless no panel has more.
+    Returns False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[int, int, str], dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        if r["gflops"] is not None:
+            key = (r["width"], r["batch"], r["mode"])
+            groups.setdefault(key, {}).setdefault(r["variant"], []).append((r["depth"], r["gflops"]))
+    swept = {k: v for k, v in groups.items() if len({d for pts in v.values() for d, _ in pts}) > 1}
+    groups = dict(sorted((swept or groups).items()))
+    if not groups:
+        return False
+    columns = min(2, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
+    ceiling = machine["sgemm"]["median_gflops"]
+    for ax, ((width, batch, mode), lines) in zip(axes.flat, groups.items()):
+        for variant, points in lines.items():
+            points.sort()
+            ax.plot([d for d, _ in points], [g for _, g in points], marker="o", label=variant)
+        ax.axhline(ceiling, linestyle="--", color="gray", label=f"{machine['sgemm']['size']}² sgemm")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("depth L")
+        ax.set_ylabel("GFLOP/s (2·B·n² per GEMM)")
+        ax.set_title(f"n={width}, B={batch}, {mode}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_visible(False)
+    fig.suptitle(
+        f"dmup_kernels ResidualStack throughput: {machine['cpu_model']}, {machine['threads']} threads, "
+        f"torch {machine['torch']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float written as the string "inf"/"-inf"/"nan" (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
+
+
+def write_json(
+    path: Path, machine: dict[str, Any], records: list[dict[str, Any]], skipped: list[dict[str, str]]
+) -> None:
+    """Writes {"machine", "records", "skipped"} atomically (after every case, so a stopped run keeps its results)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    document = finite_json({"machine": machine, "records": records, "skipped": skipped})
+    temporary.write_text(json.dumps(document, indent=1, allow_nan=False))
+    temporary.replace(path)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cases = runner_cases(quick=args.quick, compile_all=args.compile_all)
+    if args.only is not None:
+        cases = [case for case in cases if args.only in case.name]
+    if args.list or not cases:
+        for case in cases or runner_cases(quick=args.quick, compile_all=args.compile_all):
+            compiled = "yes" if case.compile and not args.no_compile else "no"
+            print(f"{case.name:<45} compile={compiled:<3} [{', '.join(case.tags)}]")
+        if not cases:
+            print(f"no case name contains {args.only!r}", file=sys.stderr)
+            return 2
+        return 0
+
+    variants = [v for v in VARIANTS if not (v.kind == "compile" and args.no_compile)]
+    compiling = any(v.kind == "compile" for v in variants) and any(case.compile for case in cases)
+    machine = machine_info(device)
+    machine["sgemm"] = matmul_gflops(device=device)
+    machine["run"] = {"quick": args.quick, "argv": sys.argv[1:], "timing": TIMING["quick" if args.quick else "full"]}
+    temporary_cache = None
+    if compiling:
+        temporary_cache, machine["compile_warmup_s"] = prepare_compile()
+        machine["compile_cache"] = "fresh temporary dir" if temporary_cache else "TORCHINDUCTOR_CACHE_DIR from env"
+    print(header(machine, args), flush=True)
+
+    records: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    timing = TIMING["quick" if args.quick else "full"]
+    start = time.perf_counter()
+    try:
+        for case in tqdm(cases, desc="cases", unit="case", dynamic_ncols=True):
+            case_records, case_skipped = run_case(case, variants, timing, device)
+            tqdm.write("\n" + case_table(case, case_records, case_skipped))
+            records.extend(case_records)
+            skipped.extend({"case": case.name, "variant": name, "reason": why} for name, why in case_skipped.items())
+            write_json(args.out, machine, records, skipped)
+    finally:
+        if temporary_cache is not None:
+            shutil.rmtree(temporary_cache, ignore_errors=True)
+    machine["wall_s"] = time.perf_counter() - start
+    machine["loadavg_end"] = load_average()
+    write_json(args.out, machine, records, skipped)
+
+    summary = target_summary(records)
+    if summary:
+        print("\n" + summary)
+    png = args.out.with_suffix(".png")
+    plotted = plot(records, machine, png)
+    print(f"\nwrote {args.out}" + (f" and {png}" if plotted else "") + f" ({machine['wall_s']:.0f} s)")
+
+    failures = [r for r in records if not r["parity_ok"]]
+    if failures:
+        print(f"\n!!! {len(failures)} variant(s) FAILED parity or raised:", file=sys.stderr)
+        for r in failures:
+            what = r["error"] or f"rel_err {r['rel_err']:.2e} > {r['tolerance']:.0e}"
+            print(f"!!!   {r['case']} {r['variant']}: {what}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

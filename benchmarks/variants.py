@@ -1,0 +1,143 @@
+"""The peers timed side by side (SPEC 5): eager PyTorch, torch.compile of the same module, and each
+dmup_kernels backend.
+
+Every variant builds an ``nn.Module`` for a case whose forward takes the case's inputs
+(``x`` for a stack; ``x, branch_out`` for scaled_residual) and whose parameters hold copies of the
+case's parameters. To add a backend (e.g. "triton" or "cuda") add one ``Variant(name, "backend")`` to
+``VARIANTS``; it is skipped wherever ``dmup_kernels`` says it cannot run (unknown name, missing
+extension, wrong device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import dmup_kernels
+from dmup_kernels import DEPTH_MUP, reference
+from dmup_kernels.ops import resolve_backend
+
+from .cases import Case
+
+
+class EagerResidualStack(nn.Module):
+    """The eager peer of a stack: a plain module whose forward is the reference loop over layers
+    (``dmup_kernels.reference.residual_stack``) on its own Parameters. torch.compile compiles this module."""
+
+    def __init__(self, case: Case, weight: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.scale = case.scale
+        self.activation = case.activation
+        self.block = case.block
+        self.mean_subtract = case.mean_subtract
+
+    def forward(self, x: Tensor) -> Tensor:
+        return reference.residual_stack(
+            x,
+            self.weight,
+            self.bias,
+            scale=self.scale,
+            activation=self.activation,
+            block=self.block,
+            mean_subtract=self.mean_subtract,
+        )
+
+
+class ScaledResidualModule(nn.Module):
+    """``scaled_residual(x, branch_out)`` of a case, by the eager reference (``backend=None``) or
+    through ``dmup_kernels.scaled_residual`` with the given backend."""
+
+    def __init__(self, case: Case, backend: str | None = None) -> None:
+        super().__init__()
+        self.scale = case.scale
+        self.activation = case.activation
+        self.mean_subtract = case.mean_subtract
+        self.backend = backend
+
+    def forward(self, x: Tensor, branch_out: Tensor) -> Tensor:
+        if self.backend is None:
+            return reference.scaled_residual(x, branch_out, self.scale, self.activation, self.mean_subtract)
+        return dmup_kernels.scaled_residual(
+            x, branch_out, self.scale, self.activation, self.mean_subtract, backend=self.backend
+        )
+
+
+def eager_module(case: Case, params: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:
+    """The eager module of ``case`` with ``params`` (any dtype) copied onto ``device``.
+    Also used, in float64 on the CPU, as the parity reference."""
+    if case.op == "scaled_residual":
+        return ScaledResidualModule(case)
+    bias = params.get("bias")
+    return EagerResidualStack(case, params["weight"].to(device), None if bias is None else bias.to(device))
+
+
+def backend_module(
+    case: Case, params: dict[str, Tensor], backend: str, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The dmup_kernels module of ``case`` running on ``backend``, with ``params`` copied in."""
+    if case.op == "scaled_residual":
+        return ScaledResidualModule(case, backend)
+    weight = params["weight"]
+    module = dmup_kernels.ResidualStack(
+        case.width,
+        case.depth,
+        activation=case.activation,
+        block=case.block,
+        mean_subtract=case.mean_subtract,
+        bias=case.bias,
+        parametrization=DEPTH_MUP,
+        backend=backend,
+        device=device,
+        dtype=weight.dtype,
+    )
+    if module.scale != case.scale:
+        raise AssertionError(f"ResidualStack scale {module.scale} != case scale {case.scale}")
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if case.bias:
+            module.bias.copy_(params["bias"])
+    return module
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A timed peer. kind "eager": the reference module; "compile": ``torch.compile`` of that same
+    module (default options, ``dynamic=False``; dynamo's caches are reset first so each case compiles
+    from scratch); "backend": ``dmup_kernels`` with ``backend=name``."""
+
+    name: str
+    kind: str
+
+    def unavailable(self, device: torch.device | str = "cpu") -> str | None:
+        """Why this variant cannot run on ``device`` here, or None if it can."""
+        if self.kind != "backend":
+            return None
+        try:
+            resolve_backend(self.name, torch.device(device))
+        except (RuntimeError, ValueError) as error:
+            return str(error)
+        return None
+
+    def build(self, case: Case, params: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:
+        if self.kind == "eager":
+            return eager_module(case, params, device)
+        if self.kind == "compile":
+            torch._dynamo.reset()
+            return torch.compile(eager_module(case, params, device), dynamic=False)
+        if self.kind == "backend":
+            return backend_module(case, params, self.name, device)
+        raise ValueError(f"unknown variant kind {self.kind!r}")
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("eager", "eager"),
+    Variant("compile", "compile"),
+    Variant("cpp", "backend"),
+    # Variant("triton", "backend"),
+    # Variant("cuda", "backend"),
+)
+"""All variants, in table order. Ratios are taken against the "eager" and "compile" rows."""
