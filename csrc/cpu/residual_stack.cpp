@@ -11,12 +11,13 @@
 #include <torch/library.h>
 
 #include "../op_args.h"
-#include "simd_scalar.h"
 #include "stack_kernel.h"
 
 namespace dmup {
 
 StackKernels<float> stack_kernels_avx512(Activation activation, Block block);
+template <class T>
+StackKernels<T> stack_kernels_portable(Activation activation, Block block);
 
 namespace {
 
@@ -27,7 +28,7 @@ StackKernels<T> select_kernels(Activation activation, Block block) {
                                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
     if (has_avx512) return stack_kernels_avx512(activation, block);
   }
-  return make_stack_kernels<ScalarSimd<T>>(activation, block);
+  return stack_kernels_portable<T>(activation, block);
 }
 
 void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {

@@ -66,10 +66,13 @@ struct StackBackwardBuffers {
   T* grad_bias;          // (L, n)
 };
 
-// Work split of the weight gradient: one task per (layer, block of kWeightGradRows output rows).
-constexpr int64_t kWeightGradRows = 64;
+// Work split of the weight gradient: one task per layer, which packs the layer's input once; only
+// shallow stacks also split the output rows, in blocks of 64, to give every thread work. Either
+// way each dW element is computed by the same code in the same order.
+inline int64_t weight_grad_block_rows(int64_t depth, int64_t width) { return depth >= 8 ? width : 64; }
 inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
-  return depth * ((width + kWeightGradRows - 1) / kWeightGradRows);
+  const int64_t rows = weight_grad_block_rows(depth, width);
+  return depth * ((width + rows - 1) / rows);
 }
 
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
@@ -137,6 +140,9 @@ inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi,
                       const typename V::T* b, int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
   int64_t i = 0;
   for (; i + MI <= M; i += MI) gemm_tile<V, MI, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
+  // The remaining rows in tiles of 4, 2, 1: a one-row tile is load-bound, so use it least.
+  for (; i + 4 <= M; i += 4) gemm_tile<V, 4, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
+  for (; i + 2 <= M; i += 2) gemm_tile<V, 2, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
   for (; i < M; ++i) gemm_tile<V, 1, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
 }
 
@@ -350,12 +356,13 @@ struct Stack {
     constexpr int64_t kChunk = 256;  // rows of the packed input per pass
     const int64_t n = p.width, B = p.batch;
     const int64_t n_padded = (n + V::W - 1) / V::W * V::W;
-    const int64_t blocks = (n + kWeightGradRows - 1) / kWeightGradRows;
+    const int64_t block_rows = weight_grad_block_rows(p.depth, n);
+    const int64_t blocks = (n + block_rows - 1) / block_rows;
     std::vector<T> packed(kChunk * n_padded, T(0));
     T lanes[V::W];
     for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t l = task / blocks, o0 = (task % blocks) * kWeightGradRows;
-      const int64_t rows_out = std::min(kWeightGradRows, n - o0);
+      const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
+      const int64_t rows_out = std::min(block_rows, n - o0);
       const T* saved = buf.saved + l * n * B;
       const T* dh = buf.grad_h + l * n * B;
       for (int64_t c0 = 0; c0 < B; c0 += kChunk) {

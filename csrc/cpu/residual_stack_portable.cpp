@@ -1,0 +1,23 @@
+// The stack kernel instantiated with width-1 "vectors": the float64 path, and the float32 path on
+// CPUs without AVX-512.
+//
+// GCC 12's loop vectorizer turns the scalar register tile of stack_impl::gemm_tile into code that
+// reads one row of A past its end (a segfault when A ends at a page boundary; seen at -O3 with
+// -march=native), so loop vectorization is off for this file. These loops run on scalars by
+// design; the vectorised path is residual_stack_avx512.cpp.
+#pragma GCC optimize("no-tree-loop-vectorize")
+
+#include "simd_scalar.h"
+#include "stack_kernel.h"
+
+namespace dmup {
+
+template <class T>
+StackKernels<T> stack_kernels_portable(Activation activation, Block block) {
+  return make_stack_kernels<ScalarSimd<T>>(activation, block);
+}
+
+template StackKernels<float> stack_kernels_portable<float>(Activation, Block);
+template StackKernels<double> stack_kernels_portable<double>(Activation, Block);
+
+}  // namespace dmup
