@@ -37,7 +37,8 @@ def check_shape(value: Tensor, name: str, expected: Sequence[int]) -> None:
 
 
 def check_width(x: Tensor, name: str, width: int) -> None:
-    """``x`` has shape (..., width) with at least one dimension."""
+    """``x`` is a floating-point tensor of shape (..., width)."""
+    check_tensor(x, name)
     if x.dim() < 1 or x.shape[-1] != width:
         raise ValueError(f"{name} must have shape (..., {width}) (last dim = width); got {tuple(x.shape)}")
 

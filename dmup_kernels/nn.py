@@ -162,6 +162,7 @@ class DepthMuPNet(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int(in_features, "in_features")
+        check_positive_int(width, "width")
         check_positive_int(out_features, "out_features")
         self.readout_zero_init = check_flag(readout_zero_init, "readout_zero_init")
         factory = {key: stack_kwargs[key] for key in ("device", "dtype") if key in stack_kwargs}

@@ -148,23 +148,17 @@ def test_bad_input_is_caught_for_every_backend(backend):
         ResidualStack(8, 2, activation="nope", backend=backend)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="BUG: ResidualStack.forward calls x.dim() before checking x is a tensor "
-                   "(dmup_kernels/_checks.py check_width), so a non-tensor gives AttributeError, not TypeError")
 @pytest.mark.parametrize("value", [[1.0] * 8, 3.0, None], ids=["list", "float", "none"])
 def test_stack_forward_non_tensor(value):
     with pytest.raises(TypeError, match=r"\bx\b.*Tensor"):
         ResidualStack(8, 2)(value)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: DepthMuPNet builds nn.Linear(in_features, width) "
-                   "before validating width (dmup_kernels/nn.py), so width < 0 gives torch's RuntimeError about a negative dimension")
 def test_net_negative_width():
     with pytest.raises(ValueError, match=r"width.*>= 1"):
         DepthMuPNet(3, -4, 2, 2)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: DepthMuPNet builds nn.Linear(in_features, width) "
-                   "before validating width (dmup_kernels/nn.py), so a float width gives torch's TypeError about 'size', not naming width")
 def test_net_float_width():
     with pytest.raises(TypeError, match=r"width"):
         DepthMuPNet(3, 8.0, 2, 2)
