@@ -21,7 +21,7 @@ TORCH_LIBRARY(dmup, m) {
   // needs: saved (L, n, B) holds every layer's input, mask the sign bits of h for relu/abs.
   m.def("residual_stack(Tensor x, Tensor weight, Tensor? bias, float scale, str activation, str block, "
         "bool mean_subtract) -> (Tensor out, Tensor saved, Tensor mask)");
-  // Gradients of residual_stack wrt x, weight and bias (grad_bias is computed even without a bias).
+  // Gradients of residual_stack wrt x, weight and bias (grad_bias has 0 rows when bias is None).
   m.def("residual_stack_backward(Tensor grad_out, Tensor saved, Tensor mask, Tensor weight, Tensor? bias, "
         "float scale, str activation, str block, bool mean_subtract) -> (Tensor grad_x, Tensor grad_weight, "
         "Tensor grad_bias)");

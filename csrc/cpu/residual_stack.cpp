@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
   at::Tensor grad_x = at::empty({batch, width}, grad_out.options());
   at::Tensor grad_h = at::empty({depth, width, batch}, grad_out.options());
   at::Tensor grad_weight = at::empty({depth, width, width}, grad_out.options());
-  at::Tensor grad_bias = at::empty({depth, width}, grad_out.options());
+  at::Tensor grad_bias = at::empty({bias ? depth : 0, width}, grad_out.options());
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cpu", [&] {
     const auto problem = make_problem<scalar_t>(grad_out, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
         grad_out.const_data_ptr<scalar_t>(),      saved.const_data_ptr<scalar_t>(),
         reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
         grad_x.mutable_data_ptr<scalar_t>(),      grad_h.mutable_data_ptr<scalar_t>(),
-        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>()};
+        grad_weight.mutable_data_ptr<scalar_t>(), bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
     at::parallel_for(0, tile_count(batch, problem.tile_rows), 1,
                      [&](int64_t begin, int64_t end) { kernels.backward_rows(problem, buffers, begin, end); });
     at::parallel_for(0, weight_grad_tasks(depth, width), 1,

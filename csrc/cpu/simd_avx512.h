@@ -3,7 +3,8 @@
 // Include only after `#pragma GCC target("avx512f,...")` (see residual_stack_avx512.cpp). Every
 // traits type provides: T, Vec, Mask, W (lanes); zero, broadcast, load/store (W lanes), load_n /
 // store_n (first n lanes, the rest read as 0), fma(a, b, c) = a*b + c, store_bits / load_bits (one
-// bit per row, rows aligned to W), and for Vec the arithmetic operators, < and > giving a Mask,
+// bit per row, rows aligned to W), sum (of the lanes, in a fixed order), transpose (of W vectors
+// of W lanes), and for Vec the arithmetic operators, < and > giving a Mask,
 // select(mask, a, b), exp and tanh, so that the templates of activations.h apply to it.
 #pragma once
 
@@ -76,6 +77,32 @@ struct Simd {
   static Vec load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
   static void store_n(float* p, Vec v, int n) { _mm512_mask_storeu_ps(p, first(n), v.v); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+  static float sum(Vec v) { return _mm512_reduce_add_ps(v.v); }
+  // rows[0..15] <- their transpose: four rounds that swap the off-diagonal blocks of 8, 4, 2, 1.
+  static void transpose(Vec rows[W]) {
+    transpose_round<8>(rows);
+    transpose_round<4>(rows);
+    transpose_round<2>(rows);
+    transpose_round<1>(rows);
+  }
+  // Rows i and i + m (i & m == 0) exchange, in every group of 2m lanes, the second m lanes of row
+  // i with the first m lanes of row i + m.
+  template <int m>
+  static void transpose_round(Vec rows[W]) {
+    alignas(64) int32_t index[W];
+    for (int c = 0; c < W; ++c) {
+      const int group = c / (2 * m) * (2 * m), pos = c % (2 * m);
+      index[c] = pos < m ? group + pos : W + group + pos - m;
+    }
+    const __m512i low = _mm512_load_si512(index), high = _mm512_add_epi32(low, _mm512_set1_epi32(m));
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) {
+      if (i & m) continue;
+      const __m512 a = rows[i].v, b = rows[i + m].v;
+      rows[i] = _mm512_permutex2var_ps(a, low, b);
+      rows[i + m] = _mm512_permutex2var_ps(a, high, b);
+    }
+  }
   static void store_bits(uint16_t* words, int64_t row, Mask m) { words[row / 16] = m.bits; }
   static Mask load_bits(const uint16_t* words, int64_t row) { return {static_cast<__mmask16>(words[row / 16])}; }
 };

@@ -20,6 +20,8 @@ struct ScalarSimd {
   static Vec load_n(const T* p, int) { return *p; }
   static void store_n(T* p, Vec v, int) { *p = v; }
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
+  static T sum(Vec v) { return v; }
+  static void transpose(Vec*) {}
   // One bit per row in 16-bit words; words start zeroed, and a word is only written by one tile.
   static void store_bits(uint16_t* words, int64_t row, Mask m) {
     if (m) words[row / 16] = static_cast<uint16_t>(words[row / 16] | (1u << (row % 16)));

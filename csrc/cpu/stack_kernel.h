@@ -63,7 +63,7 @@ struct StackBackwardBuffers {
   T* grad_x;             // (B, n)
   T* grad_h;             // (L, n, B) scratch shared by the two backward phases
   T* grad_weight;        // (L, n, n)
-  T* grad_bias;          // (L, n)
+  T* grad_bias;          // (L, n), or nullptr when the stack has no bias
 };
 
 // Work split of the weight gradient: one task per layer, which packs the layer's input once; only
@@ -147,10 +147,21 @@ inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi,
 }
 
 // C (M x N, row stride cs) (+)= A (M x K, strides asi/asp) * Bm (K x N, row stride bs >= N rounded
-// up to W). Register tiles of MI x NJ vectors sized to fit the 32 vector registers of AVX-512.
+// up to W). Register tiles of MI x NJ = 16..18 accumulators: enough to hide the FMA latency on two
+// ports, few enough rows that widths 32..256 split into whole tiles.
 template <class V>
 void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
           int64_t bs, typename V::T* c, int64_t cs, bool accumulate) {
+  // K in blocks, so that the panel of Bm a register tile streams (kBlockK x 4 vectors, 16 KiB for
+  // float32) stays in L1 across the tiles of a chunk. C is reloaded between blocks at full
+  // precision, so the sum over K runs in the same order as without blocking.
+  constexpr int64_t kBlockK = 64;
+  if (K > kBlockK) {
+    for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+      gemm<V>(M, N, std::min(kBlockK, K - k0), a + k0 * asp, asi, asp, b + k0 * bs, bs, c, cs, accumulate || k0 > 0);
+    }
+    return;
+  }
   const int64_t vectors = (N + V::W - 1) / V::W;
   for (int64_t j0 = 0; j0 < vectors; j0 += 4) {
     const int64_t nj = std::min<int64_t>(4, vectors - j0);
@@ -158,9 +169,9 @@ void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, 
     const auto* bj = b + j0 * V::W;
     auto* cj = c + j0 * V::W;
     switch (nj) {
-      case 4: gemm_rows<V, 6, 4>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
-      case 3: gemm_rows<V, 8, 3>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
-      case 2: gemm_rows<V, 12, 2>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+      case 4: gemm_rows<V, 4, 4>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+      case 3: gemm_rows<V, 6, 3>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
+      case 2: gemm_rows<V, 8, 2>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
       default: gemm_rows<V, 16, 1>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
     }
   }
@@ -244,9 +255,17 @@ struct Stack {
     for (int64_t o = 0; o < p.width; ++o) {
       for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) + V::load(buf + o * stride + r));
     }
+    scale_row(p, live, factor, row);
+  }
+
+  // row *= factor / n: turns a row sum into the row mean (of factor * values).
+  static void scale_row(const StackProblem<T>& p, int64_t live, T factor, T* row) {
     const Vec scale = V::broadcast(factor / T(p.width));
     for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) * scale);
   }
+
+  // Lanes of the vector at column r that hold real rows of a tile with `rows` rows.
+  static int lanes_at(int64_t r, int64_t rows) { return static_cast<int>(std::min<int64_t>(rows - r, V::W)); }
 
   static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int64_t tile_begin,
                       int64_t tile_end) {
@@ -270,7 +289,8 @@ struct Stack {
           gemm_in = s.input;
         }
         gemm<V>(n, live, n, W, n, 1, gemm_in, Rp, s.branch, Rp, false);
-        // Branch epilogue: bias, then phi (post) with its sign bits; the row mean of the result.
+        // Branch epilogue: bias, then phi (post) with its sign bits; the row sum of the result.
+        for (int64_t r = 0; r < live; r += V::W) V::store(s.row + r, V::zero());
         for (int64_t o = 0; o < n; ++o) {
           const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
           T* h_row = s.branch + o * Rp;
@@ -284,17 +304,18 @@ struct Stack {
               h = Phi::value(h);
             }
             V::store(h_row + r, h);
+            if (p.mean_subtract) V::store(s.row + r, V::load(s.row + r) + h);
           }
         }
-        row_mean(p, s.branch, Rp, live, T(1), s.row);
+        if (p.mean_subtract) scale_row(p, live, T(1), s.row);
         // Save x_l, then x <- x + s * (v - mean).
         T* saved = buf.saved + l * n * B + b0;
-        store_rows<V>(saved, B, s.stream, Rp, n, rows);
         for (int64_t o = 0; o < n; ++o) {
           for (int64_t r = 0; r < live; r += V::W) {
             const int64_t i = o * Rp + r;
-            const Vec v = V::load(s.branch + i) - V::load(s.row + r);
-            V::store(s.stream + i, V::fma(scale, v, V::load(s.stream + i)));
+            const Vec x = V::load(s.stream + i);
+            V::store_n(saved + o * B + r, x, lanes_at(r, rows));
+            V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(s.row + r), x));
           }
         }
       }
@@ -317,6 +338,7 @@ struct Stack {
       for (int64_t l = p.depth - 1; l >= 0; --l) {
         const T* W = p.weight + l * n * n;
         const T* saved = buf.saved + l * n * B + b0;
+        T* grad_h = buf.grad_h + l * n * B + b0;
         if (kRecompute || (!kPost && !kIdentity)) load_rows<V>(s.input, Rp, live, saved, B, n, rows);
         if constexpr (kRecompute) gemm<V>(n, live, n, W, n, 1, s.input, Rp, s.branch, Rp, false);
         row_mean(p, s.stream, Rp, live, p.scale, s.row);
@@ -330,9 +352,9 @@ struct Stack {
             if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
             if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
             V::store(s.aux + i, dh);
+            V::store_n(grad_h + o * B + r, dh, lanes_at(r, rows));
           }
         }
-        store_rows<V>(buf.grad_h + l * n * B + b0, B, s.aux, Rp, n, rows);
         if constexpr (kPost || kIdentity) {
           gemm<V>(n, live, n, W, 1, n, s.aux, Rp, s.stream, Rp, true);  // g += dh W
         } else {
@@ -359,7 +381,6 @@ struct Stack {
     const int64_t block_rows = weight_grad_block_rows(p.depth, n);
     const int64_t blocks = (n + block_rows - 1) / block_rows;
     std::vector<T> packed(kChunk * n_padded, T(0));
-    T lanes[V::W];
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
       const int64_t rows_out = std::min(block_rows, n - o0);
@@ -367,22 +388,29 @@ struct Stack {
       const T* dh = buf.grad_h + l * n * B;
       for (int64_t c0 = 0; c0 < B; c0 += kChunk) {
         const int64_t count = std::min(kChunk, B - c0);
-        for (int64_t k = 0; k < n; ++k) {  // packed[r][k] = in_l[c0 + r][k]
-          for (int64_t r = 0; r < count; r += V::W) {
-            const int valid = static_cast<int>(std::min<int64_t>(count - r, V::W));
-            Vec v = V::load_n(saved + k * B + c0 + r, valid);
-            if constexpr (!kPost && !kIdentity) v = Phi::value(v);
-            V::store(lanes, v);
-            for (int q = 0; q < valid; ++q) packed[(r + q) * n_padded + k] = lanes[q];
+        // packed[r][k] = in_l[c0 + r][k], by transposing W x W blocks in registers.
+        for (int64_t k0 = 0; k0 < n; k0 += V::W) {
+          for (int64_t r0 = 0; r0 < count; r0 += V::W) {
+            const int valid = static_cast<int>(std::min<int64_t>(count - r0, V::W));
+            Vec block[V::W];
+#pragma GCC unroll 16
+            for (int q = 0; q < V::W; ++q) {
+              block[q] = k0 + q < n ? V::load_n(saved + (k0 + q) * B + c0 + r0, valid) : V::zero();
+              if constexpr (!kPost && !kIdentity) block[q] = Phi::value(block[q]);
+            }
+            V::transpose(block);
+#pragma GCC unroll 16
+            for (int q = 0; q < V::W; ++q) V::store(packed.data() + (r0 + q) * n_padded + k0, block[q]);
           }
         }
         gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
                 buf.grad_weight + (l * n + o0) * n, n, c0 > 0);
       }
+      if (!buf.grad_bias) continue;
       for (int64_t o = o0; o < o0 + rows_out; ++o) {
-        T sum = T(0);
-        for (int64_t b = 0; b < B; ++b) sum += dh[o * B + b];
-        buf.grad_bias[l * n + o] = sum;
+        Vec sum = V::zero();
+        for (int64_t b = 0; b < B; b += V::W) sum += V::load_n(dh + o * B + b, lanes_at(b, B));
+        buf.grad_bias[l * n + o] = V::sum(sum);
       }
     }
   }

@@ -98,7 +98,8 @@ if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_stack_backward")
     def _(grad_out, saved, mask, weight, bias, scale, activation, block, mean_subtract):
-        return grad_out.new_empty(grad_out.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:2])
+        bias_rows = 0 if bias is None else weight.shape[0]
+        return grad_out.new_empty(grad_out.shape), weight.new_empty(weight.shape), weight.new_empty(bias_rows, weight.shape[1])
 
     def _setup_context(ctx, inputs, output) -> None:
         _, weight, bias, *ctx.settings = inputs
