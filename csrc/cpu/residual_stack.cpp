@@ -73,21 +73,26 @@ int64_t tile_count(int64_t batch, int64_t tile_rows) { return (batch + tile_rows
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                                   const std::optional<at::Tensor>& bias_in,
                                                                   double scale, c10::string_view activation,
-                                                                  c10::string_view block, bool mean_subtract) {
+                                                                  c10::string_view block, bool mean_subtract,
+                                                                  bool save_for_backward) {
   check_stack_inputs(x_in, weight_in, bias_in);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
   const int planes = mask_planes(parse_activation(activation));
   at::Tensor out = at::empty({batch, width}, x.options());
-  at::Tensor saved = at::empty({depth, width, batch}, x.options());
-  at::Tensor mask = at::zeros({depth, planes, width, mask_words(batch)}, x.options().dtype(at::kShort));
+  // Without save_for_backward (inference) nothing is kept: saved and mask come back with 0 layers.
+  const int64_t kept = save_for_backward ? depth : 0;
+  at::Tensor saved = at::empty({kept, width, batch}, x.options());
+  at::Tensor mask = at::zeros({kept, planes, width, mask_words(batch)}, x.options().dtype(at::kShort));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
     const StackForwardBuffers<scalar_t> buffers{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                                saved.mutable_data_ptr<scalar_t>(),
-                                                reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())};
+                                                save_for_backward ? saved.mutable_data_ptr<scalar_t>() : nullptr,
+                                                save_for_backward
+                                                    ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())
+                                                    : nullptr};
     at::parallel_for(0, tile_count(batch, problem.tile_rows), 1,
                      [&](int64_t begin, int64_t end) { kernels.forward(problem, buffers, begin, end); });
   });

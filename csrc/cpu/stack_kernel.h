@@ -51,8 +51,8 @@ template <class T>
 struct StackForwardBuffers {
   const T* x;       // (B, n)
   T* out;           // (B, n)
-  T* saved;         // (L, n, B)
-  uint16_t* mask;   // (L, planes, n, ceil(B/16)), zeroed
+  T* saved;         // (L, n, B), or nullptr for inference (nothing saved)
+  uint16_t* mask;   // (L, planes, n, ceil(B/16)), zeroed; nullptr for inference
 };
 
 template <class T>
@@ -294,13 +294,14 @@ struct Stack {
         for (int64_t o = 0; o < n; ++o) {
           const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
           T* h_row = s.branch + o * Rp;
-          uint16_t* pos = kPost && kPlanes ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
-          uint16_t* neg = kPost && kPlanes == 2 ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+          const bool save = buf.mask != nullptr;
+          uint16_t* pos = kPost && kPlanes && save ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
+          uint16_t* neg = kPost && kPlanes == 2 && save ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
           for (int64_t r = 0; r < live; r += V::W) {
             Vec h = V::load(h_row + r) + bias;
             if constexpr (kPost) {
-              if constexpr (kPlanes >= 1) V::store_bits(pos, b0 + r, h > Vec(0));
-              if constexpr (kPlanes == 2) V::store_bits(neg, b0 + r, h < Vec(0));
+              if constexpr (kPlanes >= 1) if (save) V::store_bits(pos, b0 + r, h > Vec(0));
+              if constexpr (kPlanes == 2) if (save) V::store_bits(neg, b0 + r, h < Vec(0));
               h = Phi::value(h);
             }
             V::store(h_row + r, h);
@@ -309,12 +310,12 @@ struct Stack {
         }
         if (p.mean_subtract) scale_row(p, live, T(1), s.row);
         // Save x_l, then x <- x + s * (v - mean).
-        T* saved = buf.saved + l * n * B + b0;
+        T* saved = buf.saved ? buf.saved + l * n * B + b0 : nullptr;
         for (int64_t o = 0; o < n; ++o) {
           for (int64_t r = 0; r < live; r += V::W) {
             const int64_t i = o * Rp + r;
             const Vec x = V::load(s.stream + i);
-            V::store_n(saved + o * B + r, x, lanes_at(r, rows));
+            if (saved) V::store_n(saved + o * B + r, x, lanes_at(r, rows));
             V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(s.row + r), x));
           }
         }

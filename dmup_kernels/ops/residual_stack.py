@@ -70,6 +70,8 @@ def residual_stack(
     # The kernels run float32 or float64; half types run with a float32 residual stream.
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     rows = x.reshape(-1, x.shape[-1]).to(compute)
+    params = (x, weight) if bias is None else (x, weight, bias)
+    save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in params)
     out, _, _ = torch.ops.dmup.residual_stack(
         rows,
         weight.to(compute),
@@ -78,6 +80,7 @@ def residual_stack(
         activation,
         block,
         mean_subtract,
+        save_for_backward,
     )
     return out.to(x.dtype).reshape(x.shape)
 
@@ -90,11 +93,11 @@ def mask_planes(activation: str) -> int:
 if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_stack")
-    def _(x, weight, bias, scale, activation, block, mean_subtract):
+    def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
         batch, width = x.shape
-        depth = weight.shape[0]
-        mask_shape = (depth, mask_planes(activation), width, (batch + 15) // 16)
-        return x.new_empty(batch, width), x.new_empty(depth, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
+        kept = weight.shape[0] if save_for_backward else 0
+        mask_shape = (kept, mask_planes(activation), width, (batch + 15) // 16)
+        return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
 
     @torch.library.register_fake("dmup::residual_stack_backward")
     def _(grad_out, saved, mask, weight, bias, scale, activation, block, mean_subtract):
@@ -102,16 +105,18 @@ if HAS_CPP:
         return grad_out.new_empty(grad_out.shape), weight.new_empty(weight.shape), weight.new_empty(bias_rows, weight.shape[1])
 
     def _setup_context(ctx, inputs, output) -> None:
-        _, weight, bias, *ctx.settings = inputs
+        _, weight, bias, *ctx.settings, ctx.saved_state = inputs
         _, saved, mask = output
         ctx.mark_non_differentiable(saved, mask)
         ctx.save_for_backward(saved, mask, weight, bias)
 
     def _backward(ctx, grad_out, _grad_saved, _grad_mask):
+        if not ctx.saved_state:
+            raise RuntimeError("dmup::residual_stack ran with save_for_backward=False, so it cannot be differentiated")
         saved, mask, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = torch.ops.dmup.residual_stack_backward(
             grad_out, saved, mask, weight, bias, *ctx.settings
         )
-        return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None
+        return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
 
     torch.library.register_autograd("dmup::residual_stack", _backward, setup_context=_setup_context)
