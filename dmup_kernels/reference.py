@@ -93,8 +93,9 @@ def residual_stack(
     (MS only when ``mean_subtract``).
     """
     layer = post_block if block == "post" else pre_block
-    for index in range(weight.shape[0]):
-        layer_bias = None if bias is None else bias[index]
-        x = layer(x, weight[index], layer_bias, scale=scale, activation=activation, mean_subtract=mean_subtract)
+    # unbind, not weight[i]: the backward of L index ops would write L full-size gradient tensors.
+    biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
+    for layer_weight, layer_bias in zip(weight.unbind(0), biases):
+        x = layer(x, layer_weight, layer_bias, scale=scale, activation=activation, mean_subtract=mean_subtract)
     return x
 
