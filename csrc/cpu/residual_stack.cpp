@@ -68,8 +68,6 @@ StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, cons
                          stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T))};
 }
 
-int64_t tile_count(int64_t batch, int64_t tile_rows) { return (batch + tile_rows - 1) / tile_rows; }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                                   const std::optional<at::Tensor>& bias_in,
                                                                   double scale, c10::string_view activation,
@@ -93,8 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
                                                 save_for_backward
                                                     ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())
                                                     : nullptr};
-    at::parallel_for(0, tile_count(batch, problem.tile_rows), 1,
-                     [&](int64_t begin, int64_t end) { kernels.forward(problem, buffers, begin, end); });
+    kernels.forward(problem, buffers, at::get_num_threads());
   });
   return {out, saved, mask};
 }
@@ -127,10 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
         reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
         grad_x.mutable_data_ptr<scalar_t>(),      grad_h.mutable_data_ptr<scalar_t>(),
         grad_weight.mutable_data_ptr<scalar_t>(), bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
-    at::parallel_for(0, tile_count(batch, problem.tile_rows), 1,
-                     [&](int64_t begin, int64_t end) { kernels.backward_rows(problem, buffers, begin, end); });
-    at::parallel_for(0, weight_grad_tasks(depth, width), 1,
-                     [&](int64_t begin, int64_t end) { kernels.backward_weights(problem, buffers, begin, end); });
+    kernels.backward_rows(problem, buffers, at::get_num_threads());
+    kernels.backward_weights(problem, buffers, at::get_num_threads());
   });
   return {grad_x, grad_weight, grad_bias};
 }

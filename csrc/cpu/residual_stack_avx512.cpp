@@ -1,10 +1,12 @@
 // The stack kernel instantiated for float32 on AVX-512. Only this file is compiled for AVX-512, so
 // the extension loads on any x86-64 CPU; residual_stack.cpp calls it after a CPUID check.
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 

@@ -20,8 +20,11 @@
 // bitwise independent of the tiling and of the number of threads.
 #pragma once
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../activations.h"
@@ -84,13 +87,13 @@ inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, in
 }
 
 // Entry points of one instruction set for one dtype; filled by make_stack_kernels<V>().
+// Entry points of one instruction set for one dtype; filled by make_stack_kernels<V>(). Each runs
+// its own OpenMP team of `threads` threads.
 template <class T>
 struct StackKernels {
-  void (*forward)(const StackProblem<T>&, const StackForwardBuffers<T>&, int64_t tile_begin, int64_t tile_end);
-  void (*backward_rows)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int64_t tile_begin,
-                        int64_t tile_end);
-  void (*backward_weights)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int64_t task_begin,
-                           int64_t task_end);
+  void (*forward)(const StackProblem<T>&, const StackForwardBuffers<T>&, int threads);
+  void (*backward_rows)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int threads);
+  void (*backward_weights)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int threads);
 };
 
 namespace stack_impl {
@@ -201,18 +204,46 @@ inline void store_rows(typename V::T* dst, int64_t dst_stride, const typename V:
   }
 }
 
-// Row-major (rows of `width`) <-> feature-major tile: the stack's entry and exit.
+// Row-major (rows of `width`) <-> feature-major tile, for features [k0, k1): the stack's entry and exit.
 template <class T>
-inline void transpose_in(T* dst, int64_t stride, const T* src, int64_t width, int64_t live, int64_t count) {
-  for (int64_t k = 0; k < width; ++k) {
+inline void transpose_in(T* dst, int64_t stride, const T* src, int64_t width, int64_t k0, int64_t k1, int64_t live,
+                         int64_t count) {
+  for (int64_t k = k0; k < k1; ++k) {
     for (int64_t r = 0; r < live; ++r) dst[k * stride + r] = r < count ? src[r * width + k] : T(0);
   }
 }
 
 template <class T>
-inline void transpose_out(T* dst, int64_t width, const T* src, int64_t padded, int64_t count) {
+inline void transpose_out(T* dst, int64_t width, const T* src, int64_t stride, int64_t k0, int64_t k1,
+                          int64_t count) {
   for (int64_t r = 0; r < count; ++r) {
-    for (int64_t k = 0; k < width; ++k) dst[r * width + k] = src[k * padded + r];
+    for (int64_t k = k0; k < k1; ++k) dst[r * width + k] = src[k * stride + r];
+  }
+}
+
+// How the threads of one OpenMP team share the work. With at least as many row tiles as threads,
+// each thread owns whole tiles ("row split", no synchronisation). With fewer (small batches), all
+// threads work on one tile at a time, each on a slice of the features [begin, end), and meet at a
+// barrier wherever a step reads what other threads wrote ("feature split").
+struct Team {
+  int thread, threads;
+  bool split;
+  int64_t begin(int64_t n) const { return split ? n * thread / threads : 0; }
+  int64_t end(int64_t n) const { return split ? n * (thread + 1) / threads : n; }
+  void sync() const {
+    if (split) {
+#pragma omp barrier
+    }
+  }
+};
+
+template <class F>
+void run_team(int64_t tiles, int threads, F&& body) {
+  const bool split = tiles < threads;
+#pragma omp parallel num_threads(threads)
+  {
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
+    body(team);
   }
 }
 
@@ -225,21 +256,34 @@ struct Stack {
   static constexpr bool kIdentity = A == Activation::Identity;
   static constexpr int kPlanes = A == Activation::Relu ? 1 : A == Activation::Abs ? 2 : 0;
 
-  // Per-tile scratch: four (n x Rp) buffers and one row vector.
-  struct Scratch {
+  // A tile's four (n x Rp) planes, shared by a feature-split team, private to a thread otherwise.
+  struct Planes {
     int64_t padded;
     std::vector<T> data;
-    T *stream, *branch, *aux, *input, *row;
-    Scratch(int64_t width, int64_t tile_rows) : padded((tile_rows + V::W - 1) / V::W * V::W) {
+    T *stream, *branch, *aux, *input;
+    Planes(int64_t width, int64_t tile_rows) : padded((tile_rows + V::W - 1) / V::W * V::W) {
       const int64_t plane = width * padded;
-      data.assign(4 * plane + padded, T(0));
+      data.assign(4 * plane, T(0));
       stream = data.data();
       branch = stream + plane;
       aux = branch + plane;
       input = aux + plane;
-      row = input + plane;
     }
   };
+
+  // Runs body(team, planes, row) on every thread: planes shared or private as Team describes; row
+  // (a row vector) always private.
+  template <class F>
+  static void with_planes(const StackProblem<T>& p, int64_t tiles, int threads, F&& body) {
+    const bool split = tiles < threads;
+    std::unique_ptr<Planes> shared(split ? new Planes(p.width, p.tile_rows) : nullptr);
+    run_team(tiles, threads, [&](const Team& team) {
+      std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p.width, p.tile_rows));
+      Planes& planes = shared ? *shared : *own;
+      std::vector<T> row(planes.padded);
+      body(team, planes, row.data());
+    });
+  }
 
   // A proxy with the sign of h, rebuilt from the saved bits: enough for relu's and abs's backward.
   static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
@@ -248,18 +292,14 @@ struct Stack {
     return pos;
   }
 
-  // row[r] = mean over o of (factor * buf[o][r]) for r < live, or 0 without mean subtraction.
+  // row[r] = mean over all n features of (factor * buf[o][r]) for r < live, or 0 without mean
+  // subtraction. Every thread of a team computes it whole, in the same order.
   static void row_mean(const StackProblem<T>& p, const T* buf, int64_t stride, int64_t live, T factor, T* row) {
     for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::zero());
     if (!p.mean_subtract) return;
     for (int64_t o = 0; o < p.width; ++o) {
       for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) + V::load(buf + o * stride + r));
     }
-    scale_row(p, live, factor, row);
-  }
-
-  // row *= factor / n: turns a row sum into the row mean (of factor * values).
-  static void scale_row(const StackProblem<T>& p, int64_t live, T factor, T* row) {
     const Vec scale = V::broadcast(factor / T(p.width));
     for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) * scale);
   }
@@ -267,151 +307,167 @@ struct Stack {
   // Lanes of the vector at column r that hold real rows of a tile with `rows` rows.
   static int lanes_at(int64_t r, int64_t rows) { return static_cast<int>(std::min<int64_t>(rows - r, V::W)); }
 
-  static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int64_t tile_begin,
-                      int64_t tile_end) {
-    const int64_t n = p.width, B = p.batch, words = mask_words(B);
-    Scratch s(n, p.tile_rows);
-    const int64_t Rp = s.padded;
-    const Vec scale = V::broadcast(p.scale);
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
-      const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
-      transpose_in(s.stream, Rp, buf.x + b0 * n, n, live, rows);
-      for (int64_t l = 0; l < p.depth; ++l) {
-        const T* W = p.weight + l * n * n;
-        const T* gemm_in = s.stream;
-        if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
-          for (int64_t o = 0; o < n; ++o) {
-            for (int64_t r = 0; r < live; r += V::W) {
-              V::store(s.input + o * Rp + r, Phi::value(V::load(s.stream + o * Rp + r)));
-            }
-          }
-          gemm_in = s.input;
-        }
-        gemm<V>(n, live, n, W, n, 1, gemm_in, Rp, s.branch, Rp, false);
-        // Branch epilogue: bias, then phi (post) with its sign bits; the row sum of the result.
-        for (int64_t r = 0; r < live; r += V::W) V::store(s.row + r, V::zero());
-        for (int64_t o = 0; o < n; ++o) {
-          const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-          T* h_row = s.branch + o * Rp;
-          const bool save = buf.mask != nullptr;
-          uint16_t* pos = kPost && kPlanes && save ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
-          uint16_t* neg = kPost && kPlanes == 2 && save ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
-          for (int64_t r = 0; r < live; r += V::W) {
-            Vec h = V::load(h_row + r) + bias;
-            if constexpr (kPost) {
-              if constexpr (kPlanes >= 1) if (save) V::store_bits(pos, b0 + r, h > Vec(0));
-              if constexpr (kPlanes == 2) if (save) V::store_bits(neg, b0 + r, h < Vec(0));
-              h = Phi::value(h);
-            }
-            V::store(h_row + r, h);
-            if (p.mean_subtract) V::store(s.row + r, V::load(s.row + r) + h);
-          }
-        }
-        if (p.mean_subtract) scale_row(p, live, T(1), s.row);
-        // Save x_l, then x <- x + s * (v - mean).
-        T* saved = buf.saved ? buf.saved + l * n * B + b0 : nullptr;
-        for (int64_t o = 0; o < n; ++o) {
-          for (int64_t r = 0; r < live; r += V::W) {
-            const int64_t i = o * Rp + r;
-            const Vec x = V::load(s.stream + i);
-            if (saved) V::store_n(saved + o * B + r, x, lanes_at(r, rows));
-            V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(s.row + r), x));
-          }
-        }
-      }
-      transpose_out(buf.out + b0 * n, n, s.stream, Rp, rows);
+  // dst[o][r] = f(src[o][r]) for features [o0, o1).
+  template <class F>
+  static void map_rows(T* dst, const T* src, int64_t stride, int64_t o0, int64_t o1, int64_t live, F&& f) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t r = 0; r < live; r += V::W) V::store(dst + o * stride + r, f(V::load(src + o * stride + r)));
     }
   }
 
-  // Phase 1 of the backward: per row tile, walk the layers in reverse; writes grad_x and grad_h.
-  static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int64_t tile_begin,
-                            int64_t tile_end) {
-    const int64_t n = p.width, B = p.batch, words = mask_words(B);
-    Scratch s(n, p.tile_rows);
-    const int64_t Rp = s.padded;
-    const Vec scale = V::broadcast(p.scale);
-    constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
-      const int64_t live = (rows + V::W - 1) / V::W * V::W;
-      transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, live, rows);  // the stream now holds g
-      for (int64_t l = p.depth - 1; l >= 0; --l) {
-        const T* W = p.weight + l * n * n;
-        const T* saved = buf.saved + l * n * B + b0;
-        T* grad_h = buf.grad_h + l * n * B + b0;
-        if (kRecompute || (!kPost && !kIdentity)) load_rows<V>(s.input, Rp, live, saved, B, n, rows);
-        if constexpr (kRecompute) gemm<V>(n, live, n, W, n, 1, s.input, Rp, s.branch, Rp, false);
-        row_mean(p, s.stream, Rp, live, p.scale, s.row);
-        for (int64_t o = 0; o < n; ++o) {
-          const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-          const uint16_t* pos = kPlanes ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
-          const uint16_t* neg = kPlanes == 2 ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
-          for (int64_t r = 0; r < live; r += V::W) {
-            const int64_t i = o * Rp + r;
-            Vec dh = scale * V::load(s.stream + i) - V::load(s.row + r);
-            if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
-            if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
-            V::store(s.aux + i, dh);
-            V::store_n(grad_h + o * B + r, dh, lanes_at(r, rows));
+  static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int threads) {
+    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = (B + p.tile_rows - 1) / p.tile_rows;
+    with_planes(p, tiles, threads, [&](const Team& team, Planes& s, T* row) {
+      const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
+      const Vec scale = V::broadcast(p.scale);
+      const bool save = buf.saved != nullptr;
+      for (int64_t tile = team.split ? 0 : team.thread; tile < tiles; tile += team.split ? 1 : team.threads) {
+        const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
+        const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
+        transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
+        for (int64_t l = 0; l < p.depth; ++l) {
+          const T* W = p.weight + l * n * n;
+          const T* gemm_in = s.stream;
+          if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
+            map_rows(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
+            gemm_in = s.input;
           }
-        }
-        if constexpr (kPost || kIdentity) {
-          gemm<V>(n, live, n, W, 1, n, s.aux, Rp, s.stream, Rp, true);  // g += dh W
-        } else {
-          gemm<V>(n, live, n, W, 1, n, s.aux, Rp, s.branch, Rp, false);  // da = dh W
-          for (int64_t o = 0; o < n; ++o) {
+          team.sync();  // the GEMM reads every feature of its input
+          gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
+          // Branch epilogue: bias, then phi (post) with its sign bits.
+          for (int64_t o = o0; o < o1; ++o) {
+            const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+            T* h_row = s.branch + o * Rp;
+            uint16_t* pos = kPost && kPlanes && save ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
+            uint16_t* neg = kPost && kPlanes == 2 && save ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+            for (int64_t r = 0; r < live; r += V::W) {
+              Vec h = V::load(h_row + r) + bias;
+              if constexpr (kPost) {
+                if constexpr (kPlanes >= 1) if (save) V::store_bits(pos, b0 + r, h > Vec(0));
+                if constexpr (kPlanes == 2) if (save) V::store_bits(neg, b0 + r, h < Vec(0));
+                h = Phi::value(h);
+              }
+              V::store(h_row + r, h);
+            }
+          }
+          team.sync();  // the row mean reads every feature of the branch
+          row_mean(p, s.branch, Rp, live, T(1), row);
+          // Save x_l, then x <- x + s * (v - mean).
+          T* saved = save ? buf.saved + l * n * B + b0 : nullptr;
+          for (int64_t o = o0; o < o1; ++o) {
             for (int64_t r = 0; r < live; r += V::W) {
               const int64_t i = o * Rp + r;
-              V::store(s.stream + i, V::load(s.stream + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
+              const Vec x = V::load(s.stream + i);
+              if (save) V::store_n(saved + o * B + r, x, lanes_at(r, rows));
+              V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(row + r), x));
             }
           }
         }
+        transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
+        team.sync();  // the next tile reuses the shared planes
       }
-      transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, rows);
-    }
+    });
+  }
+
+  // Phase 1 of the backward: per row tile, walk the layers in reverse; writes grad_x and grad_h.
+  static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
+    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = (B + p.tile_rows - 1) / p.tile_rows;
+    constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
+    constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
+    with_planes(p, tiles, threads, [&](const Team& team, Planes& s, T* row) {
+      const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
+      const Vec scale = V::broadcast(p.scale);
+      for (int64_t tile = team.split ? 0 : team.thread; tile < tiles; tile += team.split ? 1 : team.threads) {
+        const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
+        const int64_t live = (rows + V::W - 1) / V::W * V::W;
+        transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);  // the stream now holds g
+        for (int64_t l = p.depth - 1; l >= 0; --l) {
+          const T* W = p.weight + l * n * n;
+          const T* saved = buf.saved + l * n * B + b0;
+          T* grad_h = buf.grad_h + l * n * B + b0;
+          if constexpr (kNeedInput) load_rows<V>(s.input + o0 * Rp, Rp, live, saved + o0 * B, B, o1 - o0, rows);
+          team.sync();  // the row mean reads all of g; the recomputation all of x_l
+          if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+          row_mean(p, s.stream, Rp, live, p.scale, row);
+          for (int64_t o = o0; o < o1; ++o) {
+            const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+            const uint16_t* pos = kPlanes ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
+            const uint16_t* neg = kPlanes == 2 ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+            for (int64_t r = 0; r < live; r += V::W) {
+              const int64_t i = o * Rp + r;
+              Vec dh = scale * V::load(s.stream + i) - V::load(row + r);
+              if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
+              if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
+              V::store(s.aux + i, dh);
+              V::store_n(grad_h + o * B + r, dh, lanes_at(r, rows));
+            }
+          }
+          team.sync();  // g += dh W reads dh of every feature, and overwrites g the row mean read
+          const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
+          if constexpr (kPost || kIdentity) {
+            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
+          } else {
+            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
+            for (int64_t k = o0; k < o1; ++k) {
+              for (int64_t r = 0; r < live; r += V::W) {
+                const int64_t i = k * Rp + r;
+                V::store(s.stream + i,
+                         V::load(s.stream + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
+              }
+            }
+          }
+        }
+        transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, o0, o1, rows);
+        team.sync();
+      }
+    });
   }
 
   // Phase 2: dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l, one
   // task per (layer, block of output rows); the sum over rows runs in a fixed order.
-  static void backward_weights(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int64_t task_begin,
-                               int64_t task_end) {
+  static void backward_weights(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
     constexpr int64_t kChunk = 256;  // rows of the packed input per pass
     const int64_t n = p.width, B = p.batch;
     const int64_t n_padded = (n + V::W - 1) / V::W * V::W;
     const int64_t block_rows = weight_grad_block_rows(p.depth, n);
     const int64_t blocks = (n + block_rows - 1) / block_rows;
-    std::vector<T> packed(kChunk * n_padded, T(0));
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
-      const int64_t rows_out = std::min(block_rows, n - o0);
-      const T* saved = buf.saved + l * n * B;
-      const T* dh = buf.grad_h + l * n * B;
-      for (int64_t c0 = 0; c0 < B; c0 += kChunk) {
-        const int64_t count = std::min(kChunk, B - c0);
-        // packed[r][k] = in_l[c0 + r][k], by transposing W x W blocks in registers.
-        for (int64_t k0 = 0; k0 < n; k0 += V::W) {
-          for (int64_t r0 = 0; r0 < count; r0 += V::W) {
-            const int valid = static_cast<int>(std::min<int64_t>(count - r0, V::W));
-            Vec block[V::W];
+    const int64_t tasks = weight_grad_tasks(p.depth, n);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<T> packed(kChunk * n_padded, T(0));
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
+        const int64_t rows_out = std::min(block_rows, n - o0);
+        const T* saved = buf.saved + l * n * B;
+        const T* dh = buf.grad_h + l * n * B;
+        for (int64_t c0 = 0; c0 < B; c0 += kChunk) {
+          const int64_t count = std::min(kChunk, B - c0);
+          // packed[r][k] = in_l[c0 + r][k], by transposing W x W blocks in registers.
+          for (int64_t k0 = 0; k0 < n; k0 += V::W) {
+            for (int64_t r0 = 0; r0 < count; r0 += V::W) {
+              const int valid = static_cast<int>(std::min<int64_t>(count - r0, V::W));
+              Vec block[V::W];
 #pragma GCC unroll 16
-            for (int q = 0; q < V::W; ++q) {
-              block[q] = k0 + q < n ? V::load_n(saved + (k0 + q) * B + c0 + r0, valid) : V::zero();
-              if constexpr (!kPost && !kIdentity) block[q] = Phi::value(block[q]);
+              for (int q = 0; q < V::W; ++q) {
+                block[q] = k0 + q < n ? V::load_n(saved + (k0 + q) * B + c0 + r0, valid) : V::zero();
+                if constexpr (!kPost && !kIdentity) block[q] = Phi::value(block[q]);
+              }
+              V::transpose(block);
+#pragma GCC unroll 16
+              for (int q = 0; q < V::W; ++q) V::store(packed.data() + (r0 + q) * n_padded + k0, block[q]);
             }
-            V::transpose(block);
-#pragma GCC unroll 16
-            for (int q = 0; q < V::W; ++q) V::store(packed.data() + (r0 + q) * n_padded + k0, block[q]);
+          }
+          gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
+                  buf.grad_weight + (l * n + o0) * n, n, c0 > 0);
+        }
+        if (buf.grad_bias) {
+          for (int64_t o = o0; o < o0 + rows_out; ++o) {
+            Vec sum = V::zero();
+            for (int64_t b = 0; b < B; b += V::W) sum += V::load_n(dh + o * B + b, lanes_at(b, B));
+            buf.grad_bias[l * n + o] = V::sum(sum);
           }
         }
-        gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
-                buf.grad_weight + (l * n + o0) * n, n, c0 > 0);
-      }
-      if (!buf.grad_bias) continue;
-      for (int64_t o = o0; o < o0 + rows_out; ++o) {
-        Vec sum = V::zero();
-        for (int64_t b = 0; b < B; b += V::W) sum += V::load_n(dh + o * B + b, lanes_at(b, B));
-        buf.grad_bias[l * n + o] = V::sum(sum);
       }
     }
   }
