@@ -92,6 +92,7 @@ class Parity:
 
     errors: dict[str, float]
     tolerance: float
+    grad_tolerance: float
 
     @property
     def max_error(self) -> float:
@@ -99,11 +100,14 @@ class Parity:
 
     @property
     def ok(self) -> bool:
-        return all(math.isfinite(e) and e <= self.tolerance for e in self.errors.values())
+        def within(name: str, err: float) -> bool:
+            return math.isfinite(err) and err <= (self.tolerance if name == "out" else self.grad_tolerance)
+
+        return all(within(name, err) for name, err in self.errors.items())
 
     def describe(self) -> str:
         parts = " ".join(f"{name}={err:.2e}" for name, err in self.errors.items())
-        return f"{parts} (tolerance {self.tolerance:.0e})"
+        return f"{parts} (tolerance {self.tolerance:.0e}, gradients {self.grad_tolerance:.0e})"
 
 
 KINKED_ACTIVATIONS: tuple[str, ...] = ("relu", "abs")
@@ -121,10 +125,22 @@ def one_flip_error(case: Case) -> float | None:
     return case.scale / math.sqrt(case.batch * case.width)
 
 
-def check_parity(results: dict[str, Tensor | None], reference: dict[str, Tensor | None], dtype: torch.dtype) -> Parity:
-    """Compares every result the reference has (a result the variant lacks counts as an infinite error)."""
+FLIPS_ALLOWED = 4
+"""Gradients of relu/abs training steps may differ from the float64 reference by this many mask flips."""
+
+
+def grad_tolerance(case: Case) -> float:
+    """The dtype's tolerance, widened for kinked activations to FLIPS_ALLOWED times one_flip_error:
+    a flip is a rounding accident of float32 itself (eager float32 has them too), not a kernel error."""
+    flip = one_flip_error(case) if case.dtype != torch.float64 else None
+    return max(TOLERANCE[case.dtype], FLIPS_ALLOWED * flip) if flip is not None else TOLERANCE[case.dtype]
+
+
+def check_parity(results: dict[str, Tensor | None], reference: dict[str, Tensor | None], case: Case) -> Parity:
+    """Compares every result the reference has (a result the variant lacks counts as an infinite error):
+    the output within the dtype's tolerance, gradients within grad_tolerance(case)."""
     errors = {name: rel_err(results.get(name), ref) for name, ref in reference.items() if ref is not None}
-    return Parity(errors, TOLERANCE[dtype])
+    return Parity(errors, TOLERANCE[case.dtype], grad_tolerance(case))
 
 
 def first_call_with_parity(
@@ -139,7 +155,7 @@ def first_call_with_parity(
     y = step(module, inputs, case.mode)
     synchronize(device)
     first_ms = (time.perf_counter() - start) * 1e3
-    parity = check_parity(collect(module, problem.inputs, inputs, y, case.mode), reference, case.dtype)
+    parity = check_parity(collect(module, problem.inputs, inputs, y, case.mode), reference, case)
     return first_ms, inputs, parity
 
 
