@@ -16,42 +16,17 @@ import torch
 from torch import Tensor, nn
 
 import dmup_kernels
-from dmup_kernels import DEPTH_MUP, reference
+from dmup_kernels import DEPTH_MUP
 from dmup_kernels.ops import resolve_backend
 
 from .cases import Case
 
 
-class EagerResidualStack(nn.Module):
-    """The eager peer of a stack: a plain module whose forward is the reference loop over layers
-    (``dmup_kernels.reference.residual_stack``) on its own Parameters. torch.compile compiles this module."""
-
-    def __init__(self, case: Case, weight: Tensor, bias: Tensor | None = None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
-        self.scale = case.scale
-        self.activation = case.activation
-        self.block = case.block
-        self.mean_subtract = case.mean_subtract
-
-    def forward(self, x: Tensor) -> Tensor:
-        return reference.residual_stack(
-            x,
-            self.weight,
-            self.bias,
-            scale=self.scale,
-            activation=self.activation,
-            block=self.block,
-            mean_subtract=self.mean_subtract,
-        )
-
-
 class ScaledResidualModule(nn.Module):
-    """``scaled_residual(x, branch_out)`` of a case, by the eager reference (``backend=None``) or
-    through ``dmup_kernels.scaled_residual`` with the given backend."""
+    """``scaled_residual(x, branch_out)`` of a case through ``dmup_kernels.scaled_residual`` with the
+    given backend ("reference" is the eager peer)."""
 
-    def __init__(self, case: Case, backend: str | None = None) -> None:
+    def __init__(self, case: Case, backend: str) -> None:
         super().__init__()
         self.scale = case.scale
         self.activation = case.activation
@@ -59,20 +34,16 @@ class ScaledResidualModule(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, branch_out: Tensor) -> Tensor:
-        if self.backend is None:
-            return reference.scaled_residual(x, branch_out, self.scale, self.activation, self.mean_subtract)
         return dmup_kernels.scaled_residual(
             x, branch_out, self.scale, self.activation, self.mean_subtract, backend=self.backend
         )
 
 
 def eager_module(case: Case, params: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:
-    """The eager module of ``case`` with ``params`` (any dtype) copied onto ``device``.
-    Also used, in float64 on the CPU, as the parity reference."""
-    if case.op == "scaled_residual":
-        return ScaledResidualModule(case)
-    bias = params.get("bias")
-    return EagerResidualStack(case, params["weight"].to(device), None if bias is None else bias.to(device))
+    """The eager peer of ``case``: the dmup_kernels module on the "reference" backend, a plain loop of
+    eager PyTorch ops over the layers, with ``params`` (any dtype) copied onto ``device``. torch.compile
+    compiles this module; in float64 on the CPU it is also the parity reference."""
+    return backend_module(case, params, "reference", device)
 
 
 def backend_module(
