@@ -226,3 +226,71 @@ def stack_sample_inputs(dtype: torch.dtype, seed: int, *, specs: list[StackSpec]
     """Every stack case (or the given specs), each with its own seed derived from ``seed``."""
     for index, spec in enumerate(STACK_SPECS if specs is None else specs):
         yield make_stack_case(spec, dtype, seed + 7919 * index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fused op dmup::residual_stack (functional residual_stack with backend="cpp")
+# ---------------------------------------------------------------------------------------------------
+
+OP_STACK_WIDTHS: tuple[int, ...] = (1, 7, 48, 64, 96, 200, 256, 512)
+OP_STACK_BATCHES: tuple[int, ...] = (1, 3, 64, 1000)
+OP_STACK_DEPTHS: tuple[int, ...] = (1, 2, 17, 300)
+
+# Depth of every (width, batch) pair. Each column (one batch) holds every depth, so every (B, L) pair is
+# covered, and every (n, B) pair is; every (n, L) pair too except L = 300 for n >= 256, whose weights
+# (300 x n x n, 79M elements at n = 512) would cost seconds per case. Wide layers meet the large batch
+# at small depth and L = 300 only small batches, to keep the cost down.
+_OP_STACK_DEPTH_TABLE: dict[int, tuple[int, int, int, int]] = {
+    #    B = 1, 3, 64, 1000
+    1: (17, 2, 1, 300),
+    7: (2, 1, 17, 300),
+    48: (1, 2, 300, 17),
+    64: (2, 1, 300, 17),
+    96: (1, 300, 17, 2),
+    200: (300, 17, 1, 2),
+    256: (2, 17, 17, 1),
+    512: (17, 2, 2, 1),
+}
+OP_STACK_SHAPES: tuple[tuple[int, int, int], ...] = tuple(
+    (width, batch, depth)
+    for width in OP_STACK_WIDTHS
+    for batch, depth in zip(OP_STACK_BATCHES, _OP_STACK_DEPTH_TABLE[width])
+)
+"""(n, B, L) of the op parity cases: a (nearly) pairwise covering of the width x batch x depth grid."""
+
+OP_STACK_BIG_SHAPES: tuple[tuple[int, int, int], ...] = ((512, 64, 17), (256, 1000, 2), (48, 3, 300))
+"""A few larger (n, B, L): the widest layers over several layers, many row tiles, the deepest stack."""
+
+BLOCKS: tuple[str, ...] = ("post", "pre")
+
+
+def _op_stack_specs() -> list[StackSpec]:
+    """Every (activation, block, mean_subtract, bias) combination (40), each with the next shape of
+    OP_STACK_SHAPES (all 32 used, the first 8 twice, with other activations); then the big shapes."""
+    specs = []
+    combos = [
+        (activation, block, mean_subtract, bias)
+        for bias in (False, True)
+        for mean_subtract in (True, False)
+        for block in BLOCKS
+        for activation in ACTIVATIONS
+    ]  # the activation changes fastest, so neighbouring shapes get different activations
+    for index, (activation, block, mean_subtract, bias) in enumerate(combos):
+        width, batch, depth = OP_STACK_SHAPES[index % len(OP_STACK_SHAPES)]
+        specs.append(StackSpec(width, depth, (batch,), block, bias, activation, mean_subtract, "contiguous"))
+    big_combos = [("relu", "post", True, False), ("gelu", "pre", False, True), ("abs", "post", False, True)]
+    for (width, batch, depth), (activation, block, mean_subtract, bias) in zip(OP_STACK_BIG_SHAPES, big_combos):
+        specs.append(StackSpec(width, depth, (batch,), block, bias, activation, mean_subtract, "contiguous"))
+    return specs
+
+
+OP_STACK_SPECS: list[StackSpec] = _op_stack_specs()
+
+OP_STACK_LAYOUT_SPECS: list[StackSpec] = [
+    StackSpec(48, 17, (2, 5), "post", True, "relu", True, "contiguous"),
+    StackSpec(7, 2, (2, 5), "pre", False, "gelu", False, "transposed"),
+    StackSpec(96, 3, (3, 1, 7), "post", False, "abs", False, "sliced"),
+    StackSpec(200, 2, (37,), "pre", True, "silu", True, "transposed"),
+    StackSpec(64, 5, (4, 25), "post", True, "identity", True, "sliced"),
+]
+"""Leading batch dims and non-contiguous x (a transposed view; every other column of a wider tensor)."""
