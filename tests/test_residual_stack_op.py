@@ -37,6 +37,11 @@ DTYPE_IDS = ["f64", "f32"]
 MASK_PLANES = {"relu": 1, "abs": 2, "gelu": 0, "silu": 0, "identity": 0}
 
 
+def mask_planes(activation: str, block: str) -> int:
+    """Sign-bit planes saved per element: only "post" needs them ("pre" keeps x_l, which has the sign)."""
+    return MASK_PLANES[activation] if block == "post" else 0
+
+
 def stack_kwargs(case: StackCase) -> dict:
     spec = case.spec
     return dict(scale=case.scale, activation=spec.activation, block=spec.block, mean_subtract=spec.mean_subtract)
@@ -261,7 +266,7 @@ def test_opcheck(case):
     _, saved, mask = torch.ops.dmup.residual_stack(*args)
     n, batch, depth = case[:3]
     assert saved.shape == (depth, n, batch) and saved.dtype == case[3]
-    assert mask.shape == (depth, MASK_PLANES[case[5]], n, (batch + 15) // 16) and mask.dtype == torch.int16
+    assert mask.shape == (depth, mask_planes(case[5], case[6]), n, (batch + 15) // 16) and mask.dtype == torch.int16
     torch.library.opcheck(torch.ops.dmup.residual_stack.default, args)
 
 
@@ -364,7 +369,7 @@ def test_saved_bytes_per_layer(activation, batch, width, depth, block, seed):
 
     ours = saved_bytes(run("cpp"), exclude=[weight, bias])
     eager = saved_bytes(run("reference"), exclude=[weight, bias])
-    planes = MASK_PLANES[activation]
+    planes = mask_planes(activation, block)
     per_layer = batch * width * 4 + planes * (batch * width / 8 + 2 * width)
     assert ours <= depth * per_layer, f"{ours} bytes saved > {depth} x {per_layer}"
     assert ours >= depth * batch * width * 4  # x_l of every layer: the state is what we think it is
@@ -389,7 +394,7 @@ def test_saved_state_layout(activation, block, seed):
                                          requires_grad=False)
     out, saved, mask = torch.ops.dmup.residual_stack(x, weight, bias, scale, activation, block, True, True)
     assert saved.shape == (depth, width, batch) and saved.is_contiguous()
-    assert mask.shape == (depth, MASK_PLANES[activation], width, 3) and mask.dtype == torch.int16
+    assert mask.shape == (depth, mask_planes(activation, block), width, 3) and mask.dtype == torch.int16
     words = mask.to(torch.int32) & 0xFFFF
     bits = (words.unsqueeze(-1) >> torch.arange(16)) & 1  # (L, planes, n, words, 16)
     bits = bits.flatten(-2)[..., :batch].bool()  # (L, planes, n, B)
@@ -419,7 +424,7 @@ def test_saved_state_layout(activation, block, seed):
 def test_inference_saves_nothing(activation, seed):
     args = op_args(33, 40, 3, torch.float32, True, activation, "post", True, requires_grad=False)
     out, saved, mask = torch.ops.dmup.residual_stack(*args[:-1], False)
-    assert saved.shape == (0, 33, 40) and mask.shape == (0, MASK_PLANES[activation], 33, 3)
+    assert saved.shape == (0, 33, 40) and mask.shape == (0, mask_planes(activation, "post"), 33, 3)
     trained, _, _ = torch.ops.dmup.residual_stack(*args[:-1], True)
     assert torch.equal(out, trained)
     # the Python API saves nothing when no gradient can be needed, and computes the same output
@@ -502,12 +507,6 @@ def test_empty_batch(shape, activation):
     assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="package bug: dmup::residual_stack_backward with batch 0 returns grad_weight from at::empty, never "
-    "written (NaN under fill_uninitialized_memory, garbage otherwise); the Python API hides it by routing "
-    "empty inputs to the reference",
-)
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_empty_batch_direct_op(activation):
@@ -516,7 +515,7 @@ def test_empty_batch_direct_op(activation):
     bias = torch.randn(3, 7, requires_grad=True)
     out, saved, mask = torch.ops.dmup.residual_stack(x, weight, bias, 0.5, activation, "post", True, True)
     assert out.shape == (0, 7) and saved.shape == (3, 7, 0)
-    assert mask.shape == (3, MASK_PLANES[activation], 7, 0)
+    assert mask.shape == (3, mask_planes(activation, "post"), 7, 0)
     out.sum().backward()
     assert x.grad.shape == (0, 7)
     assert torch.equal(bias.grad, torch.zeros_like(bias))

@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
-  const int planes = mask_planes(parse_activation(activation));
+  const int planes = mask_planes(parse_activation(activation), parse_block(block));
   at::Tensor out = at::empty({batch, width}, x.options());
   // Without save_for_backward (inference) nothing is kept: saved and mask come back with 0 layers.
   const int64_t kept = save_for_backward ? depth : 0;
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
   const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
-  const int planes = mask_planes(parse_activation(activation));
+  const int planes = mask_planes(parse_activation(activation), parse_block(block));
   TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({depth, width, batch}) && saved.is_contiguous() &&
                         saved.scalar_type() == grad_out.scalar_type(),
                     "saved must be the contiguous (depth, width, batch) state returned by residual_stack; got ",
@@ -116,6 +116,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
   at::Tensor grad_h = at::empty({depth, width, batch}, grad_out.options());
   at::Tensor grad_weight = at::empty({depth, width, width}, grad_out.options());
   at::Tensor grad_bias = at::empty({bias ? depth : 0, width}, grad_out.options());
+  if (batch == 0) {  // no rows: the sums over rows are empty
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_x, grad_weight, grad_bias};
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cpu", [&] {
     const auto problem = make_problem<scalar_t>(grad_out, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);

@@ -33,9 +33,12 @@ namespace dmup {
 
 enum class Block : int32_t { Post = 0, Pre = 1 };
 
-// Bit planes saved per element: relu needs sign(h) > 0, abs needs sgn(h); smooth activations
-// save nothing and recompute h in the backward.
-inline int mask_planes(Activation a) { return a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0; }
+// Bit planes saved per element of a "post" block: relu needs [h > 0], abs also [h < 0]; smooth
+// activations save nothing and recompute h in the backward. "pre" blocks save none: phi's argument
+// there is x_l, which is saved anyway.
+constexpr int mask_planes(Activation a, Block block) {
+  return block != Block::Post ? 0 : a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0;
+}
 inline int64_t mask_words(int64_t batch) { return (batch + 15) / 16; }
 
 template <class T>
@@ -254,7 +257,7 @@ struct Stack {
   using Phi = Act<A>;
   static constexpr bool kPost = K == Block::Post;
   static constexpr bool kIdentity = A == Activation::Identity;
-  static constexpr int kPlanes = A == Activation::Relu ? 1 : A == Activation::Abs ? 2 : 0;
+  static constexpr int kPlanes = mask_planes(A, K);
 
   // A tile's four (n x Rp) planes, shared by a feature-split team, private to a thread otherwise.
   struct Planes {

@@ -85,9 +85,9 @@ def residual_stack(
     return out.to(x.dtype).reshape(x.shape)
 
 
-def mask_planes(activation: str) -> int:
-    """Sign-bit planes the stack saves per element: relu needs [h > 0], abs also [h < 0]."""
-    return {"relu": 1, "abs": 2}.get(activation, 0)
+def mask_planes(activation: str, block: str) -> int:
+    """Sign-bit planes the stack saves per element of a "post" block: relu needs [h > 0], abs also [h < 0]."""
+    return {"relu": 1, "abs": 2}.get(activation, 0) if block == "post" else 0
 
 
 if HAS_CPP:
@@ -96,7 +96,7 @@ if HAS_CPP:
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
         batch, width = x.shape
         kept = weight.shape[0] if save_for_backward else 0
-        mask_shape = (kept, mask_planes(activation), width, (batch + 15) // 16)
+        mask_shape = (kept, mask_planes(activation, block), width, (batch + 15) // 16)
         return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
 
     @torch.library.register_fake("dmup::residual_stack_backward")
