@@ -298,6 +298,7 @@ THREAD_SPECS = [
     StackSpec(96, 17, (3,), "post", False, "gelu", False, "contiguous"),  # one partial tile
     StackSpec(64, 2, (100,), "pre", True, "silu", True, "contiguous"),
     StackSpec(130, 9, (70,), "post", True, "identity", True, "contiguous"),  # weight grad: one task per layer
+    StackSpec(256, 2, (40,), "post", True, "relu", True, "contiguous"),  # GEMMs through the BLAS
 ]
 
 

@@ -7,8 +7,13 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "../op_args.h"
 #include "stack_kernel.h"
@@ -20,6 +25,39 @@ template <class T>
 StackKernels<T> stack_kernels_portable(Activation activation, Block block);
 
 namespace {
+
+// Width from which the BLAS of the torch build (MKL here) runs the stack's GEMMs faster than the
+// micro-kernel, one single-threaded call per tile and layer. Measured with `python -m
+// benchmarks.gemm_choice` (2 threads, training step): BLAS/kernel time 1.17x at n=64, 1.01-1.07x at
+// n=96..192 (within noise), 0.91x at n=256.
+constexpr int64_t kBlasMinWidth = 256;
+
+// The GEMM of stack_kernel.h through ATen (and so the BLAS). Called from inside the kernel's OpenMP
+// team, where the BLAS runs single-threaded, so each tile's result does not depend on the team size.
+template <class T>
+void blas_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t asi, int64_t asp, const T* b, int64_t bs, T* c,
+               int64_t cs, bool accumulate) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor lhs = at::from_blob(const_cast<T*>(a), {M, K}, {asi, asp}, options);
+  const at::Tensor rhs = at::from_blob(const_cast<T*>(b), {K, N}, {bs, 1}, options);
+  at::Tensor out = at::from_blob(c, {M, N}, {cs, 1}, options);
+  if (accumulate) {
+    out.addmm_(lhs, rhs);
+  } else {
+    at::mm_out(out, lhs, rhs);
+  }
+}
+
+// DMUP_STACK_GEMM=kernel|blas pins the choice (for measuring it); unset or "auto" uses the width rule.
+template <class T>
+GemmFn<T> choose_gemm(int64_t width) {
+  const char* value = std::getenv("DMUP_STACK_GEMM");  // read per call, so a benchmark can switch it
+  const std::string pinned = value ? value : "auto";
+  TORCH_CHECK_VALUE(pinned == "auto" || pinned == "kernel" || pinned == "blas",
+                    "DMUP_STACK_GEMM must be 'auto', 'kernel' or 'blas'; got '", pinned, "'");
+  const bool blas = pinned == "blas" || (pinned == "auto" && width >= kBlasMinWidth);
+  return blas ? &blas_gemm<T> : nullptr;
+}
 
 template <class T>
 StackKernels<T> select_kernels(Activation activation, Block block) {
@@ -65,7 +103,8 @@ StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, cons
                          parse_activation(activation),
                          parse_block(block),
                          mean_subtract,
-                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T))};
+                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T)),
+                         choose_gemm<T>(width)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,

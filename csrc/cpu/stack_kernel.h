@@ -41,6 +41,12 @@ constexpr int mask_planes(Activation a, Block block) {
 }
 inline int64_t mask_words(int64_t batch) { return (batch + 15) / 16; }
 
+// C (M x N, row stride cs) (+)= A (M x K, element (i, p) at a[i*asi + p*asp]) * Bm (K x N, row
+// stride bs, unit column stride); what stack_impl::gemm computes, as a replaceable function.
+template <class T>
+using GemmFn = void (*)(int64_t M, int64_t N, int64_t K, const T* a, int64_t asi, int64_t asp, const T* b, int64_t bs,
+                        T* c, int64_t cs, bool accumulate);
+
 template <class T>
 struct StackProblem {
   int64_t batch, width, depth;
@@ -51,6 +57,7 @@ struct StackProblem {
   Block block;
   bool mean_subtract;
   int64_t tile_rows;  // R: multiple of 16
+  GemmFn<T> blas_gemm;  // runs every GEMM when set (a BLAS beats the micro-kernel at large widths)
 };
 
 template <class T>
@@ -83,13 +90,17 @@ inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
 
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
 // tile's four local (n x R) buffers stay within about half of a 1.25 MiB L2.
+// When one thread's share is above the cap, the tiles are made as even as possible, a whole number
+// per thread, so no thread waits on another's extra tile.
 inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, int64_t bytes_per_element) {
-  const int64_t per_thread = (batch + threads - 1) / std::max<int64_t>(threads, 1);
+  threads = std::max<int64_t>(threads, 1);
+  const int64_t per_thread = std::max<int64_t>(1, (batch + threads - 1) / threads);
   const int64_t cap = std::max<int64_t>(16, (640 * 1024) / (4 * bytes_per_element * width) / 16 * 16);
-  return std::min<int64_t>(cap, std::max<int64_t>(16, (per_thread + 15) / 16 * 16));
+  const int64_t tiles_per_thread = (per_thread + cap - 1) / cap;
+  const int64_t rows = (per_thread + tiles_per_thread - 1) / tiles_per_thread;
+  return std::max<int64_t>(16, (rows + 15) / 16 * 16);
 }
 
-// Entry points of one instruction set for one dtype; filled by make_stack_kernels<V>().
 // Entry points of one instruction set for one dtype; filled by make_stack_kernels<V>(). Each runs
 // its own OpenMP team of `threads` threads.
 template <class T>
@@ -288,6 +299,11 @@ struct Stack {
     });
   }
 
+  static void layer_gemm(const StackProblem<T>& p, int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t asi,
+                         int64_t asp, const T* b, int64_t bs, T* c, int64_t cs, bool accumulate) {
+    (p.blas_gemm ? p.blas_gemm : &gemm<V>)(rows, cols, depth, a, asi, asp, b, bs, c, cs, accumulate);
+  }
+
   // A proxy with the sign of h, rebuilt from the saved bits: enough for relu's and abs's backward.
   static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
     const Vec pos = select(V::load_bits(plane_pos, row), Vec(1), Vec(0));
@@ -336,7 +352,7 @@ struct Stack {
             gemm_in = s.input;
           }
           team.sync();  // the GEMM reads every feature of its input
-          gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
+          layer_gemm(p, o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
           // Branch epilogue: bias, then phi (post) with its sign bits.
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
@@ -390,7 +406,7 @@ struct Stack {
           T* grad_h = buf.grad_h + l * n * B + b0;
           if constexpr (kNeedInput) load_rows<V>(s.input + o0 * Rp, Rp, live, saved + o0 * B, B, o1 - o0, rows);
           team.sync();  // the row mean reads all of g; the recomputation all of x_l
-          if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+          if constexpr (kRecompute) layer_gemm(p, o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
           row_mean(p, s.stream, Rp, live, p.scale, row);
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
@@ -408,9 +424,9 @@ struct Stack {
           team.sync();  // g += dh W reads dh of every feature, and overwrites g the row mean read
           const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
           if constexpr (kPost || kIdentity) {
-            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
+            layer_gemm(p, o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
           } else {
-            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
+            layer_gemm(p, o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
             for (int64_t k = o0; k < o1; ++k) {
               for (int64_t r = 0; r < live; r += V::W) {
                 const int64_t i = k * Rp + r;
@@ -461,7 +477,7 @@ struct Stack {
               for (int q = 0; q < V::W; ++q) V::store(packed.data() + (r0 + q) * n_padded + k0, block[q]);
             }
           }
-          gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
+          layer_gemm(p, rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
                   buf.grad_weight + (l * n + o0) * n, n, c0 > 0);
         }
         if (buf.grad_bias) {
