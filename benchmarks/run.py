@@ -436,8 +436,15 @@ def write_json(
 # ------------------------------------------------------------------------------------------------- main
 
 
+# Inductor orders a graph's nodes by a recursive depth-first search: the training step of a
+# 1024-layer stack nests deeper than Python's default limit of 1000 (RecursionError). Python 3.11
+# keeps Python-to-Python calls off the C stack, so a higher limit is safe.
+COMPILE_RECURSION_LIMIT = 100_000
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), COMPILE_RECURSION_LIMIT))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -11,6 +11,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../activations.h"
 #include "../op_args.h"
 
@@ -30,80 +32,68 @@ void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, co
   TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
 }
 
-at::Tensor scaled_residual_cpu(const at::Tensor& x, const at::Tensor& branch_out, double scale,
-                               c10::string_view activation, bool mean_subtract) {
-  check_pair(x, "x", branch_out, "branch_out");
+// out[r] = row(Phi, a_row, b_row, out_row) for every row r of the (..., n) tensors a and b, in
+// parallel, with phi fixed at compile time; row receives opmath and storage types through its
+// arguments (const scalar_t* rows, opmath_t via at::opmath_type).
+template <class Row>
+at::Tensor map_row_pairs(const at::Tensor& a, const at::Tensor& b, c10::string_view activation, Row&& row) {
   const Activation act = parse_activation(activation);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = branch_out.contiguous();
-  at::Tensor out = at::empty_like(xc);
-  const int64_t n = x.size(-1);
-  const int64_t rows = n == 0 ? 0 : x.numel() / n;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scaled_residual_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty_like(ac);
+  const int64_t n = ac.size(-1);
+  const int64_t rows = n == 0 ? 0 : ac.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ac.scalar_type(), "dmup_scaled_residual_cpu", [&] {
+    const scalar_t* ap = ac.const_data_ptr<scalar_t>();
     const scalar_t* bp = bc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const opmath_t s = static_cast<opmath_t>(scale);
     dispatch_activation(act, [&](auto tag) {
-      using Phi = Act<decltype(tag)::value>;
       at::parallel_for(0, rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const scalar_t* xr = xp + r * n;
-          const scalar_t* br = bp + r * n;
-          scalar_t* outr = op + r * n;
-          opmath_t mean = 0;
-          if (mean_subtract) {
-            for (int64_t j = 0; j < n; ++j) mean += Phi::value(static_cast<opmath_t>(br[j]));
-            mean /= static_cast<opmath_t>(n);
-          }
-          for (int64_t j = 0; j < n; ++j) {
-            const opmath_t u = Phi::value(static_cast<opmath_t>(br[j]));
-            outr[j] = static_cast<scalar_t>(static_cast<opmath_t>(xr[j]) + s * (u - mean));
-          }
-        }
+        for (int64_t r = begin; r < end; ++r) row(tag, ap + r * n, bp + r * n, op + r * n, n);
       });
     });
   });
   return out;
 }
 
+template <class T>
+using OpMath = at::opmath_type<std::remove_cv_t<T>>;
+
+at::Tensor scaled_residual_cpu(const at::Tensor& x, const at::Tensor& branch_out, double scale,
+                               c10::string_view activation, bool mean_subtract) {
+  check_pair(x, "x", branch_out, "branch_out");
+  return map_row_pairs(x, branch_out, activation, [&](auto tag, const auto* xr, const auto* br, auto* out, int64_t n) {
+    using Phi = Act<decltype(tag)::value>;
+    using opmath_t = OpMath<std::remove_pointer_t<decltype(out)>>;
+    const opmath_t s = static_cast<opmath_t>(scale);
+    opmath_t mean = 0;
+    if (mean_subtract) {
+      for (int64_t j = 0; j < n; ++j) mean += Phi::value(static_cast<opmath_t>(br[j]));
+      mean /= static_cast<opmath_t>(n);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const opmath_t u = Phi::value(static_cast<opmath_t>(br[j]));
+      out[j] = static_cast<std::remove_pointer_t<decltype(out)>>(static_cast<opmath_t>(xr[j]) + s * (u - mean));
+    }
+  });
+}
+
 at::Tensor scaled_residual_backward_cpu(const at::Tensor& grad_out, const at::Tensor& branch_out, double scale,
                                         c10::string_view activation, bool mean_subtract) {
   check_pair(branch_out, "branch_out", grad_out, "grad_out");
-  const Activation act = parse_activation(activation);
-  const at::Tensor gc = grad_out.contiguous();
-  const at::Tensor bc = branch_out.contiguous();
-  at::Tensor grad_branch = at::empty_like(bc);
-  const int64_t n = bc.size(-1);
-  const int64_t rows = n == 0 ? 0 : bc.numel() / n;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bc.scalar_type(), "scaled_residual_backward_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bc.const_data_ptr<scalar_t>();
-    scalar_t* dbp = grad_branch.mutable_data_ptr<scalar_t>();
+  return map_row_pairs(grad_out, branch_out, activation, [&](auto tag, const auto* gr, const auto* br, auto* db, int64_t n) {
+    using Phi = Act<decltype(tag)::value>;
+    using opmath_t = OpMath<std::remove_pointer_t<decltype(db)>>;
     const opmath_t s = static_cast<opmath_t>(scale);
-    dispatch_activation(act, [&](auto tag) {
-      using Phi = Act<decltype(tag)::value>;
-      at::parallel_for(0, rows, rows_per_task(n), [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const scalar_t* gr = gp + r * n;
-          const scalar_t* br = bp + r * n;
-          scalar_t* dbr = dbp + r * n;
-          opmath_t mean = 0;
-          if (mean_subtract) {
-            for (int64_t j = 0; j < n; ++j) mean += s * static_cast<opmath_t>(gr[j]);
-            mean /= static_cast<opmath_t>(n);
-          }
-          for (int64_t j = 0; j < n; ++j) {
-            const opmath_t du = s * static_cast<opmath_t>(gr[j]) - mean;
-            dbr[j] = static_cast<scalar_t>(Phi::backward(static_cast<opmath_t>(br[j]), du));
-          }
-        }
-      });
-    });
+    opmath_t mean = 0;
+    if (mean_subtract) {
+      for (int64_t j = 0; j < n; ++j) mean += s * static_cast<opmath_t>(gr[j]);
+      mean /= static_cast<opmath_t>(n);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const opmath_t du = s * static_cast<opmath_t>(gr[j]) - mean;
+      db[j] = static_cast<std::remove_pointer_t<decltype(db)>>(Phi::backward(static_cast<opmath_t>(br[j]), du));
+    }
   });
-  return grad_branch;
 }
 
 }  // namespace

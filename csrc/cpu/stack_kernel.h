@@ -16,8 +16,10 @@
 //   saved  (L, n, B)             x_l, feature-major, the state kept for backward
 //   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: [h > 0] (plane 0), [h < 0] (1)
 //   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
-// Every output element of a row depends only on that row, summed in a fixed order, so results are
-// bitwise independent of the tiling and of the number of threads.
+// Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
+// threads share each tile, splitting its features (see Team). Every output element of a row depends
+// only on that row, summed in a fixed order, so results are bitwise independent of the tiling, of
+// the split and of the number of threads.
 #pragma once
 
 #include <omp.h>
@@ -202,18 +204,6 @@ inline void load_rows(typename V::T* dst, int64_t stride, int64_t live, const ty
     for (int64_t r = 0; r < live; r += V::W) {
       const int lanes = static_cast<int>(std::min<int64_t>(count - r, V::W));
       V::store(dst + k * stride + r, V::load_n(src + k * src_stride + r, lanes));
-    }
-  }
-}
-
-// dst[k * dst_stride + r] = src[k][r] for r < count.
-template <class V>
-inline void store_rows(typename V::T* dst, int64_t dst_stride, const typename V::T* src, int64_t padded, int64_t rows,
-                       int64_t count) {
-  for (int64_t k = 0; k < rows; ++k) {
-    for (int64_t r = 0; r < count; r += V::W) {
-      const int lanes = static_cast<int>(std::min<int64_t>(count - r, V::W));
-      V::store_n(dst + k * dst_stride + r, V::load(src + k * padded + r), lanes);
     }
   }
 }
