@@ -45,7 +45,7 @@ class ScaledResidual(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialises every submodule of the branch that has ``reset_parameters``."""
         for module in self.branch.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
+            if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
