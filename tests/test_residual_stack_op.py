@@ -123,6 +123,29 @@ def test_matches_reference(spec: StackSpec, dtype, seed):
     check_against_reference(make_stack_case(spec, dtype, seed), dtype)
 
 
+GEMM_CHOICE_SPECS = [
+    StackSpec(64, 3, (40,), "post", True, "relu", True, "contiguous"),  # micro-kernel by the width rule
+    StackSpec(256, 2, (37,), "pre", True, "gelu", False, "contiguous"),  # BLAS by the width rule
+]
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("choice", ["kernel", "blas"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("spec", GEMM_CHOICE_SPECS, ids=[s.id for s in GEMM_CHOICE_SPECS])
+def test_matches_reference_with_either_gemm(spec: StackSpec, dtype, choice, seed, monkeypatch):
+    # DMUP_STACK_GEMM pins the GEMM the stack uses, against the width rule in both directions.
+    monkeypatch.setenv("DMUP_STACK_GEMM", choice)
+    check_against_reference(make_stack_case(spec, dtype, seed), dtype)
+
+
+def test_unknown_gemm_choice_is_rejected(monkeypatch):
+    monkeypatch.setenv("DMUP_STACK_GEMM", "fast")
+    x, weight = torch.randn(3, 4), torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match="DMUP_STACK_GEMM must be 'auto', 'kernel' or 'blas'"):
+        dmup_kernels.residual_stack(x, weight, scale=0.5, backend="cpp")
+
+
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", OP_STACK_LAYOUT_SPECS, ids=[s.id for s in OP_STACK_LAYOUT_SPECS])
