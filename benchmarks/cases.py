@@ -56,7 +56,7 @@ SCALED_RESIDUAL_SHAPES_QUICK: tuple[tuple[int, int], ...] = ((64, 64), (1024, 25
 
 COMPILE_MAX_DEPTH = 256
 """Full run: torch.compile is timed for every case with depth <= this, and for every issue-3 table row.
-Compile time grows with depth (~20 s at L=64, ~45 s at L=256, ~130 s at L=1024 for a training step on
+Compile time grows with depth (~25 s at L=64, 70-90 s at L=256, 330 s at L=1024 for a training step on
 2 cores), so compiling every deep case would take the full run well past 20 minutes."""
 COMPILE_MAX_DEPTH_QUICK = 64
 """--quick: torch.compile only for cases with depth <= this (table rows included)."""

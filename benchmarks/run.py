@@ -68,8 +68,8 @@ cases (see benchmarks/cases.py; list them with --list):
             ResidualStack depth sweep L = 64 128 256 512 1024 at (n,B) = (32,64) and (64,128), fwd and
             fwd+bwd; the issue-3 rows (n,B,L) = (32,64,1024) (64,128,512) (128,256,256) (256,512,128)
             (128,8,256), fwd+bwd. torch.compile is timed on cases with L <= 256 and on the issue-3 rows
-            (compiling a training step takes ~45 s at L=256 and ~130 s at L=1024 on 2 cores); about
-            15-20 minutes on 2 cores.
+            (compiling a training step took 70-90 s at L=256 and 330 s at L=1024 on 2 cores); about
+            25 minutes on 2 cores.
   --quick:  scaled_residual at (64,64) and (1024,256); sweep L = 64 and 256; the issue-3 rows;
             fewer repeats; torch.compile only on cases with L <= 64. About 2-3 minutes on 2 cores.
 
