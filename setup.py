@@ -1,16 +1,19 @@
 """Builds dmup_kernels and its C++ extension dmup_kernels._C from csrc/.
 
-CPU kernels are always built. Set DMUP_PORTABLE=1 to build for baseline x86-64 instead of the
-host CPU (-march=native); the AVX-512 stack kernel is chosen at run time either way.
+CPU kernels are always built; the CUDA kernels (csrc/cuda) too when torch has CUDA and CUDA_HOME is
+set. Set DMUP_PORTABLE=1 to build for baseline x86-64 instead of the host CPU (-march=native); the
+AVX-512 stack kernel is chosen at run time either way.
 """
 
 import glob
 import os
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
 
 
 def cxx_flags() -> list[str]:
@@ -20,15 +23,18 @@ def cxx_flags() -> list[str]:
     return flags
 
 
-def extension() -> CppExtension:
+def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    return CppExtension(
+    kwargs = dict(
         name="dmup_kernels._C",
-        sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx_flags()},
         extra_link_args=["-fopenmp"],
     )
+    if WITH_CUDA:
+        sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+        flags = {"cxx": cxx_flags(), "nvcc": ["-O3", "-std=c++17"]}
+        return CUDAExtension(sources=sources, extra_compile_args=flags, **kwargs)
+    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags()}, **kwargs)
 
 
 setup(

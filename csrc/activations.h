@@ -20,6 +20,9 @@ namespace dmup {
 
 enum class Activation : int32_t { Identity = 0, Relu = 1, Abs = 2, Gelu = 3, Silu = 4 };
 
+// The residual block forms of SPEC 2.2: phi after the GEMM ("post") or before it ("pre").
+enum class Block : int32_t { Post = 0, Pre = 1 };
+
 template <class T>
 DMUP_HOST_DEVICE T select(bool cond, T a, T b) { return cond ? a : b; }
 

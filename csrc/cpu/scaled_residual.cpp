@@ -22,16 +22,6 @@ namespace {
 // Rows per parallel task: enough work per task to amortise the thread hand-off.
 int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
-void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(),
-                    "; got ", b.sizes());
-  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
-                    a.scalar_type(), "); got ", b.scalar_type());
-  TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the device of ", a_name, " (", a.device(),
-                    "); got ", b.device());
-  TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
-}
-
 // out[r] = row(Phi, a_row, b_row, out_row) for every row r of the (..., n) tensors a and b, in
 // parallel, with phi fixed at compile time; row receives opmath and storage types through its
 // arguments (const scalar_t* rows, opmath_t via at::opmath_type).

@@ -33,8 +33,6 @@
 
 namespace dmup {
 
-enum class Block : int32_t { Post = 0, Pre = 1 };
-
 // Bit planes saved per element of a "post" block: relu needs [h > 0], abs also [h < 0]; smooth
 // activations save nothing and recompute h in the backward. "pre" blocks save none: phi's argument
 // there is x_l, which is saved anyway.
