@@ -1,0 +1,159 @@
+"""Diagnostics of deep residual networks: feature diversity along depth (Depth-muP paper, Def. 7.6)
+and representation alignment between two feature matrices (Platonic Representation Hypothesis,
+arXiv 2405.07987, App. A). Feature matrices have one row per sample, the same samples in A and B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_positive_int, check_tensor
+
+
+@dataclass(frozen=True)
+class FeatureDiversity:
+    """``distance[i] = d(eps[i])`` and the fitted exponent ``kappa`` of ``d ~ eps^(1 - kappa)``."""
+
+    eps: Tensor
+    distance: Tensor
+    kappa: float
+
+
+def feature_diversity(
+    stream: Sequence[Tensor] | Tensor, *, lam: float = 0.5, eps: Sequence[float] | None = None
+) -> FeatureDiversity:
+    """How fast the residual stream moves at relative depth ``lam`` (paper Def. 7.6).
+
+    ``d(eps) = mean over samples of ||x^{floor((lam + eps) L)} - x^{floor(lam L)}|| / sqrt(n)`` for the
+    states ``stream = [x^0, ..., x^L]`` (each (..., n)), and ``kappa = 1 - slope`` of the least-squares
+    line through (log eps, log d). A Brownian path gives kappa = 1/2, a smooth path kappa = 0.
+
+    Args:
+        stream: the L + 1 states, as a sequence or a tensor stacked on dim 0.
+        lam: the relative depth in [0, 1) around which the stream is probed.
+        eps: relative depth increments, each in (0, 1 - lam]; default: 1/L, 2/L, 4/L, ... up to 1 - lam.
+    """
+    states = torch.stack(list(stream)) if not isinstance(stream, Tensor) else stream
+    check_tensor(states, "stream")
+    if states.dim() < 2 or states.shape[0] < 3:
+        raise ValueError(f"stream must hold at least 3 states x^0..x^L of shape (..., n); got {tuple(states.shape)}")
+    if not 0.0 <= lam < 1.0:
+        raise ValueError(f"lam must be in [0, 1); got {lam}")
+    depth = states.shape[0] - 1
+    if eps is None:
+        eps = [2.0**k / depth for k in range(int(math.log2(depth)) + 1) if lam + 2.0**k / depth <= 1.0]
+    eps_values = [float(e) for e in eps]
+    if not eps_values or any(not 0.0 < e <= 1.0 - lam for e in eps_values):
+        raise ValueError(f"eps must be a non-empty list of values in (0, 1 - lam] = (0, {1.0 - lam}]; got {eps_values}")
+    width = states.shape[-1]
+    flat = states.reshape(depth + 1, -1, width).double()
+    start = math.floor(lam * depth)
+    distance = torch.stack(
+        [(flat[math.floor((lam + e) * depth)] - flat[start]).norm(dim=-1).mean() / math.sqrt(width) for e in eps_values]
+    )
+    log_eps, log_d = torch.tensor(eps_values, dtype=torch.float64).log(), distance.log()
+    slope = ((log_eps - log_eps.mean()) * (log_d - log_d.mean())).sum() / (log_eps - log_eps.mean()).square().sum()
+    return FeatureDiversity(torch.tensor(eps_values, dtype=torch.float64), distance, 1.0 - float(slope))
+
+
+def _features(a: Tensor, name: str) -> Tensor:
+    check_tensor(a, name)
+    if a.dim() != 2 or a.shape[0] < 2:
+        raise ValueError(f"{name} must be a 2-D (samples, features) tensor with at least 2 samples; got {tuple(a.shape)}")
+    return a.double()
+
+
+def _pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    a, b = _features(a, "A"), _features(b, "B")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"A and B must have the same number of samples (rows); got {a.shape[0]} and {b.shape[0]}")
+    return a, b
+
+
+def _knn(features: Tensor, k: int) -> Tensor:
+    """(N, N) boolean: j is among the k nearest neighbours of i by cosine similarity, i excluded."""
+    unit = torch.nn.functional.normalize(features, dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-math.inf)
+    neighbours = similarity.topk(k, dim=1).indices
+    return torch.zeros_like(similarity, dtype=torch.bool).scatter_(1, neighbours, True)
+
+
+def _check_k(k: int, samples: int) -> int:
+    check_positive_int(k, "k")
+    if k >= samples:
+        raise ValueError(f"k must be smaller than the number of samples ({samples}); got {k}")
+    return k
+
+
+def mutual_knn(A: Tensor, B: Tensor, k: int = 10) -> float:
+    """Mean over samples i of |kNN_A(i) & kNN_B(i)| / k, neighbours by cosine similarity (L2-normalised
+    rows), each sample excluded from its own neighbours. 1 when A and B order neighbours alike."""
+    a, b = _pair(A, B)
+    k = _check_k(k, a.shape[0])
+    return float((_knn(a, k) & _knn(b, k)).sum(dim=1).double().mean() / k)
+
+
+def _centered_gram(features: Tensor) -> Tensor:
+    """H K H for the linear kernel K = X X^T and the centring matrix H."""
+    centered = features - features.mean(dim=0, keepdim=True)
+    return centered @ centered.T
+
+
+def _ratio(cross: Tensor, self_a: Tensor, self_b: Tensor) -> float:
+    return float(cross / (self_a * self_b).sqrt())
+
+
+def cka(A: Tensor, B: Tensor) -> float:
+    """Linear CKA with the biased HSIC: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H)), K = A A^T, L = B B^T."""
+    a, b = _pair(A, B)
+    ka, kb = _centered_gram(a), _centered_gram(b)
+    return _ratio((ka * kb).sum(), (ka * ka).sum(), (kb * kb).sum())
+
+
+def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:
+    """Song et al. (2012): [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)), with
+    K~, L~ the Gram matrices with zeroed diagonals."""
+    n = k.shape[0]
+    k, l = k.clone().fill_diagonal_(0), l.clone().fill_diagonal_(0)
+    ones = torch.ones(n, dtype=k.dtype)
+    trace = (k * l).sum()
+    sums = k.sum() * l.sum() / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * (ones @ k @ l @ ones)
+    return (trace + sums - cross) / (n * (n - 3))
+
+
+def unbiased_cka(A: Tensor, B: Tensor) -> float:
+    """Linear CKA with the unbiased HSIC estimator (needs at least 4 samples)."""
+    a, b = _pair(A, B)
+    if a.shape[0] < 4:
+        raise ValueError(f"unbiased_cka needs at least 4 samples; got {a.shape[0]}")
+    ka, kb = a @ a.T, b @ b.T
+    return _ratio(_unbiased_hsic(ka, kb), _unbiased_hsic(ka, ka), _unbiased_hsic(kb, kb))
+
+
+def _top_k(kernel: Tensor, k: int) -> Tensor:
+    """(N, N) boolean: K_ij is among the k largest entries of row i of the kernel, j != i."""
+    off_diagonal = kernel.clone().fill_diagonal_(-math.inf)
+    return torch.zeros_like(kernel, dtype=torch.bool).scatter_(1, off_diagonal.topk(k, dim=1).indices, True)
+
+
+def cknna(A: Tensor, B: Tensor, k: int = 10) -> float:
+    """CKNNA: Align(K, L) / sqrt(Align(K, K) Align(L, L)) with the linear kernels K = A A^T, L = B B^T and
+    Align(K, L) = sum over i != j of a(i, j) (K_ij - mean_l K_il) (L_ij - mean_l L_il), where a(i, j) = 1
+    when K_ij is among the k largest of row i of K and L_ij among the k largest of row i of L."""
+    a, b = _pair(A, B)
+    k = _check_k(k, a.shape[0])
+    kernels = (a @ a.T, b @ b.T)
+    tops = tuple(_top_k(kernel, k) for kernel in kernels)
+    centered = tuple(kernel - kernel.mean(dim=1, keepdim=True) for kernel in kernels)
+
+    def align(x: int, y: int) -> Tensor:
+        return ((tops[x] & tops[y]).double() * centered[x] * centered[y]).sum()
+
+    return _ratio(align(0, 1), align(0, 0), align(1, 1))
