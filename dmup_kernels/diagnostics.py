@@ -1,18 +1,22 @@
-"""Diagnostics of deep residual networks: feature diversity along depth (Depth-muP paper, Def. 7.6)
-and representation alignment between two feature matrices (Platonic Representation Hypothesis,
-arXiv 2405.07987, App. A). Feature matrices have one row per sample, the same samples in A and B.
+"""Diagnostics of deep residual networks: the depth coord check, feature diversity along depth
+(Depth-muP paper, Def. 7.6) and representation alignment between two feature matrices (Platonic
+Representation Hypothesis, arXiv 2405.07987, App. A). Feature matrices have one row per sample, the
+same samples in A and B.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ._checks import check_positive_int, check_tensor
+from .optim import param_groups
 
 
 @dataclass(frozen=True)
@@ -157,3 +161,88 @@ def cknna(A: Tensor, B: Tensor, k: int = 10) -> float:
         return ((tops[x] & tops[y]).double() * centered[x] * centered[y]).sum()
 
     return _ratio(align(0, 1), align(0, 0), align(1, 1))
+
+
+COORD_CHECK_PLACES: tuple[str, ...] = ("1/4", "1/2", "1", "output")
+"""Where coord_check measures: the residual stream at relative depths 1/4, 1/2 and 1, and the output."""
+
+
+def _loss(prediction: Tensor, target: Tensor) -> Tensor:
+    if target.dtype.is_floating_point:
+        return F.mse_loss(prediction, target)
+    return F.cross_entropy(prediction, target)
+
+
+def coord_check(
+    make_model: Callable[[int], nn.Module],
+    depths: Sequence[int],
+    data: tuple[Tensor, Tensor],
+    *,
+    steps: int = 5,
+    optimizer: str = "adam",
+    lr: float,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Trains a fresh ``make_model(depth)`` for ``steps`` steps at each depth on the batch ``data`` and
+    records, before each step, the mean |coordinate| of the residual stream at relative depths 1/4, 1/2
+    and 1 and of the output, and its change since the previous step (mean |x_t - x_{t-1}|; NaN at step
+    0). Under Depth-muP the values are flat in depth; without depth scaling they grow with it.
+
+    Args:
+        make_model: depth -> a model with ``.input``, ``.stack`` (a ResidualStack) and ``.output``, such
+            as ``DepthMuPNet``; called with the RNG seeded by ``seed``, so every depth starts alike.
+        data: (inputs, targets): integer targets train with cross-entropy, floating ones with MSE.
+        optimizer: "adam" (torch.optim.Adam) or "sgd", with ``param_groups(model, lr, optimizer)``.
+    Returns:
+        rows ``{"depth", "step", "place", "mean_abs", "change"}``; ``pandas.DataFrame(rows)`` tabulates them.
+    """
+    check_positive_int(steps, "steps")
+    inputs, targets = data
+    rows: list[dict[str, Any]] = []
+    for depth in depths:
+        torch.manual_seed(seed)
+        model = make_model(check_positive_int(depth, "depth"))
+        groups = param_groups(model, lr, optimizer)
+        opt = torch.optim.Adam(groups) if optimizer == "adam" else torch.optim.SGD(groups)
+        previous: dict[str, Tensor] = {}
+        for step in range(steps):
+            opt.zero_grad()
+            out, states = model.stack(model.input(inputs), return_states=True)
+            prediction = model.output(out)
+            probes = {place: states[round(fraction * depth)] for place, fraction in zip(COORD_CHECK_PLACES, (0.25, 0.5, 1.0))}
+            probes["output"] = prediction.detach()
+            for place, value in probes.items():
+                change = (value - previous[place]).abs().mean().item() if place in previous else math.nan
+                rows.append(
+                    {"depth": depth, "step": step, "place": place, "mean_abs": value.abs().mean().item(), "change": change}
+                )
+            previous = probes
+            _loss(prediction, targets).backward()
+            opt.step()
+    return rows
+
+
+def plot_coord_check(table: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Writes a PNG of a coord_check table: one panel per step, mean |x| against log2 depth, one line per
+    place. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({row["step"] for row in table})
+    figure, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.0), squeeze=False, sharey=True)
+    for axis, step in zip(axes[0], steps):
+        for place in COORD_CHECK_PLACES:
+            points = sorted((row["depth"], row["mean_abs"]) for row in table if row["step"] == step and row["place"] == place)
+            axis.plot([math.log2(d) for d, _ in points], [v for _, v in points], marker="o", label=place)
+        axis.set_title(f"step {step}")
+        axis.set_xlabel("log2 depth")
+        axis.set_yscale("log")
+    axes[0][0].set_ylabel("mean |x|")
+    axes[0][-1].legend(title="place")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -114,7 +114,9 @@ class ResidualStack(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_states: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The stack's output; with ``return_states`` also the states x^0..x^L as a detached tensor of
+        shape (depth + 1, ..., width)."""
         check_width(x, "x", self.width)
         return residual_stack(
             x,
@@ -125,6 +127,7 @@ class ResidualStack(nn.Module):
             block=self.block,
             mean_subtract=self.mean_subtract,
             backend=self.backend,
+            return_states=return_states,
         )
 
     def extra_repr(self) -> str:

@@ -76,6 +76,33 @@ def mlp_block(x: Tensor, weight1: Tensor, weight2: Tensor, *, scale: float, acti
     return x + scale * F.linear(ACTIVATIONS[activation](F.linear(x, weight1)), weight2)
 
 
+def residual_stream(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    block: str = "post",
+    mean_subtract: bool = True,
+) -> list[Tensor]:
+    """The states [x^0, ..., x^L] of L blocks in sequence; ``weight`` is (L, n, n), ``bias`` (L, n) or None.
+
+    block "post": x_{l+1} = x_l + s * MS(phi(x_l @ W_l^T + b_l))
+    block "pre":  x_{l+1} = x_l + s * MS(phi(x_l) @ W_l^T + b_l)
+    (MS only when ``mean_subtract``).
+    """
+    layer = post_block if block == "post" else pre_block
+    # unbind, not weight[i]: the backward of L index ops would write L full-size gradient tensors.
+    biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
+    states = [x]
+    for layer_weight, layer_bias in zip(weight.unbind(0), biases):
+        states.append(
+            layer(states[-1], layer_weight, layer_bias, scale=scale, activation=activation, mean_subtract=mean_subtract)
+        )
+    return states
+
+
 def residual_stack(
     x: Tensor,
     weight: Tensor,
@@ -86,16 +113,7 @@ def residual_stack(
     block: str = "post",
     mean_subtract: bool = True,
 ) -> Tensor:
-    """L blocks in sequence; ``weight`` is (L, n, n) and ``bias`` (L, n) or None.
-
-    block "post": x_{l+1} = x_l + s * MS(phi(x_l @ W_l^T + b_l))
-    block "pre":  x_{l+1} = x_l + s * MS(phi(x_l) @ W_l^T + b_l)
-    (MS only when ``mean_subtract``).
-    """
-    layer = post_block if block == "post" else pre_block
-    # unbind, not weight[i]: the backward of L index ops would write L full-size gradient tensors.
-    biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
-    for layer_weight, layer_bias in zip(weight.unbind(0), biases):
-        x = layer(x, layer_weight, layer_bias, scale=scale, activation=activation, mean_subtract=mean_subtract)
-    return x
-
+    """x^L of ``residual_stream``: L blocks in sequence."""
+    return residual_stream(
+        x, weight, bias, scale=scale, activation=activation, block=block, mean_subtract=mean_subtract
+    )[-1]

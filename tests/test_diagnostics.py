@@ -107,3 +107,44 @@ def test_cka_matches_the_hsic_formula():
 def test_bad_input_is_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def coord_table(parametrization, depths):
+    import dmup_kernels as dk
+
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(64, 16, generator=generator)
+    targets = torch.randint(0, 4, (64,), generator=generator)
+
+    def make(depth):
+        return dk.DepthMuPNet(16, 32, depth, 4, parametrization=parametrization)
+
+    return dg.coord_check(make, depths, (inputs, targets), steps=2, lr=1e-3)
+
+
+def stream_at_depth_end(table, depth, step=0):
+    return next(r["mean_abs"] for r in table if r["depth"] == depth and r["step"] == step and r["place"] == "1")
+
+
+def test_coord_check_is_flat_in_depth_under_depth_mup_and_grows_without_scaling():
+    import dmup_kernels as dk
+
+    mup = coord_table(dk.DEPTH_MUP, [8, 512])
+    standard = coord_table(dk.STANDARD, [8, 512])
+    ratio_mup = stream_at_depth_end(mup, 512) / stream_at_depth_end(mup, 8)
+    ratio_standard = stream_at_depth_end(standard, 512) / stream_at_depth_end(standard, 8)
+    assert 1 / 1.2 < ratio_mup < 1.2, ratio_mup
+    assert ratio_standard > 2.0, ratio_standard
+
+
+def test_coord_check_table_and_plot(tmp_path):
+    import dmup_kernels as dk
+
+    table = coord_table(dk.DEPTH_MUP, [4, 16])
+    assert len(table) == 2 * 2 * len(dg.COORD_CHECK_PLACES)  # depths x steps x places
+    step0 = [r for r in table if r["step"] == 0]
+    step1 = [r for r in table if r["step"] == 1]
+    assert all(math.isnan(r["change"]) for r in step0)
+    assert all(r["change"] > 0 for r in step1)  # one Adam step moved every probe
+    path = dg.plot_coord_check(table, tmp_path / "coord.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -323,3 +323,22 @@ def test_scale_is_used_in_forward(backend, seed):
     with torch.no_grad():
         expected = reference.residual_stack(x, stack.weight, scale=3.0 * 2 / 6)
         assert rel_err(stack(x), expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_return_states_gives_the_whole_residual_stream(backend, dtype):
+    stack = ResidualStack(12, 7, bias=True, backend=backend, dtype=dtype)
+    with torch.no_grad():
+        stack.bias.normal_()
+    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    out, states = stack(x, return_states=True)
+    expected = reference.residual_stream(
+        x.detach().double(), stack.weight.detach().double(), stack.bias.detach().double(), scale=stack.scale
+    )
+    assert states.shape == (8, 2, 5, 12) and not states.requires_grad
+    assert torch.equal(states[0], x.detach()) and torch.equal(states[-1], out.detach())
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(states, torch.stack(expected)) < tolerance
+    out.sum().backward()  # the output stays differentiable
+    assert x.grad is not None and stack.weight.grad is not None

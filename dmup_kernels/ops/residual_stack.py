@@ -50,7 +50,8 @@ def residual_stack(
     block: str = "post",
     mean_subtract: bool = True,
     backend: str = "auto",
-) -> Tensor:
+    return_states: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Applies ``weight.shape[0]`` residual blocks to ``x`` of shape (..., n).
 
     block "post": x <- x + scale * MS(phi(x @ W_l^T + b_l))
@@ -60,19 +61,23 @@ def residual_stack(
     Args:
         weight: (L, n, n), ``nn.Linear`` layout per layer. bias: (L, n) or None.
         backend: "auto", "reference" or "cpp".
+        return_states: also return the residual-stream states x^0..x^L, stacked into a tensor of shape
+            (L + 1, ..., n) and detached from autograd (for diagnostics); the output stays differentiable.
     """
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
+    check_flag(return_states, "return_states")
     backend = resolve_backend(backend, x.device)
     if backend == "reference" or x.numel() == 0:
-        return reference.residual_stack(
+        states = reference.residual_stream(
             x, weight, bias, scale=scale, activation=activation, block=block, mean_subtract=mean_subtract
         )
+        return (states[-1], torch.stack(states).detach()) if return_states else states[-1]
     # The kernels run float32 or float64; half types run with a float32 residual stream.
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     rows = x.reshape(-1, x.shape[-1]).to(compute)
     params = (x, weight) if bias is None else (x, weight, bias)
-    save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in params)
-    out, _, _ = torch.ops.dmup.residual_stack(
+    save_for_backward = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
+    out, saved, _ = torch.ops.dmup.residual_stack(
         rows,
         weight.to(compute),
         None if bias is None else bias.to(compute),
@@ -82,7 +87,12 @@ def residual_stack(
         mean_subtract,
         save_for_backward,
     )
-    return out.to(x.dtype).reshape(x.shape)
+    y = out.to(x.dtype).reshape(x.shape)
+    if not return_states:
+        return y
+    # saved holds x^0..x^{L-1} feature-major (L, n, B); the output is x^L.
+    states = torch.cat([saved.detach().transpose(1, 2), out.detach().unsqueeze(0)])
+    return y, states.to(x.dtype).reshape(weight.shape[0] + 1, *x.shape)
 
 
 def mask_planes(activation: str, block: str) -> int:
