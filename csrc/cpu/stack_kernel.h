@@ -232,22 +232,15 @@ struct Team {
   bool split;
   int64_t begin(int64_t n) const { return split ? n * thread / threads : 0; }
   int64_t end(int64_t n) const { return split ? n * (thread + 1) / threads : n; }
+  // The tiles of this thread: all of them in turn when split, else every threads-th from its own.
+  int64_t first_tile() const { return split ? 0 : thread; }
+  int64_t tile_step() const { return split ? 1 : threads; }
   void sync() const {
     if (split) {
 #pragma omp barrier
     }
   }
 };
-
-template <class F>
-void run_team(int64_t tiles, int threads, F&& body) {
-  const bool split = tiles < threads;
-#pragma omp parallel num_threads(threads)
-  {
-    const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
-    body(team);
-  }
-}
 
 template <class V, Activation A, Block K>
 struct Stack {
@@ -273,18 +266,22 @@ struct Stack {
     }
   };
 
-  // Runs body(team, planes, row) on every thread: planes shared or private as Team describes; row
-  // (a row vector) always private.
+  static int64_t tile_count(const StackProblem<T>& p) { return (p.batch + p.tile_rows - 1) / p.tile_rows; }
+
+  // Runs body(team, planes, row) on an OpenMP team of `threads`: the planes shared when the team
+  // splits the features of each tile (fewer tiles than threads), else private; row always private.
   template <class F>
-  static void with_planes(const StackProblem<T>& p, int64_t tiles, int threads, F&& body) {
-    const bool split = tiles < threads;
+  static void with_planes(const StackProblem<T>& p, int threads, F&& body) {
+    const bool split = tile_count(p) < threads;
     std::unique_ptr<Planes> shared(split ? new Planes(p.width, p.tile_rows) : nullptr);
-    run_team(tiles, threads, [&](const Team& team) {
+#pragma omp parallel num_threads(threads)
+    {
+      const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
       std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p.width, p.tile_rows));
       Planes& planes = shared ? *shared : *own;
       std::vector<T> row(planes.padded);
       body(team, planes, row.data());
-    });
+    }
   }
 
   static void layer_gemm(const StackProblem<T>& p, int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t asi,
@@ -323,12 +320,12 @@ struct Stack {
   }
 
   static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = (B + p.tile_rows - 1) / p.tile_rows;
-    with_planes(p, tiles, threads, [&](const Team& team, Planes& s, T* row) {
+    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = tile_count(p);
+    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
       const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
       const Vec scale = V::broadcast(p.scale);
       const bool save = buf.saved != nullptr;
-      for (int64_t tile = team.split ? 0 : team.thread; tile < tiles; tile += team.split ? 1 : team.threads) {
+      for (int64_t tile = team.first_tile(); tile < tiles; tile += team.tile_step()) {
         const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
         const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
         transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
@@ -378,13 +375,13 @@ struct Stack {
 
   // Phase 1 of the backward: per row tile, walk the layers in reverse; writes grad_x and grad_h.
   static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = (B + p.tile_rows - 1) / p.tile_rows;
+    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = tile_count(p);
     constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
-    with_planes(p, tiles, threads, [&](const Team& team, Planes& s, T* row) {
+    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
       const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
       const Vec scale = V::broadcast(p.scale);
-      for (int64_t tile = team.split ? 0 : team.thread; tile < tiles; tile += team.split ? 1 : team.threads) {
+      for (int64_t tile = team.first_tile(); tile < tiles; tile += team.tile_step()) {
         const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
         const int64_t live = (rows + V::W - 1) / V::W * V::W;
         transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);  // the stream now holds g

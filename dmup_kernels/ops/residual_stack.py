@@ -27,8 +27,7 @@ def check_stack_args(
     check_tensor(weight, "weight")
     if weight.dim() != 3 or weight.shape[0] < 1 or weight.shape[1] != weight.shape[2]:
         raise ValueError(f"weight must have shape (depth, width, width) with depth >= 1; got {tuple(weight.shape)}")
-    check_tensor(x, "x")
-    check_width(x, "x", weight.shape[-1])
+    check_width(x, "x", weight.shape[-1])  # also checks that x is a floating-point tensor
     check_like(weight, "weight", x, "x")
     if bias is not None:
         check_tensor(bias, "bias")
