@@ -21,7 +21,7 @@ class ScaledResidual(nn.Module):
         scale: branch multiplier s, e.g. ``DEPTH_MUP.branch_scale(L)``.
         activation: phi applied to the branch output ("identity" for none).
         mean_subtract: subtract the mean over the width after phi.
-        backend: "auto", "reference" or "cpp".
+        backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
     """
 
     def __init__(
@@ -71,7 +71,7 @@ class ResidualStack(nn.Module):
         activation: phi. block: "post" or "pre". mean_subtract: MS on the branch output.
         bias: add a learnable bias of shape (depth, width).
         parametrization: the depth scaling rule (DEPTH_MUP by default).
-        backend: "auto", "reference" or "cpp".
+        backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
     Input: (..., width). Output: same shape.
     """
 

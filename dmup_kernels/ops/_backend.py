@@ -6,19 +6,47 @@ import torch
 
 from .._checks import check_choice
 from .._extension import HAS_CPP
+from ..triton import HAS_TRITON, INTERPRETED
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp")
-""""auto" picks the fastest backend for the tensors' device; "reference" is eager PyTorch."""
+BACKENDS: tuple[str, ...] = ("auto", "reference", "cpp", "cuda", "triton")
+""""auto" picks the fastest backend for the tensors' device; "reference" is eager PyTorch, "cpp" the C++
+CPU kernels, "cuda" the CUDA C++ kernels, "triton" the Triton kernels (CUDA tensors; CPU tensors only
+under the Triton interpreter, TRITON_INTERPRET=1)."""
+
+HAS_CUDA_KERNELS: bool = HAS_CPP and torch._C._dispatch_has_kernel_for_dispatch_key("dmup::scaled_residual", "CUDA")
+"""True when the extension was built with its CUDA kernels (a CUDA build of torch and CUDA_HOME)."""
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs on ``device`` for the requested ``backend``."""
+    """The concrete backend that runs on ``device`` for the requested ``backend``.
+
+    "auto": the C++ kernels on CPU tensors; Triton, then CUDA C++, on CUDA tensors; else the reference.
+    """
     check_choice(backend, "backend", BACKENDS)
     if backend == "auto":
-        return "cpp" if device.type == "cpu" and HAS_CPP else "reference"
+        if device.type == "cpu" and HAS_CPP:
+            return "cpp"
+        if device.type == "cuda" and HAS_TRITON:
+            return "triton"
+        if device.type == "cuda" and HAS_CUDA_KERNELS:
+            return "cuda"
+        return "reference"
     if backend == "cpp":
         if not HAS_CPP:
             raise RuntimeError("backend='cpp' needs the compiled extension dmup_kernels._C, which failed to import")
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors; got tensors on {device}")
+    if backend == "cuda":
+        if not HAS_CUDA_KERNELS:
+            raise RuntimeError("backend='cuda' needs dmup_kernels._C built with CUDA (a CUDA torch and CUDA_HOME)")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors; got tensors on {device}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which failed to import")
+        if device.type != "cuda" and not (device.type == "cpu" and INTERPRETED):
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
+                f"got tensors on {device}"
+            )
     return backend

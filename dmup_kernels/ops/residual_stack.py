@@ -59,7 +59,7 @@ def residual_stack(
 
     Args:
         weight: (L, n, n), ``nn.Linear`` layout per layer. bias: (L, n) or None.
-        backend: "auto", "reference" or "cpp".
+        backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
         return_states: also return the residual-stream states x^0..x^L, stacked into a tensor of shape
             (L + 1, ..., n) and detached from autograd (for diagnostics); the output stays differentiable.
     """

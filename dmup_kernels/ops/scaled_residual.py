@@ -33,7 +33,7 @@ def scaled_residual(
         scale: branch multiplier s (for Depth-muP, ``a / sqrt(L)``).
         activation: phi, one of "relu", "abs", "gelu" (tanh form), "silu", "identity".
         mean_subtract: subtract the mean over the last dim after phi (MS).
-        backend: "auto", "reference" or "cpp".
+        backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
     """
     check_tensor(x, "x")
     check_tensor(branch_out, "branch_out")
