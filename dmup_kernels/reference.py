@@ -45,6 +45,10 @@ def scaled_residual(
     return x + scale * v
 
 
+Epilogue = Callable[[Tensor, Tensor, float, str, bool], Tensor]
+"""An implementation of ``scaled_residual``: (x, branch_out, scale, activation, mean_subtract) -> out."""
+
+
 def post_block(
     x: Tensor,
     weight: Tensor,
@@ -53,9 +57,10 @@ def post_block(
     scale: float,
     activation: str = "relu",
     mean_subtract: bool = True,
+    epilogue: Epilogue = scaled_residual,
 ) -> Tensor:
     """Post-activation block (paper Sec. 6.3): x + s * MS(phi(x @ W^T + b))."""
-    return scaled_residual(x, F.linear(x, weight, bias), scale, activation, mean_subtract)
+    return epilogue(x, F.linear(x, weight, bias), scale, activation, mean_subtract)
 
 
 def pre_block(
@@ -66,9 +71,10 @@ def pre_block(
     scale: float,
     activation: str = "relu",
     mean_subtract: bool = False,
+    epilogue: Epilogue = scaled_residual,
 ) -> Tensor:
     """Pre-activation block (Bordelon et al.): x + s * MS(phi(x) @ W^T + b); MS only when asked."""
-    return scaled_residual(x, F.linear(ACTIVATIONS[activation](x), weight, bias), scale, "identity", mean_subtract)
+    return epilogue(x, F.linear(ACTIVATIONS[activation](x), weight, bias), scale, "identity", mean_subtract)
 
 
 def mlp_block(x: Tensor, weight1: Tensor, weight2: Tensor, *, scale: float, activation: str = "relu") -> Tensor:
@@ -85,12 +91,13 @@ def residual_stream(
     activation: str = "relu",
     block: str = "post",
     mean_subtract: bool = True,
+    epilogue: Epilogue = scaled_residual,
 ) -> list[Tensor]:
     """The states [x^0, ..., x^L] of L blocks in sequence; ``weight`` is (L, n, n), ``bias`` (L, n) or None.
 
     block "post": x_{l+1} = x_l + s * MS(phi(x_l @ W_l^T + b_l))
     block "pre":  x_{l+1} = x_l + s * MS(phi(x_l) @ W_l^T + b_l)
-    (MS only when ``mean_subtract``).
+    (MS only when ``mean_subtract``); ``epilogue`` computes x + s * MS(phi(branch)) (a kernel may stand in).
     """
     layer = post_block if block == "post" else pre_block
     # unbind, not weight[i]: the backward of L index ops would write L full-size gradient tensors.
@@ -98,7 +105,15 @@ def residual_stream(
     states = [x]
     for layer_weight, layer_bias in zip(weight.unbind(0), biases):
         states.append(
-            layer(states[-1], layer_weight, layer_bias, scale=scale, activation=activation, mean_subtract=mean_subtract)
+            layer(
+                states[-1],
+                layer_weight,
+                layer_bias,
+                scale=scale,
+                activation=activation,
+                mean_subtract=mean_subtract,
+                epilogue=epilogue,
+            )
         )
     return states
 

@@ -3,6 +3,7 @@
 - ``rel_err(out, ref)``: ||out - ref|| / ||ref|| in float64 (absolute norm when ||ref|| = 0).
 - ``seed`` (autouse): a fresh seed per test case, derived from the pytest node id, applied to the
   global torch generator; tests that need their own stream build one with ``make_generator(seed)``.
+- TRITON_INTERPRET=1 is set before dmup_kernels is imported, so backend="triton" runs on CPU tensors.
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
   shows up as NaN. The previous settings are restored after the test.
@@ -10,7 +11,11 @@
 
 from __future__ import annotations
 
+import os
 import zlib
+
+# The Triton kernels run on CPU tensors through the interpreter, which must be on before they are defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

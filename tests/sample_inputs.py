@@ -294,3 +294,55 @@ OP_STACK_LAYOUT_SPECS: list[StackSpec] = [
     StackSpec(64, 5, (4, 25), "post", True, "identity", True, "sliced"),
 ]
 """Leading batch dims and non-contiguous x (a transposed view; every other column of a wider tensor)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Triton stack kernels (interpreter: small shapes)
+# ---------------------------------------------------------------------------------------------------
+
+TRITON_STACK_WIDTHS: tuple[int, ...] = (1, 7, 32, 48, 64, 128)
+TRITON_STACK_BATCHES: tuple[int, ...] = (1, 5, 64)
+_TRITON_DEPTH_TABLE: dict[int, tuple[int, int, int]] = {
+    #    B = 1, 5, 64
+    1: (1, 3, 9),
+    7: (3, 9, 1),
+    32: (9, 1, 3),
+    48: (1, 3, 9),
+    64: (3, 9, 1),
+    128: (9, 1, 3),
+}
+TRITON_STACK_SHAPES: tuple[tuple[int, int, int], ...] = tuple(
+    (width, batch, depth)
+    for width in TRITON_STACK_WIDTHS
+    for batch, depth in zip(TRITON_STACK_BATCHES, _TRITON_DEPTH_TABLE[width])
+)
+"""(n, B, L) covering every (n, B), (n, L) and (B, L) pair of n in {1, 7, 32, 48, 64, 128}, B in {1, 5, 64},
+L in {1, 3, 9}."""
+
+
+def _triton_stack_specs() -> list[StackSpec]:
+    """Every (activation, block, mean_subtract, bias) combination on the next shape of TRITON_STACK_SHAPES,
+    then the wide paths: one launch per layer (n = 300, 37 rows: not a multiple of the row tile) and the
+    library GEMM with the epilogue kernel (n = 1100)."""
+    combos = [
+        (activation, block, mean_subtract, bias)
+        for bias in (False, True)
+        for mean_subtract in (True, False)
+        for block in BLOCKS
+        for activation in ACTIVATIONS
+    ]
+    specs = [
+        StackSpec(width, depth, (batch,), block, bias, activation, mean_subtract, "contiguous")
+        for index, (activation, block, mean_subtract, bias) in enumerate(combos)
+        for width, batch, depth in [TRITON_STACK_SHAPES[index % len(TRITON_STACK_SHAPES)]]
+    ]
+    specs += [
+        StackSpec(300, 3, (37,), "post", True, "relu", True, "contiguous"),
+        StackSpec(300, 2, (5,), "pre", False, "gelu", True, "sliced"),
+        StackSpec(1100, 2, (3,), "post", True, "abs", True, "contiguous"),
+        StackSpec(1100, 2, (2, 2), "pre", False, "silu", False, "contiguous"),
+    ]
+    return specs
+
+
+TRITON_STACK_SPECS: list[StackSpec] = _triton_stack_specs()

@@ -8,7 +8,6 @@ most 2x the error of eager bfloat16 plus a floor.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -18,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dmup_kernels
 from conftest import rel_err
 from dmup_kernels import ResidualStack, reference
+from parity import check_stack, num_threads, run_stack, run_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -31,7 +31,6 @@ from sample_inputs import (
 
 pytestmark = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
 
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["f64", "f32"]
 MASK_PLANES = {"relu": 1, "abs": 2, "gelu": 0, "silu": 0, "identity": 0}
@@ -40,61 +39,6 @@ MASK_PLANES = {"relu": 1, "abs": 2, "gelu": 0, "silu": 0, "identity": 0}
 def mask_planes(activation: str, block: str) -> int:
     """Sign-bit planes saved per element: only "post" needs them ("pre" keeps x_l, which has the sign)."""
     return MASK_PLANES[activation] if block == "post" else 0
-
-
-def stack_kwargs(case: StackCase) -> dict:
-    spec = case.spec
-    return dict(scale=case.scale, activation=spec.activation, block=spec.block, mean_subtract=spec.mean_subtract)
-
-
-@contextlib.contextmanager
-def num_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def run_cpp(case: StackCase, grad_out: torch.Tensor):
-    """Output and gradients (x, weight, bias) of backend "cpp"; the case's tensors become leaves with grads."""
-    x, weight, bias = case.x.requires_grad_(), case.weight.requires_grad_(), case.bias
-    if bias is not None:
-        bias.requires_grad_()
-    out = dmup_kernels.residual_stack(x, weight, bias, backend="cpp", **stack_kwargs(case))
-    out.backward(grad_out)
-    return out.detach(), x.grad, weight.grad, None if bias is None else bias.grad
-
-
-def run_reference(case: StackCase, grad_out: torch.Tensor, dtype: torch.dtype = torch.float64):
-    """Output and gradients of the eager reference in ``dtype`` from the case's inputs cast to it."""
-    x = case.x.detach().to(dtype).requires_grad_()
-    weight = case.weight.detach().to(dtype).requires_grad_()
-    bias = None if case.bias is None else case.bias.detach().to(dtype).requires_grad_()
-    # one thread: the reference's small GEMMs gain nothing from two, and lose a lot when the cores are busy
-    with num_threads(1):
-        out = reference.residual_stack(x, weight, bias, **stack_kwargs(case))
-        out.backward(grad_out.to(dtype))
-    return out.detach(), x.grad, weight.grad, None if bias is None else bias.grad
-
-
-def check_against_reference(case: StackCase, dtype: torch.dtype) -> None:
-    grad_out = torch.randn(case.x.shape, dtype=dtype)
-    got = run_cpp(case, grad_out)
-    ref = run_reference(case, grad_out)
-    tol = TOLERANCE[dtype]
-    names = ("output", "grad x", "grad weight", "grad bias")
-    out, dx, dw, db = got
-    assert out.dtype == dtype and out.shape == case.x.shape
-    assert dx.shape == case.x.shape and dw.shape == case.weight.shape
-    assert (db is None) == (case.bias is None)
-    for name, value, expected in zip(names, got, ref):
-        if expected is None:
-            continue
-        assert value.dtype == dtype, name
-        err = rel_err(value, expected)
-        assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
 
 
 class OpLog(TorchDispatchMode):
@@ -120,7 +64,7 @@ class OpLog(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", OP_STACK_SPECS, ids=[s.id for s in OP_STACK_SPECS])
 def test_matches_reference(spec: StackSpec, dtype, seed):
-    check_against_reference(make_stack_case(spec, dtype, seed), dtype)
+    check_stack(make_stack_case(spec, dtype, seed), dtype, "cpp")
 
 
 GEMM_CHOICE_SPECS = [
@@ -136,7 +80,7 @@ GEMM_CHOICE_SPECS = [
 def test_matches_reference_with_either_gemm(spec: StackSpec, dtype, choice, seed, monkeypatch):
     # DMUP_STACK_GEMM pins the GEMM the stack uses, against the width rule in both directions.
     monkeypatch.setenv("DMUP_STACK_GEMM", choice)
-    check_against_reference(make_stack_case(spec, dtype, seed), dtype)
+    check_stack(make_stack_case(spec, dtype, seed), dtype, "cpp")
 
 
 def test_unknown_gemm_choice_is_rejected(monkeypatch):
@@ -152,7 +96,7 @@ def test_unknown_gemm_choice_is_rejected(monkeypatch):
 def test_leading_dims_and_strided_x(spec: StackSpec, dtype, seed):
     case = make_stack_case(spec, dtype, seed)
     assert case.x.is_contiguous() == (spec.layout == "contiguous")
-    check_against_reference(case, dtype)
+    check_stack(case, dtype, "cpp")
 
 
 @pytest.mark.usefixtures("nan_poison")
@@ -165,7 +109,7 @@ def test_strided_weight_and_bias(seed):
     wide[:, ::2] = case.bias
     case.bias = wide[:, ::2]
     assert not case.weight.is_contiguous() and not case.bias.is_contiguous()
-    check_against_reference(case, torch.float64)
+    check_stack(case, torch.float64, "cpp")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,9 +130,9 @@ def test_bfloat16_within_twice_eager_error(spec: StackSpec, seed):
     """bf16 in, bf16 out; error vs the float64 reference <= 2x eager bf16's error + 1e-3."""
     case = make_stack_case(spec, torch.bfloat16, seed)
     grad_out = torch.randn(case.x.shape, dtype=torch.bfloat16)
-    got = run_cpp(case, grad_out)
-    ref = run_reference(case, grad_out)
-    eager = run_reference(case, grad_out, torch.bfloat16)
+    got = run_stack(case, grad_out, "cpp")
+    ref = run_stack_reference(case, grad_out)
+    eager = run_stack_reference(case, grad_out, torch.bfloat16)
     for name, value, eager_value, expected in zip(("output", "grad x", "grad weight", "grad bias"), got, eager, ref):
         if expected is None:
             continue

@@ -8,6 +8,7 @@ import torch
 import dmup_kernels
 from conftest import rel_err
 from dmup_kernels import reference
+from parity import check_residual, run_residual, run_residual_reference
 from sample_inputs import ACTIVATIONS, RESIDUAL_SPECS, ResidualSpec, make_residual_case, sample_inputs
 
 pytestmark = [
@@ -15,23 +16,7 @@ pytestmark = [
     pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built"),
 ]
 
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 SPEC_IDS = [spec.id for spec in RESIDUAL_SPECS]
-
-
-def reference64(case, grad_out):
-    """Output and gradients (x, branch_out) of the reference in float64 from the same inputs cast up."""
-    x = case.x.detach().to(torch.float64).requires_grad_()
-    b = case.branch_out.detach().to(torch.float64).requires_grad_()
-    out = reference.scaled_residual(x, b, case.scale, case.activation, case.mean_subtract)
-    out.backward(grad_out.to(torch.float64))
-    return out.detach(), x.grad, b.grad
-
-
-def run_cpp(case, grad_out):
-    out = dmup_kernels.scaled_residual(*case.args(), backend="cpp")
-    out.backward(grad_out)
-    return out.detach(), case.x.grad, case.branch_out.grad
 
 
 def test_nan_poisoning_is_active(nan_poison):
@@ -43,18 +28,7 @@ def test_nan_poisoning_is_active(nan_poison):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("spec", RESIDUAL_SPECS, ids=SPEC_IDS)
 def test_matches_reference(spec: ResidualSpec, dtype, seed):
-    case = make_residual_case(spec, dtype, seed, requires_grad=True)
-    grad_out = torch.randn(spec.shape, dtype=dtype)
-    out, dx, db = run_cpp(case, grad_out)
-    ref_out, ref_dx, ref_db = reference64(case, grad_out)
-
-    assert out.shape == case.x.shape and out.dtype == dtype
-    assert dx is not None and db is not None
-    assert dx.shape == case.x.shape and db.shape == case.branch_out.shape
-    tol = TOLERANCE[dtype]
-    assert rel_err(out, ref_out) < tol, "output"
-    assert rel_err(dx, ref_dx) < tol, "grad x"
-    assert rel_err(db, ref_db) < tol, "grad branch_out"
+    check_residual(make_residual_case(spec, dtype, seed, requires_grad=True), dtype, "cpp")
 
 
 @pytest.mark.parametrize("spec", RESIDUAL_SPECS, ids=SPEC_IDS)
@@ -62,8 +36,8 @@ def test_bfloat16_within_twice_eager_error(spec: ResidualSpec, seed):
     """bf16: the kernel's error vs the float64 reference is <= 2x eager bf16's error + 1e-3."""
     case = make_residual_case(spec, torch.bfloat16, seed, requires_grad=True)
     grad_out = torch.randn(spec.shape, dtype=torch.bfloat16)
-    out, dx, db = run_cpp(case, grad_out)
-    ref_out, ref_dx, ref_db = reference64(case, grad_out)
+    out, dx, db = run_residual(case, grad_out, "cpp")
+    ref_out, ref_dx, ref_db = run_residual_reference(case, grad_out)
 
     x = case.x.detach().clone().requires_grad_()
     b = case.branch_out.detach().clone().requires_grad_()

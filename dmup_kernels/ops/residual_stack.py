@@ -17,7 +17,11 @@ from .._checks import (
     check_width,
 )
 from .._extension import HAS_CPP
+from ..triton import HAS_TRITON
 from ._backend import resolve_backend
+
+if HAS_TRITON:
+    from ..triton.residual_stack import FUSED_BLOCK_MAX_WIDTH
 
 
 def check_stack_args(
@@ -66,32 +70,36 @@ def residual_stack(
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
     check_flag(return_states, "return_states")
     backend = resolve_backend(backend, x.device)
+    settings = {"scale": scale, "activation": activation, "block": block, "mean_subtract": mean_subtract}
     if backend == "reference" or x.numel() == 0:
-        states = reference.residual_stream(
-            x, weight, bias, scale=scale, activation=activation, block=block, mean_subtract=mean_subtract
-        )
+        states = reference.residual_stream(x, weight, bias, **settings)
         return (states[-1], torch.stack(states).detach()) if return_states else states[-1]
     # The kernels run float32 or float64; half types run with a float32 residual stream.
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     rows = x.reshape(-1, x.shape[-1]).to(compute)
+    weight_c = weight.to(compute)
+    bias_c = None if bias is None else bias.to(compute)
     params = (x, weight) if bias is None else (x, weight, bias)
     save_for_backward = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
-    out, saved, _ = torch.ops.dmup.residual_stack(
-        rows,
-        weight.to(compute),
-        None if bias is None else bias.to(compute),
-        scale,
-        activation,
-        block,
-        mean_subtract,
-        save_for_backward,
-    )
+    if backend == "triton" and x.shape[-1] > FUSED_BLOCK_MAX_WIDTH:
+        # Rows too wide for one register tile: a library GEMM per layer, then the Triton epilogue kernel.
+        stream = reference.residual_stream(rows, weight_c, bias_c, **settings, epilogue=torch.ops.dmup.triton_scaled_residual)
+        out, states = stream[-1], (torch.stack(stream) if return_states else None)
+    elif backend == "triton":
+        out, inner, _, _ = torch.ops.dmup.triton_residual_stack(
+            rows, weight_c, bias_c, scale, activation, block, mean_subtract, save_for_backward
+        )
+        states = torch.cat([rows.unsqueeze(0), inner, out.unsqueeze(0)]) if return_states else None
+    else:
+        out, saved, _ = torch.ops.dmup.residual_stack(
+            rows, weight_c, bias_c, scale, activation, block, mean_subtract, save_for_backward
+        )
+        # saved holds x^0..x^{L-1} feature-major (L, n, B); the output is x^L.
+        states = torch.cat([saved.transpose(1, 2), out.unsqueeze(0)]) if return_states else None
     y = out.to(x.dtype).reshape(x.shape)
     if not return_states:
         return y
-    # saved holds x^0..x^{L-1} feature-major (L, n, B); the output is x^L.
-    states = torch.cat([saved.detach().transpose(1, 2), out.detach().unsqueeze(0)])
-    return y, states.to(x.dtype).reshape(weight.shape[0] + 1, *x.shape)
+    return y, states.detach().to(x.dtype).reshape(weight.shape[0] + 1, *x.shape)
 
 
 def mask_planes(activation: str, block: str) -> int:

@@ -44,8 +44,11 @@ def scaled_residual(
     scale = check_scale(scale)
     check_activation(activation)
     check_flag(mean_subtract, "mean_subtract")
-    if resolve_backend(backend, x.device) == "reference":
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
         return reference.scaled_residual(x, branch_out, scale, activation, mean_subtract)
+    if backend == "triton":
+        return torch.ops.dmup.triton_scaled_residual(x, branch_out, scale, activation, mean_subtract)
     return torch.ops.dmup.scaled_residual(x, branch_out, scale, activation, mean_subtract)
 
 

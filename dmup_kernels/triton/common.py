@@ -1,0 +1,90 @@
+"""Device functions shared by the Triton kernels: the activations, their derivatives and sign bits.
+
+The formulas match ``dmup_kernels.reference`` (and csrc/activations.h), including what torch's autograd
+does with NaN: relu's backward selects (``h <= 0 ? 0 : grad``), abs's multiplies by sgn(h), 0 at NaN.
+"""
+
+import triton
+import triton.language as tl
+
+GELU_K0 = 0.7978845608028654  # sqrt(2 / pi)
+GELU_K1 = 0.044715
+
+
+@triton.jit
+def tanh(z):
+    """tanh(z) = 1 - 2 / (exp(2z) + 1): exact limits at +-inf, and no libdevice call (the interpreter has none)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def activation(h, ACT: tl.constexpr):
+    """phi(h) for ACT in relu, abs, gelu (tanh form), silu, identity."""
+    if ACT == "relu":
+        return tl.where(h < 0, 0.0, h)  # not maximum(h, 0): NaN must stay NaN
+    elif ACT == "abs":
+        return tl.abs(h)
+    elif ACT == "gelu":
+        return 0.5 * h * (1.0 + tanh(GELU_K0 * (h + GELU_K1 * h * h * h)))
+    elif ACT == "silu":
+        return h * tl.sigmoid(h)
+    else:
+        return h
+
+
+@triton.jit
+def sign_bits(h, ACT: tl.constexpr):
+    """The sign planes phi' needs: relu [not h <= 0] (torch passes the gradient where h is NaN),
+    abs [h > 0] and [h < 0] (torch's sgn(NaN) is 0)."""
+    if ACT == "relu":
+        positive = (h <= 0) == 0
+    else:
+        positive = h > 0
+    return positive, h < 0
+
+
+@triton.jit
+def chain_sign_bits(grad, positive, negative, ACT: tl.constexpr):
+    """grad * phi'(h) from ``sign_bits(h)``, as torch computes it: relu selects (a NaN gradient where
+    h <= 0 gives 0), abs multiplies by sgn(h)."""
+    if ACT == "relu":
+        return tl.where(positive, grad, 0.0)
+    else:
+        return grad * (positive.to(grad.dtype) - negative.to(grad.dtype))
+
+
+@triton.jit
+def chain_activation(grad, h, ACT: tl.constexpr):
+    """grad * phi'(h), the chain rule through ``activation``."""
+    if ACT == "relu" or ACT == "abs":
+        positive, negative = sign_bits(h, ACT)
+        return chain_sign_bits(grad, positive, negative, ACT)
+    elif ACT == "gelu":
+        t = tanh(GELU_K0 * (h + GELU_K1 * h * h * h))
+        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * GELU_K0 * (1.0 + 3.0 * GELU_K1 * h * h))
+    elif ACT == "silu":
+        sig = tl.sigmoid(h)
+        return grad * (sig * (1.0 + h * (1.0 - sig)))
+    else:
+        return grad
+
+
+@triton.jit
+def pack_bits(bits, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) boolean tile as (BLOCK_M, BLOCK_N // 8) bytes; bit b of byte k is column 8k + b."""
+    grouped = tl.reshape(bits.to(tl.int32), [BLOCK_M, BLOCK_N // 8, 8])
+    weights = 1 << tl.arange(0, 8)
+    return tl.sum(grouped * weights[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The inverse of ``pack_bits``."""
+    grouped = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(grouped, [BLOCK_M, BLOCK_N]) != 0
+
+
+@triton.jit
+def row_mean(u, n):
+    """Mean over the width of a tile whose columns past ``n`` hold zeros."""
+    return tl.sum(u, axis=1) / n

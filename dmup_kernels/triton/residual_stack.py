@@ -1,0 +1,449 @@
+"""Kernels 2 and 3: the fused block and the depth-fused stack (SPEC 2.2-2.4), and their backward.
+
+Forward, per layer l (post block; the pre block applies phi to the GEMM operand as it loads it and
+none to h):
+    h = x_l @ W_l^T + b_l,   x_{l+1} = x_l + s * MS(phi(h))
+One program owns a tile of BLOCK_M rows of the residual stream, across the full width n, and keeps
+it in registers while it walks its layers, streaming W_l: one tiled GEMM per layer with the whole
+epilogue (bias, phi, mean over the width, scale, residual add) before the single store. The GEMM
+reads its operand x_l in K-chunks from global memory, where the program has just written it (the
+saved state the backward needs; in inference a one-slot scratch that stays in cache). It also saves
+what the backward needs for phi': sign bits for relu and abs, h for gelu and silu.
+
+Backward, per row tile, layers in reverse (g = dLoss/dx_{l+1} in registers):
+    post: dh = phi'(h) * MS(s g),      g <- g + dh @ W_l
+    pre:  dz = MS(s g),                g <- g + (dz @ W_l) * phi'(x_l)
+storing dh_l (dz_l); then one batched GEMM over all layers gives dW_l = dh_l^T a_l (a_l = x_l, or
+phi(x_l) for pre) and db_l = sum over rows of dh_l.
+
+Launches: for n <= DEPTH_FUSED_MAX_WIDTH the whole stack is one forward launch and two backward
+launches, whatever L is; wider stacks (up to FUSED_BLOCK_MAX_WIDTH) launch the same kernels once per
+layer (the fused block). States x_1..x_{L-1} live in ``states`` (L-1, B, n); x_0 is the input.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import activation, chain_activation, chain_sign_bits, pack_bits, row_mean, sign_bits, unpack_bits
+from .tuning import input_precision, launch, rows_bucket, tuned
+
+DEPTH_FUSED_MAX_WIDTH = 256
+FUSED_BLOCK_MAX_WIDTH = 1024
+
+
+def sign_planes(activation: str, block: str) -> int:
+    """Sign-bit planes saved per element (post block only): relu needs [not h <= 0], abs [h > 0] and [h < 0]."""
+    return {"relu": 1, "abs": 2}.get(activation, 0) if block == "post" else 0
+
+
+def saves_pre_activation(activation: str, block: str) -> bool:
+    """The post block keeps h for the smooth activations, whose derivative needs its value."""
+    return block == "post" and activation in ("gelu", "silu")
+
+
+@triton.jit
+def _state_ptr(x_ptr, states_ptr, layer, state_stride):
+    """Where x_layer lies: the input for layer 0, else slot layer - 1 of the states."""
+    if layer == 0:
+        ptr = x_ptr
+    else:
+        ptr = states_ptr + tl.cast(layer - 1, tl.int64) * state_stride
+    return ptr
+
+
+@triton.jit
+def _matmul_rows(
+    a_ptr, w_ptr, r, row_ok, n,
+    TRANSPOSE_W: tl.constexpr, PHI_ON_A: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_M, BLOCK_N) tile of A @ W^T (TRANSPOSE_W) or A @ W, A the rows ``r`` of a (rows, n) matrix
+    in K-chunks (phi applied on load when PHI_ON_A), W (n, n) row-major."""
+    c = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=a_ptr.dtype.element_ty)
+    for k0 in range(0, n, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + r[:, None] * n + k[None, :], mask=row_ok[:, None] & (k < n)[None, :], other=0.0)
+        if PHI_ON_A:
+            a = activation(a, ACT)
+        if TRANSPOSE_W:  # W^T[k, c] = W[c, k]
+            w = tl.load(w_ptr + c[None, :] * n + k[:, None], mask=(k < n)[:, None] & (c < n)[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + k[:, None] * n + c[None, :], mask=(k < n)[:, None] & (c < n)[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+def _stack_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
+        for m in (16, 32, 64)
+        for k in (16, 32, 64)
+        for w in (4, 8)
+    ]
+
+
+def _prune_stack(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    # The row tile and the accumulator live in registers: at most 16 K elements each.
+    fits = [c for c in configs if c.kwargs["BLOCK_M"] * args["BLOCK_N"] <= 16384 and c.kwargs["BLOCK_K"] <= args["BLOCK_N"]]
+    return fits or configs[:1]
+
+
+def _pinned_stack_config(block_n: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": 16 if block_n >= 512 else 32, "BLOCK_K": min(block_n, 32)}, num_warps=8 if block_n >= 256 else 4
+    )
+
+
+@tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N"], prune=_prune_stack)
+@triton.jit
+def stack_forward_kernel(
+    x_ptr,  # x_0 of the first layer, (rows, n)
+    w_ptr,  # (layers, n, n)
+    bias_ptr,  # (layers, n) or unused
+    out_ptr,  # x of the last layer, (rows, n)
+    states_ptr,  # x_1..x_{layers-1}, (layers - 1, rows, n); a one-slot scratch when state_stride == 0
+    signs_ptr,  # (layers, planes, rows, ceil(n / 8)) uint8, when PLANES
+    pre_ptr,  # h, (layers, rows, n), when SAVE_PRE
+    rows,
+    n,
+    num_layers,
+    rows_bucket,  # autotuning key only
+    scale,
+    state_stride,
+    ACT: tl.constexpr,
+    PRE_BLOCK: tl.constexpr,
+    MEAN_SUBTRACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PLANES: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = r < rows
+    col_ok = c < n
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = r[:, None] * n + c[None, :]
+    layer_elems = tl.cast(rows, tl.int64) * n
+    nbytes = (n + 7) // 8
+    plane_bytes = tl.cast(rows, tl.int64) * nbytes
+    byte = tl.arange(0, BLOCK_N // 8)
+    byte_offs = r[:, None] * nbytes + byte[None, :]
+    byte_ok = row_ok[:, None] & (byte < nbytes)[None, :]
+
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    for layer in range(num_layers):
+        a_ptr = _state_ptr(x_ptr, states_ptr, layer, state_stride)
+        if layer > 0:
+            tl.debug_barrier()  # the scratch slot may still be read by the previous layer's GEMM
+            tl.store(a_ptr + offs, x, mask=ok)
+            tl.debug_barrier()  # the GEMM below reads what other threads of this program stored
+        h = _matmul_rows(
+            a_ptr, w_ptr + tl.cast(layer, tl.int64) * n * n, r, row_ok, n,
+            True, PRE_BLOCK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        )  # fmt: skip
+        if HAS_BIAS:
+            h += tl.load(bias_ptr + tl.cast(layer, tl.int64) * n + c, mask=col_ok, other=0.0)[None, :]
+        if PRE_BLOCK:
+            u = h
+        else:
+            if PLANES > 0:
+                positive, negative = sign_bits(h, ACT)
+                signs = signs_ptr + layer * PLANES * plane_bytes
+                tl.store(signs + byte_offs, pack_bits(positive, BLOCK_M, BLOCK_N), mask=byte_ok)
+                if PLANES > 1:
+                    tl.store(signs + plane_bytes + byte_offs, pack_bits(negative, BLOCK_M, BLOCK_N), mask=byte_ok)
+            if SAVE_PRE:
+                tl.store(pre_ptr + layer * layer_elems + offs, h, mask=ok)
+            u = activation(h, ACT)
+        u = tl.where(ok, u, 0.0)
+        if MEAN_SUBTRACT:
+            u = tl.where(ok, u - row_mean(u, n)[:, None], 0.0)
+        x = x + scale * u
+    tl.store(out_ptr + offs, x, mask=ok)
+
+
+@tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N"], prune=_prune_stack)
+@triton.jit
+def stack_backward_kernel(
+    grad_out_ptr,  # dLoss/dx of the last layer, (rows, n)
+    x_ptr,  # x_0 of the first layer
+    states_ptr,  # x_1..x_{layers-1}
+    signs_ptr,
+    pre_ptr,
+    w_ptr,
+    grad_x_ptr,  # dLoss/dx_0, (rows, n)
+    grad_h_ptr,  # dh_l (post) or dz_l (pre), (layers, rows, n)
+    rows,
+    n,
+    num_layers,
+    rows_bucket,
+    scale,
+    state_stride,
+    ACT: tl.constexpr,
+    PRE_BLOCK: tl.constexpr,
+    MEAN_SUBTRACT: tl.constexpr,
+    PLANES: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = r < rows
+    col_ok = c < n
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = r[:, None] * n + c[None, :]
+    layer_elems = tl.cast(rows, tl.int64) * n
+    nbytes = (n + 7) // 8
+    plane_bytes = tl.cast(rows, tl.int64) * nbytes
+    byte = tl.arange(0, BLOCK_N // 8)
+    byte_offs = r[:, None] * nbytes + byte[None, :]
+    byte_ok = row_ok[:, None] & (byte < nbytes)[None, :]
+
+    g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0)
+    for step in range(num_layers):
+        layer = num_layers - 1 - step
+        dv = scale * g
+        if MEAN_SUBTRACT:
+            dv = tl.where(ok, dv - row_mean(dv, n)[:, None], 0.0)
+        if PRE_BLOCK:
+            dh = dv
+        elif PLANES > 0:
+            signs = signs_ptr + layer * PLANES * plane_bytes
+            positive = unpack_bits(tl.load(signs + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
+            negative = positive
+            if PLANES > 1:
+                negative = unpack_bits(tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
+            dh = chain_sign_bits(dv, positive, negative, ACT)
+        elif SAVE_PRE:
+            dh = chain_activation(dv, tl.load(pre_ptr + layer * layer_elems + offs, mask=ok, other=0.0), ACT)
+        else:
+            dh = dv
+        dh = tl.where(ok, dh, 0.0)
+        grad_h = grad_h_ptr + layer * layer_elems
+        tl.store(grad_h + offs, dh, mask=ok)
+        tl.debug_barrier()  # the GEMM reads dh rows stored by other threads of this program
+        back = _matmul_rows(grad_h, w_ptr + tl.cast(layer, tl.int64) * n * n, r, row_ok, n, False, False, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if PRE_BLOCK:
+            x = tl.load(_state_ptr(x_ptr, states_ptr, layer, state_stride) + offs, mask=ok, other=0.0)
+            back = chain_activation(back, x, ACT)
+        g = g + tl.where(ok, back, 0.0)
+    tl.store(grad_x_ptr + offs, g, mask=ok)
+
+
+def _weight_grad_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_R": r}, num_warps=4, num_stages=3)
+        for i in (32, 64)
+        for j in (32, 64)
+        for r in (32, 64)
+    ]
+
+
+@tuned(_weight_grad_configs(), key=["n", "rows_bucket"])
+@triton.jit
+def stack_weight_grad_kernel(
+    grad_h_ptr,  # (layers, rows, n)
+    x_ptr,
+    states_ptr,
+    grad_w_ptr,  # (layers, n, n)
+    grad_b_ptr,  # (layers, n), when HAS_BIAS
+    rows,
+    n,
+    rows_bucket,
+    state_stride,
+    ACT: tl.constexpr,
+    PRE_BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """dW_l[i, j] = sum_r dh_l[r, i] a_l[r, j] with a_l = x_l (post) or phi(x_l) (pre); db_l[i] = sum_r dh_l[r, i].
+    Grid: (layers, tiles of i, tiles of j)."""
+    layer = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
+    grad_h = grad_h_ptr + tl.cast(layer, tl.int64) * rows * n
+    a_ptr = _state_ptr(x_ptr, states_ptr, layer, state_stride)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=grad_w_ptr.dtype.element_ty)
+    bias_acc = tl.zeros([BLOCK_I], dtype=grad_w_ptr.dtype.element_ty)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_ok = r < rows
+        dh_t = tl.load(grad_h + r[None, :] * n + i[:, None], mask=row_ok[None, :] & (i < n)[:, None], other=0.0)
+        a = tl.load(a_ptr + r[:, None] * n + j[None, :], mask=row_ok[:, None] & (j < n)[None, :], other=0.0)
+        if PRE_BLOCK:
+            a = activation(a, ACT)
+        acc = tl.dot(dh_t, a, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(dh_t, axis=1)
+    layer_w = grad_w_ptr + tl.cast(layer, tl.int64) * n * n
+    tl.store(layer_w + i[:, None] * n + j[None, :], acc, mask=(i < n)[:, None] & (j < n)[None, :])
+    if HAS_BIAS and tl.program_id(2) == 0:
+        tl.store(grad_b_ptr + tl.cast(layer, tl.int64) * n + i, bias_acc, mask=i < n)
+
+
+def _block_n(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _layer_groups(n: int, depth: int) -> list[tuple[int, int]]:
+    """The layer ranges [l0, l1) each launch runs: all at once up to DEPTH_FUSED_MAX_WIDTH, else one by one."""
+    if n <= DEPTH_FUSED_MAX_WIDTH:
+        return [(0, depth)]
+    return [(layer, layer + 1) for layer in range(depth)]
+
+
+def _states_at(x: Tensor, states: Tensor, layer: int) -> Tensor:
+    """x_layer as a (rows, n) tensor: the input for layer 0, else a slot of the states."""
+    return x if layer == 0 else states[(layer - 1) % states.shape[0]]
+
+
+def stack_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    activation: str,
+    block: str,
+    mean_subtract: bool,
+    save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Runs the stack on x (rows, n); returns (out, states, signs, pre).
+
+    states (L-1, rows, n) holds x_1..x_{L-1}; signs (L, planes, rows, ceil(n/8)) uint8 the sign bits of
+    h; pre (L, rows, n) the pre-activations h (gelu, silu). Without save_for_backward they have 0 layers.
+    """
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    rows, n = x.shape
+    depth = weight.shape[0]
+    planes = sign_planes(activation, block)
+    save_pre = saves_pre_activation(activation, block)
+    kept = depth if save_for_backward else 0
+    out = torch.empty_like(x)
+    states = x.new_empty(max(kept - 1, 0), rows, n)
+    signs = x.new_empty(kept, planes, rows, (n + 7) // 8, dtype=torch.uint8)
+    pre = x.new_empty(kept if save_pre else 0, rows, n)
+    if rows == 0:
+        return out, states, signs, pre
+    # In inference the states are a ring of two slots (x_l is read while x_{l+1} is written by the
+    # next launch); a depth-fused launch reuses one slot in place (state_stride 0).
+    ring = states if save_for_backward else x.new_empty(min(depth - 1, 2), rows, n)
+    block_n = _block_n(n)
+    for l0, l1 in _layer_groups(n, depth):
+        launch(
+            stack_forward_kernel,
+            lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
+            _pinned_stack_config(block_n),
+            _states_at(x, ring, l0),
+            weight[l0:l1],
+            weight if bias is None else bias[l0:l1],
+            out if l1 == depth else _states_at(x, ring, l1),
+            ring[l0:] if save_for_backward else ring,
+            signs[l0:l1] if save_for_backward else signs,
+            pre[l0:l1] if save_for_backward else pre,
+            rows,
+            n,
+            l1 - l0,
+            rows_bucket(rows),
+            scale,
+            ring.stride(0) if save_for_backward else 0,
+            ACT=activation,
+            PRE_BLOCK=block == "pre",
+            MEAN_SUBTRACT=mean_subtract,
+            HAS_BIAS=bias is not None,
+            PLANES=planes if save_for_backward else 0,
+            SAVE_PRE=save_pre and save_for_backward,
+            PRECISION=input_precision(x.dtype),
+            BLOCK_N=block_n,
+        )
+    return out, states, signs, pre
+
+
+def stack_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    states: Tensor,
+    signs: Tensor,
+    pre: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    activation: str,
+    block: str,
+    mean_subtract: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (grad_x, grad_weight, grad_bias) of ``stack_forward``; grad_bias has 0 rows without bias."""
+    grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+    rows, n = x.shape
+    depth = weight.shape[0]
+    grad_x = torch.empty_like(x)
+    grad_h = x.new_empty(depth, rows, n)
+    grad_w = torch.empty_like(weight)
+    grad_b = weight.new_empty(0 if bias is None else depth, n)
+    if rows == 0:
+        return grad_x.zero_(), grad_w.zero_(), grad_b.zero_()
+    block_n = _block_n(n)
+    precision = input_precision(x.dtype)
+    groups = _layer_groups(n, depth)
+    grad_ring = x.new_empty(min(len(groups) - 1, 2), rows, n)  # gradients between per-layer launches
+    for l0, l1 in reversed(groups):
+        launch(
+            stack_backward_kernel,
+            lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
+            _pinned_stack_config(block_n),
+            grad_out if l1 == depth else grad_ring[l1 % grad_ring.shape[0]],
+            _states_at(x, states, l0),
+            states[l0:],
+            signs[l0:l1],
+            pre[l0:l1],
+            weight[l0:l1],
+            grad_x if l0 == 0 else grad_ring[l0 % grad_ring.shape[0]],
+            grad_h[l0:l1],
+            rows,
+            n,
+            l1 - l0,
+            rows_bucket(rows),
+            scale,
+            states.stride(0),
+            ACT=activation,
+            PRE_BLOCK=block == "pre",
+            MEAN_SUBTRACT=mean_subtract,
+            PLANES=signs.shape[1],
+            SAVE_PRE=pre.shape[0] > 0,
+            PRECISION=precision,
+            BLOCK_N=block_n,
+        )
+    launch(
+        stack_weight_grad_kernel,
+        lambda meta: (depth, triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(n, meta["BLOCK_J"])),
+        triton.Config({"BLOCK_I": 64 if n >= 256 else 32, "BLOCK_J": 64 if n >= 256 else 32, "BLOCK_R": 32}, num_warps=4),
+        grad_h,
+        x,
+        states,
+        grad_w,
+        grad_w if bias is None else grad_b,
+        rows,
+        n,
+        rows_bucket(rows),
+        states.stride(0),
+        ACT=activation,
+        PRE_BLOCK=block == "pre",
+        HAS_BIAS=bias is not None,
+        PRECISION=precision,
+    )
+    return grad_x, grad_w, grad_b

@@ -1,0 +1,60 @@
+"""Launch configurations: autotuning on GPUs, one pinned config per shape otherwise.
+
+Autotuning is keyed on the width, a bucket of the row count and the tensor dtypes. It is off under
+the Triton interpreter (there, ``triton.autotune`` over several configs fails with "0 active drivers")
+and when DMUP_AUTOTUNE=0; the kernels then launch with ``pinned(...)``, a safe default per shape.
+Both settings are read once, when dmup_kernels is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from . import INTERPRETED
+
+AUTOTUNE: bool = os.environ.get("DMUP_AUTOTUNE", "1") != "0" and not INTERPRETED
+
+
+def tuned(configs: list[triton.Config], key: list[str], prune: Callable | None = None) -> Callable:
+    """Decorator: the kernel autotuned over ``configs`` when AUTOTUNE, else the kernel itself.
+
+    ``prune(configs, named_args)`` drops the configs that do not fit a shape (e.g. too many registers).
+    """
+
+    def wrap(kernel):
+        if not AUTOTUNE:
+            return kernel
+        # Triton passes the positional arguments and the keyword ones (the constexprs) apart.
+        early_prune = (
+            None
+            if prune is None
+            else {"early_config_prune": lambda configs, args, **kwargs: prune(configs, {**args, **kwargs})}
+        )
+        return triton.autotune(configs, key=key, prune_configs_by=early_prune)(kernel)
+
+    return wrap
+
+
+def launch(kernel, grid: Callable, pinned: triton.Config, *args, **kwargs) -> None:
+    """Launches ``kernel`` on the current stream, through ``wrap_triton`` so torch.compile can trace it;
+    with the pinned config when not autotuning."""
+    if not AUTOTUNE:
+        kwargs = {**kwargs, **pinned.kwargs, "num_warps": pinned.num_warps, "num_stages": pinned.num_stages}
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def rows_bucket(rows: int) -> int:
+    """The autotuning bucket of a row count: the next power of two, at most 2^16."""
+    return min(triton.next_power_of_2(max(rows, 1)), 1 << 16)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: exact ("ieee") unless float32 matmuls may use TF32, as torch's own setting says."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
