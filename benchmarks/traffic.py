@@ -1,0 +1,188 @@
+"""Memory-traffic model: the DRAM bytes one layer of a "post" residual stack moves, per implementation.
+
+A model, computed from the shapes, not a measurement: each implementation is a list of the passes it
+makes over memory, with the bytes each pass reads and writes. Assumptions: a (n x n) weight is read
+from DRAM once per layer (the row-tile programs share it through L2); a tile a program has just
+written and reads back at once (the GEMM operand of the fused kernels) is an L2 hit; the activations
+of eager PyTorch go through DRAM. With P = B*n*itemsize bytes (one activation tensor), W = n*n*itemsize
+and S = the sign bits, a training step of relu with mean subtraction moves about 27P + 3W per layer in
+eager PyTorch, 7P + 3W + 2S in the fused block and 4P + 3W + 2S in the depth-fused stack; in inference
+12P + W, 2P + W and W.
+
+    python -m benchmarks.traffic --width 128 --batch 4096 --depth 512
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, FUSED_BLOCK_MAX_WIDTH, sign_planes
+
+Passes = list[tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer of a post-activation stack: width n, batch B, and what the epilogue does."""
+
+    width: int
+    batch: int
+    activation: str = "relu"
+    mean_subtract: bool = True
+    bias: bool = False
+    itemsize: int = 4
+
+    @property
+    def act(self) -> int:
+        """P: bytes of one (B, n) activation tensor."""
+        return self.batch * self.width * self.itemsize
+
+    @property
+    def weight(self) -> int:
+        """W: bytes of one (n, n) weight."""
+        return self.width * self.width * self.itemsize
+
+    @property
+    def signs(self) -> int:
+        """S: bytes of the sign bits the fused kernels keep for phi' (relu 1 plane, abs 2)."""
+        return sign_planes(self.activation, "post") * self.batch * ((self.width + 7) // 8)
+
+    @property
+    def pre_activation(self) -> int:
+        """Bytes of h the fused kernels keep for a smooth phi (gelu, silu)."""
+        return self.act if self.activation in ("gelu", "silu") else 0
+
+    @property
+    def bias_bytes(self) -> int:
+        return self.width * self.itemsize if self.bias else 0
+
+
+def eager_passes(s: LayerShape, training: bool) -> Passes:
+    """Eager PyTorch (``reference.post_block``): one kernel per op, every intermediate in DRAM."""
+    p, w = s.act, s.weight
+    forward = [("linear: read x, W; write h", 2 * p + w + s.bias_bytes)]
+    if s.activation != "identity":
+        forward.append(("phi: read h; write u", 2 * p))
+    if s.mean_subtract:
+        forward += [("mean: read u", p), ("u - mean: read u; write v", 2 * p)]
+    forward += [("s * v: read v; write", 2 * p), ("x + s v: read x, s v; write", 3 * p)]
+    if not training:
+        return forward
+    backward = [("grad of s * v: read g; write", 2 * p)]
+    if s.mean_subtract:
+        backward += [("grad of mean: read", p), ("grad of u - mean: read, write", 2 * p)]
+    if s.activation != "identity":
+        backward.append(("phi': read grad, h or u; write dh", 3 * p))
+    backward += [
+        ("dx = dh W: read dh, W; write", 2 * p + w),
+        ("dW = dh^T x: read dh, x; write dW", 2 * p + w),
+        ("x grads summed: read 2; write", 3 * p),
+    ]
+    if s.bias:
+        backward.append(("db: read dh", p))
+    return forward + backward
+
+
+def gemm_epilogue_passes(s: LayerShape, training: bool) -> Passes:
+    """A library GEMM per layer and the fused epilogue kernel (Triton for n > 1024; the CUDA C++ path)."""
+    p, w = s.act, s.weight
+    forward = [("GEMM: read x, W; write h", 2 * p + w + s.bias_bytes), ("epilogue: read x, h; write", 3 * p)]
+    if not training:
+        return forward
+    return forward + [
+        ("epilogue backward: read g, h; write dh", 3 * p),
+        ("dx = dh W: read dh, W; write", 2 * p + w),
+        ("x grads summed: read 2; write", 3 * p),
+        ("dW = dh^T x: read dh, x; write dW", 2 * p + w),
+    ]
+
+
+def fused_block_passes(s: LayerShape, training: bool) -> Passes:
+    """Kernel 2, one launch per layer: GEMM and epilogue in one kernel, x_l read once, x_{l+1} written once."""
+    p, w = s.act, s.weight
+    saved = s.signs + s.pre_activation if training else 0
+    forward = [("fused block: read x, W; write x_next, phi' state", 2 * p + w + s.bias_bytes + saved)]
+    if not training:
+        return forward
+    return forward + [
+        ("backward: read g, phi' state, W; write dh, dx", 3 * p + w + saved),
+        ("dW, db: read dh, x; write dW", 2 * p + w),
+    ]
+
+
+def depth_fused_passes(s: LayerShape, training: bool) -> Passes:
+    """Kernel 3: the residual stream and its gradient stay on chip across layers; only W_l streams in,
+    and in training the state the backward needs goes out."""
+    p, w = s.act, s.weight
+    saved = s.signs + s.pre_activation if training else 0
+    forward = [("stack forward: read W; write x_l, phi' state", w + s.bias_bytes + (p + saved if training else 0))]
+    if not training:
+        return forward
+    return forward + [
+        ("stack backward: read phi' state, W; write dh", p + w + saved),
+        ("dW, db: read dh, x; write dW", 2 * p + w),
+    ]
+
+
+MODELS = {
+    "eager": eager_passes,
+    "GEMM + epilogue": gemm_epilogue_passes,
+    "fused block": fused_block_passes,
+    "depth-fused stack": depth_fused_passes,
+}
+
+
+def triton_path(width: int) -> str:
+    """The kernel the Triton backend runs a stack of this width with."""
+    if width <= DEPTH_FUSED_MAX_WIDTH:
+        return "depth-fused stack"
+    return "fused block" if width <= FUSED_BLOCK_MAX_WIDTH else "GEMM + epilogue"
+
+
+VARIANT_MODELS = {"eager": lambda width: "eager", "triton": triton_path, "cuda": lambda width: "GEMM + epilogue"}
+"""The model of each benchmark variant that has one (torch.compile's fusion and the C++ CPU kernel's cache
+use are not modelled)."""
+
+
+def layer_bytes(model: str, shape: LayerShape, training: bool) -> int:
+    return sum(nbytes for _, nbytes in MODELS[model](shape, training))
+
+
+def table(shape: LayerShape, depth: int) -> str:
+    """Bytes per layer and per stack for every model, training step and inference, with the ratio to eager."""
+    lines = [
+        f"DRAM traffic model, post block, {shape.activation}, MS {'on' if shape.mean_subtract else 'off'}, "
+        f"n={shape.width}, B={shape.batch}, L={depth}, {shape.itemsize}-byte floats",
+        f"{'model':<18} {'train MiB/layer':>15} {'vs eager':>8} {'infer MiB/layer':>15} {'vs eager':>8} "
+        f"{'train GiB/stack':>15}",
+    ]
+    eager = {mode: layer_bytes("eager", shape, mode) for mode in (True, False)}
+    for model in MODELS:
+        train, infer = layer_bytes(model, shape, True), layer_bytes(model, shape, False)
+        lines.append(
+            f"{model:<18} {train / 2**20:>15.3f} {eager[True] / train:>7.1f}x {infer / 2**20:>15.3f} "
+            f"{eager[False] / infer:>7.1f}x {train * depth / 2**30:>15.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--depth", type=int, default=512)
+    parser.add_argument("--activation", default="relu")
+    parser.add_argument("--itemsize", type=int, default=4)
+    args = parser.parse_args(argv)
+    print(table(LayerShape(args.width, args.batch, args.activation, itemsize=args.itemsize), args.depth))
+    print("\npasses per layer (training step):")
+    for model, passes in MODELS.items():
+        shape = LayerShape(args.width, args.batch, args.activation, itemsize=args.itemsize)
+        print(f"  {model}:")
+        for name, nbytes in passes(shape, True):
+            print(f"    {nbytes / 2**20:9.3f} MiB  {name}")
+
+
+if __name__ == "__main__":
+    main()
