@@ -1,4 +1,5 @@
-// Activation functions phi and their backward g * phi'(h), written once for every backend.
+// Activation functions phi and their backward g * phi'(h), written once for every backend, with
+// the block forms and the layout of the sign bits a stack saves for its backward.
 //
 // Each formula is a template over the number type T, so the same text serves float and double on
 // the host, float on a CUDA device, and the SIMD vector types of the CPU stack kernel. T needs
@@ -22,6 +23,16 @@ enum class Activation : int32_t { Identity = 0, Relu = 1, Abs = 2, Gelu = 3, Sil
 
 // The residual block forms of SPEC 2.2: phi after the GEMM ("post") or before it ("pre").
 enum class Block : int32_t { Post = 0, Pre = 1 };
+
+// The stack's saved sign bits, the same on every device: per layer, `planes` planes of (n, words)
+// 16-bit words, bit r % 16 of word r / 16 of feature j holding row r: [h > 0] (plane 0), [h < 0]
+// (plane 1). A "post" block saves relu's [h > 0], and abs's [h < 0] too; smooth activations save
+// nothing and recompute h in the backward. "pre" blocks save none: phi's argument there is x_l,
+// which is saved anyway.
+DMUP_HOST_DEVICE constexpr int mask_planes(Activation a, Block block) {
+  return block != Block::Post ? 0 : a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0;
+}
+DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + 15) / 16; }
 
 template <class T>
 DMUP_HOST_DEVICE T select(bool cond, T a, T b) { return cond ? a : b; }

@@ -3,7 +3,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "activations.h"
 
@@ -34,6 +38,57 @@ inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor
   TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the device of ", a_name, " (", a.device(),
                     "); got ", b.device());
   TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
+}
+
+// The inputs of residual_stack (x, or grad_out in the backward): x (B, n) and weight (L, n, n) of
+// one float dtype on one device of type `device`, bias (L, n) or none.
+inline void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::DeviceType device) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
+                        weight.size(2) == x.size(1),
+                    "weight must have shape (depth, width, width) with width = x.size(1) = ", x.size(1), "; got ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x must be float32 or float64 for the ", device, " stack kernel; got ", x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have the dtype of x (", x.scalar_type(),
+                   "); got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.device().type() == device && weight.device() == x.device(),
+                    "x and weight must be ", device, " tensors on one device; got ", x.device(), " and ",
+                    weight.device());
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1),
+                      "bias must have shape (depth, width) = (", weight.size(0), ", ", x.size(1), "); got ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(),
+                     "); got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x.device(), "bias must be on the device of x (", x.device(), "); got ",
+                      bias->device());
+  }
+}
+
+// residual_stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved (L, n, B)
+// and mask (L, planes, n, ceil(B/16)) int16, zeroed (the portable CPU kernel only sets bits). Without
+// save_for_backward (inference) saved and mask have 0 layers.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(const at::Tensor& x, int64_t depth,
+                                                                          int planes, bool save_for_backward) {
+  const int64_t batch = x.size(0), width = x.size(1), kept = save_for_backward ? depth : 0;
+  return {at::empty({batch, width}, x.options()), at::empty({kept, width, batch}, x.options()),
+          at::zeros({kept, planes, width, mask_words(batch)}, x.options().dtype(at::kShort))};
+}
+
+// The state residual_stack returned for residual_stack_backward: saved (L, n, B) of grad_out's dtype
+// and mask (L, planes, n, ceil(B/16)) int16, both contiguous and on grad_out's device.
+inline void check_stack_state(const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& grad_out,
+                              int64_t depth, int planes) {
+  const int64_t batch = grad_out.size(0), width = grad_out.size(1);
+  TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({depth, width, batch}) && saved.is_contiguous() &&
+                        saved.scalar_type() == grad_out.scalar_type() && saved.device() == grad_out.device(),
+                    "saved must be the contiguous (depth, width, batch) state returned by residual_stack; got ",
+                    saved.sizes());
+  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({depth, planes, width, mask_words(batch)}) &&
+                        mask.is_contiguous() && mask.scalar_type() == at::kShort && mask.device() == grad_out.device(),
+                    "mask must be the state returned by residual_stack; got ", mask.sizes());
 }
 
 }  // namespace dmup

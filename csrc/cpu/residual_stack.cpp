@@ -9,7 +9,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -69,27 +68,6 @@ StackKernels<T> select_kernels(Activation activation, Block block) {
   return stack_kernels_portable<T>(activation, block);
 }
 
-void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
-                        weight.size(2) == x.size(1),
-                    "weight must have shape (depth, width, width) with width = x.size(1) = ", x.size(1), "; got ",
-                    weight.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "x must be float32 or float64 for the CPU stack kernel; got ", x.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have the dtype of x (", x.scalar_type(),
-                   "); got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "x and weight must be CPU tensors");
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1),
-                      "bias must have shape (depth, width) = (", weight.size(0), ", ", x.size(1), "); got ",
-                      bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(),
-                     "); got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device().is_cpu(), "bias must be a CPU tensor");
-  }
-}
-
 template <class T>
 StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              double scale, c10::string_view activation, c10::string_view block, bool mean_subtract) {
@@ -112,16 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
                                                                   double scale, c10::string_view activation,
                                                                   c10::string_view block, bool mean_subtract,
                                                                   bool save_for_backward) {
-  check_stack_inputs(x_in, weight_in, bias_in);
+  check_stack_inputs(x_in, weight_in, bias_in, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
-  const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
   const int planes = mask_planes(parse_activation(activation), parse_block(block));
-  at::Tensor out = at::empty({batch, width}, x.options());
-  // Without save_for_backward (inference) nothing is kept: saved and mask come back with 0 layers.
-  const int64_t kept = save_for_backward ? depth : 0;
-  at::Tensor saved = at::empty({kept, width, batch}, x.options());
-  at::Tensor mask = at::zeros({kept, planes, width, mask_words(batch)}, x.options().dtype(at::kShort));
+  at::Tensor out, saved, mask;
+  std::tie(out, saved, mask) = empty_stack_outputs(x, weight.size(0), planes, save_for_backward);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
@@ -139,18 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
     bool mean_subtract) {
-  check_stack_inputs(grad_out_in, weight_in, bias_in);
+  check_stack_inputs(grad_out_in, weight_in, bias_in, c10::DeviceType::CPU);
   const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
   const int planes = mask_planes(parse_activation(activation), parse_block(block));
-  TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({depth, width, batch}) && saved.is_contiguous() &&
-                        saved.scalar_type() == grad_out.scalar_type(),
-                    "saved must be the contiguous (depth, width, batch) state returned by residual_stack; got ",
-                    saved.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({depth, planes, width, mask_words(batch)}) &&
-                        mask.is_contiguous() && mask.scalar_type() == at::kShort,
-                    "mask must be the state returned by residual_stack; got ", mask.sizes());
+  check_stack_state(saved, mask, grad_out, depth, planes);
   at::Tensor grad_x = at::empty({batch, width}, grad_out.options());
   at::Tensor grad_h = at::empty({depth, width, batch}, grad_out.options());
   at::Tensor grad_weight = at::empty({depth, width, width}, grad_out.options());

@@ -33,14 +33,6 @@
 
 namespace dmup {
 
-// Bit planes saved per element of a "post" block: relu needs [h > 0], abs also [h < 0]; smooth
-// activations save nothing and recompute h in the backward. "pre" blocks save none: phi's argument
-// there is x_l, which is saved anyway.
-constexpr int mask_planes(Activation a, Block block) {
-  return block != Block::Post ? 0 : a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0;
-}
-inline int64_t mask_words(int64_t batch) { return (batch + 15) / 16; }
-
 // C (M x N, row stride cs) (+)= A (M x K, element (i, p) at a[i*asi + p*asp]) * Bm (K x N, row
 // stride bs, unit column stride); what stack_impl::gemm computes, as a replaceable function.
 template <class T>

@@ -1,10 +1,12 @@
-// CUDA kernels of the residual epilogue (SPEC 2.2-2.3), shared by scaled_residual and by every
-// block of the CUDA stack driver (after its GEMM):
-//   forward   out = x + s * MS(phi(h)),            h = branch + bias
-//   backward  grad_branch = phi'(h) * MS(s * g)
+// CUDA kernels of dmup::scaled_residual, the residual epilogue (SPEC 2.2-2.3) on rows of width n:
+//   forward   out = x + s * MS(phi(b))
+//   backward  grad_branch = phi'(b) * MS(s * g)
 // One thread block per row: the row mean is a block reduction (warp shuffles, then one value per
-// warp through shared memory), then a second pass over the row, which is still in L1/L2. Sums run
-// in float for half types (acc_t); offsets are int64 so rows * n may exceed 2^31.
+// warp through shared memory), then a second pass over the row, which is still in L1/L2. Half types
+// are computed in float (Acc) and rounded once on store, as on the CPU; offsets are int64 so rows * n
+// may exceed 2^31.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -15,6 +17,27 @@
 namespace dmup {
 namespace cuda {
 namespace {
+
+// The type the math runs in: float for the half types, else the storage type. Explicit
+// conversions, since torch's nvcc flags turn off the implicit ones of __half and __nv_bfloat16.
+template <class T>
+struct Acc {
+  using type = T;
+  static __device__ T load(T v) { return v; }
+  static __device__ T store(T v) { return v; }
+};
+template <>
+struct Acc<__half> {
+  using type = float;
+  static __device__ float load(__half v) { return __half2float(v); }
+  static __device__ __half store(float v) { return __float2half(v); }
+};
+template <>
+struct Acc<__nv_bfloat16> {
+  using type = float;
+  static __device__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 store(float v) { return __float2bfloat16(v); }
+};
 
 constexpr int kThreads = 256;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -33,43 +56,42 @@ __device__ T block_sum(T v) {
   return total;
 }
 
-template <class T>
-__device__ T branch_at(const T* branch, const T* bias, int64_t j) {
-  return bias ? branch[j] + bias[j] : branch[j];
-}
-
 template <class T, Activation A>
 __global__ void __launch_bounds__(kThreads)
-    scaled_residual_kernel(const T* __restrict__ x, const T* __restrict__ branch, const T* __restrict__ bias,
-                           T* __restrict__ out, int64_t n, T scale, bool mean_subtract) {
+    scaled_residual_kernel(const T* __restrict__ x, const T* __restrict__ branch, T* __restrict__ out, int64_t n,
+                           typename Acc<T>::type scale, bool mean_subtract) {
   using Phi = Act<A>;
+  using C = typename Acc<T>::type;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * n;
-  T mean = T(0);
+  C mean = C(0);
   if (mean_subtract) {
-    T sum = T(0);
-    for (int64_t j = threadIdx.x; j < n; j += kThreads) sum += Phi::value(branch_at(branch + row, bias, j));
-    mean = block_sum(sum) / static_cast<T>(n);
+    C sum = C(0);
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) sum += Phi::value(Acc<T>::load(branch[row + j]));
+    mean = block_sum(sum) / static_cast<C>(n);
   }
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    out[row + j] = x[row + j] + scale * (Phi::value(branch_at(branch + row, bias, j)) - mean);
+    const C u = Phi::value(Acc<T>::load(branch[row + j]));
+    out[row + j] = Acc<T>::store(Acc<T>::load(x[row + j]) + scale * (u - mean));
   }
 }
 
 template <class T, Activation A>
 __global__ void __launch_bounds__(kThreads)
     scaled_residual_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ branch,
-                                    const T* __restrict__ bias, T* __restrict__ grad_branch, int64_t n, T scale,
+                                    T* __restrict__ grad_branch, int64_t n, typename Acc<T>::type scale,
                                     bool mean_subtract) {
   using Phi = Act<A>;
+  using C = typename Acc<T>::type;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * n;
-  T mean = T(0);
+  C mean = C(0);
   if (mean_subtract) {
-    T sum = T(0);
-    for (int64_t j = threadIdx.x; j < n; j += kThreads) sum += scale * grad_out[row + j];
-    mean = block_sum(sum) / static_cast<T>(n);
+    C sum = C(0);
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) sum += scale * Acc<T>::load(grad_out[row + j]);
+    mean = block_sum(sum) / static_cast<C>(n);
   }
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
-    grad_branch[row + j] = Phi::backward(branch_at(branch + row, bias, j), scale * grad_out[row + j] - mean);
+    const C du = scale * Acc<T>::load(grad_out[row + j]) - mean;
+    grad_branch[row + j] = Acc<T>::store(Phi::backward(Acc<T>::load(branch[row + j]), du));
   }
 }
 
@@ -80,37 +102,39 @@ dim3 row_grid(int64_t rows) { return dim3(static_cast<unsigned>(rows)); }
 }  // namespace
 
 template <class T>
-cudaError_t launch_scaled_residual(const T* x, const T* branch, const T* bias, T* out, int64_t rows, int64_t n,
-                                   double scale, Activation activation, bool mean_subtract, cudaStream_t stream) {
+cudaError_t launch_scaled_residual(const T* x, const T* branch, T* out, int64_t rows, int64_t n, double scale,
+                                   Activation activation, bool mean_subtract, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   if (rows > kMaxRows) return cudaErrorInvalidValue;
   dispatch_activation(activation, [&](auto tag) {
     scaled_residual_kernel<T, decltype(tag)::value><<<row_grid(rows), kThreads, 0, stream>>>(
-        x, branch, bias, out, n, static_cast<T>(scale), mean_subtract);
+        x, branch, out, n, static_cast<typename Acc<T>::type>(scale), mean_subtract);
   });
   return cudaGetLastError();
 }
 
 template <class T>
-cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, const T* bias, T* grad_branch,
-                                            int64_t rows, int64_t n, double scale, Activation activation,
-                                            bool mean_subtract, cudaStream_t stream) {
+cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, T* grad_branch, int64_t rows,
+                                            int64_t n, double scale, Activation activation, bool mean_subtract,
+                                            cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   if (rows > kMaxRows) return cudaErrorInvalidValue;
   dispatch_activation(activation, [&](auto tag) {
     scaled_residual_backward_kernel<T, decltype(tag)::value><<<row_grid(rows), kThreads, 0, stream>>>(
-        grad_out, branch, bias, grad_branch, n, static_cast<T>(scale), mean_subtract);
+        grad_out, branch, grad_branch, n, static_cast<typename Acc<T>::type>(scale), mean_subtract);
   });
   return cudaGetLastError();
 }
 
-#define DMUP_INSTANTIATE(T)                                                                                       \
-  template cudaError_t launch_scaled_residual<T>(const T*, const T*, const T*, T*, int64_t, int64_t, double,       \
-                                                 Activation, bool, cudaStream_t);                                 \
-  template cudaError_t launch_scaled_residual_backward<T>(const T*, const T*, const T*, T*, int64_t, int64_t,      \
-                                                          double, Activation, bool, cudaStream_t);
+#define DMUP_INSTANTIATE(T)                                                                                    \
+  template cudaError_t launch_scaled_residual<T>(const T*, const T*, T*, int64_t, int64_t, double, Activation, \
+                                                 bool, cudaStream_t);                                          \
+  template cudaError_t launch_scaled_residual_backward<T>(const T*, const T*, T*, int64_t, int64_t, double,    \
+                                                          Activation, bool, cudaStream_t);
 DMUP_INSTANTIATE(float)
 DMUP_INSTANTIATE(double)
+DMUP_INSTANTIATE(__half)
+DMUP_INSTANTIATE(__nv_bfloat16)
 #undef DMUP_INSTANTIATE
 
 }  // namespace cuda
