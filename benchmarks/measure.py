@@ -182,6 +182,53 @@ def saved_activation_bytes(module: nn.Module, inputs: Sequence[Tensor]) -> int:
     return sum(nbytes for ptr, nbytes in storages.items() if ptr not in parameter_storages)
 
 
+def wall_clock_timer(call: Callable[[], object]) -> float:
+    """Seconds one call takes on the CPU."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+class CudaEventTimer:
+    """Seconds one call's GPU work takes on the current stream, between two CUDA events."""
+
+    def __init__(self) -> None:
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def __call__(self, call: Callable[[], object]) -> float:
+        self.start.record()
+        call()
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1e3
+
+
+def cuda_graphed(call: Callable[[], object], warmup: int = 3) -> Callable[[], object]:
+    """``call`` captured in a CUDA graph (after warm-up calls on a side stream, which also run any
+    autotuning); replaying it removes the launch overhead that dominates small shapes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
+def copy_gbps(device: torch.device | str, nbytes: int = 1 << 28, repeats: int = 7) -> float:
+    """The device's measured copy bandwidth (read + write bytes over the median time of a large copy)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    timer = CudaEventTimer() if torch.device(device).type == "cuda" else wall_clock_timer
+    seconds = [timer(lambda: dst.copy_(src)) for _ in range(repeats)]
+    return 2 * nbytes / statistics.median(seconds) / 1e9
+
+
 def time_round_robin(
     calls: dict[str, Callable[[], object]],
     *,
@@ -200,22 +247,18 @@ def time_round_robin(
     (that variant is dropped from later rounds)."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     errors: dict[str, str] = {}
-    on_cpu = torch.device(device).type == "cpu"
+    timer = CudaEventTimer() if torch.device(device).type == "cuda" else wall_clock_timer
 
     def run_round(order: list[str], record: bool) -> float:
         total = 0.0
         for name in order:
             if name in errors:
                 continue
-            start = time.perf_counter()
             try:
-                calls[name]()
-                if not on_cpu:
-                    synchronize(device)
+                elapsed = timer(calls[name])
             except Exception as error:  # noqa: BLE001 - reported, not hidden
                 errors[name] = f"{type(error).__name__}: {error}"
                 continue
-            elapsed = time.perf_counter() - start
             total += elapsed
             if record:
                 times[name].append(elapsed * 1e3)

@@ -24,6 +24,8 @@ from tqdm import tqdm
 from .cases import Case, make_problem, runner_cases
 from .measure import (
     TOLERANCE,
+    copy_gbps,
+    cuda_graphed,
     first_call_with_parity,
     grad_tolerance,
     load_average,
@@ -36,7 +38,11 @@ from .measure import (
     summarize,
     time_round_robin,
 )
+from .traffic import VARIANT_MODELS, LayerShape, layer_bytes
 from .variants import VARIANTS, Variant, eager_module
+
+CUDA_GRAPH_MAX_ELEMENTS = 1 << 16
+"""On a GPU, inference cases with B*n up to this are timed as CUDA graph replays (launch-bound shapes)."""
 
 PEERS = ("eager", "compile")
 """The variants every other variant is compared with (ratio = peer median / variant median)."""
@@ -57,7 +63,11 @@ in fwd+bwd mode, input and weight gradients are compared with the float64 eager 
 variants; median/min/max in ms. "x eager"/"x compile" = that peer's median / this median (speed-up,
 from the same run). GFLOP/s counts 2*B*n*n per GEMM, 1 GEMM per layer in fwd, 3 in fwd+bwd; the
 ceiling is a 2048x2048 float32 matmul measured at start-up. "saved" = bytes saved for backward by one
-forward (saved_tensors_hooks, storages counted once, parameters left out).
+forward (saved_tensors_hooks, storages counted once, parameters left out). Below each stack case: the
+DRAM bytes per layer that eager and each GPU kernel must move (benchmarks/traffic.py, a model from the
+shapes); on a GPU also the bandwidth that model implies at the measured time, against the measured copy
+bandwidth. On a GPU, times come from CUDA events, and inference cases with B*n <= %(graph_max)d replay
+a CUDA graph of the call.
 """
 
 EPILOG = """\
@@ -88,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     backends = ", ".join(v.name for v in VARIANTS if v.kind == "backend")
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
-        description=DESCRIPTION % {"backends": backends},
+        description=DESCRIPTION % {"backends": backends, "graph_max": CUDA_GRAPH_MAX_ELEMENTS},
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -175,8 +185,19 @@ def base_record(case: Case, variant: Variant, threads: int) -> dict[str, Any]:
         "rows_layers_per_s": None,
         "first_call_ms": None,
         "saved_bytes": None,
+        "model_bytes_per_layer": model_bytes_per_layer(case, variant),
+        "model_gbps": None,
+        "cuda_graph": False,
         "error": None,
     }
+
+
+def model_bytes_per_layer(case: Case, variant: Variant) -> int | None:
+    """The traffic model's DRAM bytes per layer for the kernel this variant runs (None without a model)."""
+    if case.op != "residual_stack" or case.block != "post" or variant.name not in VARIANT_MODELS:
+        return None
+    shape = LayerShape(case.width, case.batch, case.activation, case.mean_subtract, case.bias, case.dtype.itemsize)
+    return layer_bytes(VARIANT_MODELS[variant.name](case.width), shape, case.mode == "fwd+bwd")
 
 
 def run_case(
@@ -216,6 +237,12 @@ def run_case(
             record.update(error=f"{type(error).__name__}: {error}", parity_ok=False)
             continue
         calls[variant.name] = functools.partial(step, module, inputs, case.mode)
+        if device.type == "cuda" and case.mode == "fwd" and case.batch * case.width <= CUDA_GRAPH_MAX_ELEMENTS:
+            try:
+                calls[variant.name] = cuda_graphed(calls[variant.name])
+                record["cuda_graph"] = True
+            except Exception as error:  # noqa: BLE001 - not every variant can be captured; time it plainly
+                record["cuda_graph"] = f"not captured: {type(error).__name__}: {error}"
 
     times, errors = time_round_robin(calls, device=device, **timing) if calls else ({}, {})
     for name, message in errors.items():
@@ -227,6 +254,8 @@ def run_case(
             records[name]["gflops"] = case.flops / seconds / 1e9
         if case.op == "residual_stack":
             records[name]["rows_layers_per_s"] = case.batch * case.depth / seconds
+        if records[name]["model_bytes_per_layer"] is not None:
+            records[name]["model_gbps"] = records[name]["model_bytes_per_layer"] * case.depth / seconds / 1e9
     for record in records.values():
         record["one_flip_rel_err"] = one_flip_error(case)
     for record in records.values():
@@ -266,7 +295,9 @@ def row(cells: list[str]) -> str:
     return "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
 
 
-def case_table(case: Case, records: list[dict[str, Any]], skipped: dict[str, str]) -> str:
+def case_table(
+    case: Case, records: list[dict[str, Any]], skipped: dict[str, str], copy_bandwidth: float | None = None
+) -> str:
     """The printed table of one case, with parity failures and errors spelt out below it."""
     repeats = max((r["repeats"] for r in records), default=0)
     flavour = f"{case.activation}, block {case.block}, MS {'on' if case.mean_subtract else 'off'}"
@@ -308,7 +339,25 @@ def case_table(case: Case, records: list[dict[str, Any]], skipped: dict[str, str
         )
     for name, reason in skipped.items():
         lines.append(f"{name:<9}  {case.mode:<8}  skipped: {reason}")
-    return "\n".join(lines + notes)
+    traffic = traffic_line(case, copy_bandwidth, records)
+    return "\n".join(lines + notes + ([traffic] if traffic else []))
+
+
+def traffic_line(case: Case, copy_bandwidth: float | None, records: list[dict[str, Any]] = ()) -> str | None:
+    """DRAM bytes per layer of eager and of each GPU kernel (the traffic model), with the bandwidth the
+    model implies at the measured times when on a GPU."""
+    by_variant = {r["variant"]: r for r in records}
+    parts = []
+    for name, model in VARIANT_MODELS.items():
+        nbytes = model_bytes_per_layer(case, Variant(name, "backend"))
+        if nbytes is None:
+            return None
+        part = f"{name} ({model(case.width)}) {nbytes / 2**20:.3f} MiB"
+        gbps = by_variant.get(name, {}).get("model_gbps")
+        if gbps is not None and copy_bandwidth:
+            part += f" = {gbps:.0f} GB/s ({gbps / copy_bandwidth:.0%} of copy)"
+        parts.append(part)
+    return "    DRAM traffic model per layer: " + "; ".join(parts)
 
 
 def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
@@ -320,7 +369,8 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
         f"software: torch {machine['torch']}, python {machine['python']}, dmup_kernels C++ "
         f"{'built' if machine['dmup_kernels_cpp'] else 'NOT built'}, commit {str(machine['git_commit'])[:12]}",
         f"ceiling: {sgemm['size']}x{sgemm['size']} float32 matmul {sgemm['median_gflops']:.1f} GFLOP/s "
-        f"(median; best {sgemm['best_gflops']:.1f})",
+        f"(median; best {sgemm['best_gflops']:.1f})"
+        + (f"; copy bandwidth {machine['copy_gbps']:.0f} GB/s" if machine.get("copy_gbps") else ""),
     ]
     load = machine.get("loadavg_start")
     if load is not None:
@@ -464,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     compiling = any(v.kind == "compile" for v in variants) and any(case.compile for case in cases)
     machine = machine_info(device)
     machine["sgemm"] = matmul_gflops(device=device)
+    machine["copy_gbps"] = copy_gbps(device) if device.type == "cuda" else None
     machine["run"] = {"quick": args.quick, "argv": sys.argv[1:], "timing": TIMING["quick" if args.quick else "full"]}
     temporary_cache = None
     if compiling:
@@ -478,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for case in tqdm(cases, desc="cases", unit="case", dynamic_ncols=True):
             case_records, case_skipped = run_case(case, variants, timing, device)
-            tqdm.write("\n" + case_table(case, case_records, case_skipped))
+            tqdm.write("\n" + case_table(case, case_records, case_skipped, machine["copy_gbps"]))
             records.extend(case_records)
             skipped.extend({"case": case.name, "variant": name, "reason": why} for name, why in case_skipped.items())
             write_json(args.out, machine, records, skipped)

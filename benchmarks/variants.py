@@ -3,9 +3,8 @@ dmup_kernels backend.
 
 Every variant builds an ``nn.Module`` for a case whose forward takes the case's inputs
 (``x`` for a stack; ``x, branch_out`` for scaled_residual) and whose parameters hold copies of the
-case's parameters. To add a backend (e.g. "triton" or "cuda") add one ``Variant(name, "backend")`` to
-``VARIANTS``; it is skipped wherever ``dmup_kernels`` says it cannot run (unknown name, missing
-extension, wrong device).
+case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANTS``; it is skipped
+wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device).
 """
 
 from __future__ import annotations
@@ -108,7 +107,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("eager", "eager"),
     Variant("compile", "compile"),
     Variant("cpp", "backend"),
-    # Variant("triton", "backend"),
-    # Variant("cuda", "backend"),
+    Variant("triton", "backend"),
+    Variant("cuda", "backend"),
 )
 """All variants, in table order. Ratios are taken against the "eager" and "compile" rows."""

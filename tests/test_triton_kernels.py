@@ -245,3 +245,18 @@ def test_triton_backend_on_cpu_without_interpreter_names_the_device():
     env = {key: value for key, value in __import__("os").environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "backend='triton' runs on CUDA tensors" in result.stdout and "cpu" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("activation", ["relu", "abs", "silu", "identity"])
+def test_traffic_model_counts_the_state_the_stack_saves(activation, seed):
+    """benchmarks.traffic's depth-fused stack writes x_l and the phi' state once per layer: the bytes the
+    op really keeps for backward, per layer."""
+    from benchmarks.traffic import LayerShape
+
+    depth = 4
+    x, weight, bias = _stack_op_inputs(activation, "post", seed, rows=9, width=21, depth=depth)
+    x, weight = x.float(), weight.float()
+    _, states, signs, pre = torch.ops.dmup.triton_residual_stack(x, weight, None, 0.5, activation, "post", True, True)
+    kept = x.nbytes + states.nbytes + signs.nbytes + pre.nbytes  # x_0 is the op's input, kept by autograd
+    shape = LayerShape(21, 9, activation)
+    assert kept == depth * (shape.act + shape.signs + shape.pre_activation)
