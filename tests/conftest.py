@@ -6,11 +6,15 @@
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
   shows up as NaN. The previous settings are restored after the test.
+- ``num_threads(count)``: a context manager that runs its body with ``count`` torch threads.
+- ``saved_bytes(fn, exclude)``: the bytes autograd saves for backward while ``fn()`` runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -63,3 +67,32 @@ def nan_poison():
     finally:
         torch.use_deterministic_algorithms(previous_enabled, warn_only=previous_warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+@contextlib.contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the storages autograd saves while ``fn()`` runs, each storage once, minus ``exclude``'s
+    (the parameters, which are not activations). Runs the backward of ``fn().sum()`` to show that the
+    saved state is usable."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return sum(storages.values())

@@ -8,7 +8,6 @@ most 2x the error of eager bfloat16 plus a floor.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmup_kernels
-from conftest import rel_err
+from conftest import num_threads, rel_err, saved_bytes
 from dmup_kernels import ResidualStack, reference
 from sample_inputs import (
     ACTIVATIONS,
@@ -45,16 +44,6 @@ def mask_planes(activation: str, block: str) -> int:
 def stack_kwargs(case: StackCase) -> dict:
     spec = case.spec
     return dict(scale=case.scale, activation=spec.activation, block=spec.block, mean_subtract=spec.mean_subtract)
-
-
-@contextlib.contextmanager
-def num_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run_cpp(case: StackCase, grad_out: torch.Tensor):
@@ -354,23 +343,6 @@ def test_bitwise_independent_of_threads(spec: StackSpec, dtype, seed):
 # ---------------------------------------------------------------------------------------------------
 # 6. saved-tensor memory
 # ---------------------------------------------------------------------------------------------------
-
-
-def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes of the storages autograd saves while ``fn()`` runs, each storage once, minus ``exclude``'s."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()  # the saved state is usable
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize(
