@@ -52,15 +52,16 @@ struct Act<Activation::Identity> {
   template <class T> static DMUP_HOST_DEVICE T backward(T, T g) { return g; }
 };
 
-// phi(h) = max(h, 0); backward keeps g where h > 0 and is 0 elsewhere (even for g = inf), as
-// torch.relu's backward. NaN stays NaN in the forward (h < 0 is false for NaN).
+// phi(h) = max(h, 0). The backward is torch's threshold_backward: 0 where h <= 0 (even for g = inf),
+// g elsewhere, so g also passes where h is NaN. NaN stays NaN in the forward (h < 0 is false for NaN).
 template <>
 struct Act<Activation::Relu> {
   template <class T> static DMUP_HOST_DEVICE T value(T h) { return select(h < T(0), T(0), h); }
-  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) { return select(h > T(0), g, T(0)); }
+  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) { return select(h <= T(0), T(0), g); }
 };
 
-// phi(h) = |h|; phi'(h) = sgn(h) with sgn(0) = 0, as torch.abs's backward.
+// phi(h) = |h|; phi'(h) = sgn(h) with sgn(0) = 0 and sgn(NaN) = 0, as torch.abs's backward
+// (g * torch.sign(h)): g * 0 there, which is NaN only when g is not finite.
 template <>
 struct Act<Activation::Abs> {
   template <class T> static DMUP_HOST_DEVICE T value(T h) { return select(h < T(0), T(0) - h, h); }

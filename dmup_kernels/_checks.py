@@ -7,8 +7,10 @@ message that names the argument and says what was expected.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
 from .reference import ACTIVATIONS, BLOCKS
@@ -36,19 +38,33 @@ def check_shape(value: Tensor, name: str, expected: Sequence[int]) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}; got {tuple(value.shape)}")
 
 
-def check_width(x: Tensor, name: str, width: int) -> None:
-    """``x`` is a floating-point tensor of shape (..., width)."""
+def check_width(x: Tensor, name: str, width: int, width_name: str = "width") -> None:
+    """``x`` is a floating-point tensor of shape (..., width); ``width_name`` says what the width is."""
     check_tensor(x, name)
     if x.dim() < 1 or x.shape[-1] != width:
-        raise ValueError(f"{name} must have shape (..., {width}) (last dim = width); got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape (..., {width}) (last dim = {width_name}); got {tuple(x.shape)}")
 
 
-def check_scale(scale: object, name: str = "scale") -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{name} must be a real number; got {type(scale).__name__} {scale!r}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{name} must be finite; got {scale}")
-    return float(scale)
+def check_finite_real(value: object, name: str) -> float:
+    """A finite real number (int, float or a numpy scalar; not bool), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return float(value)
+
+
+def check_non_negative(value: object, name: str) -> float:
+    """A finite real number >= 0, returned as a float."""
+    number = check_finite_real(value, name)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0; got {number}")
+    return number
+
+
+def check_scale(scale: object) -> float:
+    """The branch multiplier: a finite real number."""
+    return check_finite_real(scale, "scale")
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
@@ -69,6 +85,12 @@ def check_flag(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
     return value
+
+
+def check_float_dtype(value: object, name: str) -> None:
+    """None (torch's default dtype) or a floating-point torch.dtype."""
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"{name} must be a floating-point torch.dtype or None; got {value!r}")
 
 
 def check_positive_int(value: object, name: str) -> int:

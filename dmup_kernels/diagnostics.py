@@ -15,8 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import (
+    check_choice,
+    check_finite_real,
+    check_like,
+    check_non_negative,
+    check_positive_int,
+    check_shape,
+    check_tensor,
+)
 from .optim import param_groups
+from .parametrization import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -42,16 +51,23 @@ def feature_diversity(
         lam: the relative depth in [0, 1) around which the stream is probed.
         eps: relative depth increments, each in (0, 1 - lam]; default: 1/L, 2/L, 4/L, ... up to 1 - lam.
     """
-    states = torch.stack(list(stream)) if not isinstance(stream, Tensor) else stream
-    check_tensor(states, "stream")
+    if not isinstance(stream, Tensor):
+        states_list = list(stream)
+        for index, state in enumerate(states_list):
+            check_tensor(state, f"stream[{index}]")
+            check_like(state, f"stream[{index}]", states_list[0], "stream[0]")
+            check_shape(state, f"stream[{index}]", states_list[0].shape)
+        stream = torch.stack(states_list) if states_list else torch.empty(0)
+    states = check_tensor(stream, "stream")
     if states.dim() < 2 or states.shape[0] < 3:
         raise ValueError(f"stream must hold at least 3 states x^0..x^L of shape (..., n); got {tuple(states.shape)}")
+    lam = check_finite_real(lam, "lam")
     if not 0.0 <= lam < 1.0:
         raise ValueError(f"lam must be in [0, 1); got {lam}")
     depth = states.shape[0] - 1
     if eps is None:
         eps = [2.0**k / depth for k in range(int(math.log2(depth)) + 1) if lam + 2.0**k / depth <= 1.0]
-    eps_values = [float(e) for e in eps]
+    eps_values = [check_finite_real(e, f"eps[{index}]") for index, e in enumerate(eps)]
     if not eps_values or any(not 0.0 < e <= 1.0 - lam for e in eps_values):
         raise ValueError(f"eps must be a non-empty list of values in (0, 1 - lam] = (0, {1.0 - lam}]; got {eps_values}")
     width = states.shape[-1]
@@ -196,12 +212,28 @@ def coord_check(
     Returns:
         rows ``{"depth", "step", "place", "mean_abs", "change"}``; ``pandas.DataFrame(rows)`` tabulates them.
     """
-    check_positive_int(steps, "steps")
+    if not callable(make_model):
+        raise TypeError(f"make_model must be a callable depth -> model; got {type(make_model).__name__}")
+    for depth in depths:
+        check_positive_int(depth, "depth")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise TypeError(f"data must be a pair (inputs, targets); got {type(data).__name__}")
     inputs, targets = data
+    check_tensor(inputs, "inputs")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor; got {type(targets).__name__}")
+    if inputs.dim() < 1 or targets.dim() < 1 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"inputs and targets must have the same number of samples (dim 0); got shapes {tuple(inputs.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    check_positive_int(steps, "steps")
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    check_non_negative(lr, "lr")
     rows: list[dict[str, Any]] = []
     for depth in depths:
         torch.manual_seed(seed)
-        model = make_model(check_positive_int(depth, "depth"))
+        model = make_model(depth)
         groups = param_groups(model, lr, optimizer)
         opt = torch.optim.Adam(groups) if optimizer == "adam" else torch.optim.SGD(groups)
         previous: dict[str, Tensor] = {}

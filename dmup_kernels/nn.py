@@ -8,7 +8,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_activation, check_block, check_choice, check_flag, check_positive_int, check_scale, check_width
+from ._checks import (
+    check_activation,
+    check_block,
+    check_choice,
+    check_flag,
+    check_float_dtype,
+    check_like,
+    check_positive_int,
+    check_scale,
+    check_tensor,
+    check_width,
+)
 from .ops import BACKENDS, residual_stack, scaled_residual
 from .parametrization import DEPTH_MUP, DepthParametrization
 
@@ -49,6 +60,7 @@ class ScaledResidual(nn.Module):
                 module.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor(x, "x")  # before the branch, so a bad x is named here rather than deep inside it
         return scaled_residual(x, self.branch(x), self.scale, self.activation, self.mean_subtract, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -99,6 +111,7 @@ class ResidualStack(nn.Module):
             raise TypeError(f"parametrization must be a DepthParametrization; got {type(parametrization).__name__}")
         self.parametrization = parametrization
         self.backend = check_choice(backend, "backend", BACKENDS)
+        check_float_dtype(dtype, "dtype")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(depth, width, width, **factory))
         self.bias = nn.Parameter(torch.empty(depth, width, **factory)) if check_flag(bias, "bias") else None
@@ -118,6 +131,7 @@ class ResidualStack(nn.Module):
         """The stack's output; with ``return_states`` also the states x^0..x^L as a detached tensor of
         shape (depth + 1, ..., width)."""
         check_width(x, "x", self.width)
+        check_like(x, "x", self.weight, "weight")
         return residual_stack(
             x,
             self.weight,
@@ -185,6 +199,8 @@ class DepthMuPNet(nn.Module):
         nn.init.zeros_(self.output.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_width(x, "x", self.input.in_features, "in_features")
+        check_like(x, "x", self.input.weight, "input.weight")
         return self.output(self.stack(self.input(x)))
 
     def extra_repr(self) -> str:

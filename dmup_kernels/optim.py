@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ._checks import check_choice
+from ._checks import check_choice, check_non_negative
 from .nn import ResidualStack
 from .parametrization import OPTIMIZERS
 
@@ -21,8 +21,14 @@ def param_groups(model: nn.Module, lr: float, optimizer: str = "adam", weight_de
         optimizer: "adam" for Adam-like optimizers (AdamW, ...), "sgd" for SGD.
         weight_decay: set on every group.
     Raises:
-        ValueError: if one parameter would be in two groups (e.g. weights tied across stacks).
+        TypeError: if model is not an nn.Module, or lr / weight_decay is not a real number.
+        ValueError: if lr or weight_decay is negative or not finite, optimizer is unknown, or one parameter
+            would be in two groups (e.g. weights tied across stacks).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    lr = check_non_negative(lr, "lr")
+    weight_decay = check_non_negative(weight_decay, "weight_decay")
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()

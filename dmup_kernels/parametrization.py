@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ._checks import check_positive_int
+from ._checks import check_finite_real, check_positive_int
 
 Optimizer = Literal["adam", "sgd"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
@@ -38,21 +38,27 @@ class DepthParametrization:
 
     def __post_init__(self) -> None:
         for name in ("alpha", "gamma", "multiplier"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite; got {value}")
+            check_finite_real(getattr(self, name), name)
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0; got {self.alpha}")
         check_positive_int(self.base_depth, "base_depth")
 
-    def _relative_depth(self, depth: int) -> float:
-        return check_positive_int(depth, "depth") / self.base_depth
+    def _scaled_power(self, what: str, depth: int, exponent: float, factor: float = 1.0) -> float:
+        """``factor * (depth / base_depth) ** exponent``; a ValueError naming ``what`` if it is not finite."""
+        relative = check_positive_int(depth, "depth") / self.base_depth
+        try:
+            value = factor * relative**exponent
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{what} at depth {depth} is not finite: {factor} * ({depth} / {self.base_depth}) ** {exponent}"
+            )
+        return value
 
     def branch_scale(self, depth: int) -> float:
         """``multiplier * (depth / base_depth) ** -alpha``: the factor on every residual branch."""
-        return self.multiplier * self._relative_depth(depth) ** -self.alpha
+        return self._scaled_power("branch_scale", depth, -self.alpha, self.multiplier)
 
     def lr_scale(self, depth: int, optimizer: Optimizer = "adam") -> float:
         """Factor on the learning rate of the hidden weights of a stack of this depth.
@@ -66,7 +72,7 @@ class DepthParametrization:
             exponent = self.alpha - self.gamma
         else:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
-        return self._relative_depth(depth) ** exponent
+        return self._scaled_power("lr_scale", depth, exponent)
 
 
 DEPTH_MUP = DepthParametrization(alpha=0.5, gamma=0.5)

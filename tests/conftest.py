@@ -3,16 +3,21 @@
 - ``rel_err(out, ref)``: ||out - ref|| / ||ref|| in float64 (absolute norm when ||ref|| = 0).
 - ``seed`` (autouse): a fresh seed per test case, derived from the pytest node id, applied to the
   global torch generator; tests that need their own stream build one with ``make_generator(seed)``.
-- TRITON_INTERPRET=1 is set before dmup_kernels is imported, so backend="triton" runs on CPU tensors.
+- TRITON_INTERPRET=1 is set before dmup_kernels is imported, so backend="triton" runs on CPU tensors;
+  ``needs_cpp`` / ``needs_triton`` skip a test where that backend cannot run.
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
   shows up as NaN. The previous settings are restored after the test.
+- ``num_threads(count)``: a context manager that runs its body with ``count`` torch threads.
+- ``saved_bytes(fn, exclude)``: the bytes autograd saves for backward while ``fn()`` runs.
 """
 
 from __future__ import annotations
 
 import os
+import contextlib
 import zlib
+from typing import Callable, Iterator
 
 # The Triton kernels run on CPU tensors through the interpreter, which must be on before they are defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -20,6 +25,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.utils.deterministic
+
+import dmup_kernels
+from dmup_kernels.triton import HAS_TRITON, INTERPRETED
+
+needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and INTERPRETED), reason="needs triton and TRITON_INTERPRET=1")
 
 # Deterministic mode (nan_poison) lets cuBLAS run only with a fixed workspace configuration, which
 # cuBLAS reads when CUDA starts: set before any test touches a GPU.
@@ -72,3 +83,32 @@ def nan_poison():
     finally:
         torch.use_deterministic_algorithms(previous_enabled, warn_only=previous_warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
+
+
+@contextlib.contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the storages autograd saves while ``fn()`` runs, each storage once, minus ``exclude``'s
+    (the parameters, which are not activations). Runs the backward of ``fn().sum()`` to show that the
+    saved state is usable."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return sum(storages.values())

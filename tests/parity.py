@@ -6,27 +6,15 @@ One piece of code per check, so that every backend ("cpp", "triton", "cuda") is 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 import dmup_kernels
-from conftest import rel_err
+from conftest import num_threads, rel_err
 from dmup_kernels import reference
 from sample_inputs import ResidualCase, StackCase
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-@contextlib.contextmanager
-def num_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------------

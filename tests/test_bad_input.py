@@ -1,4 +1,9 @@
-"""Bad input raises ValueError/TypeError whose message names the argument (and the expected value)."""
+"""Bad input raises ValueError/TypeError whose message names the argument (and the expected value), on the
+"reference" and "cpp" backends alike: validation runs before dispatch. Also: an empty batch (B = 0) is not
+bad input; it gives an empty result, forward and backward, as torch ops do.
+
+A second device is simulated with the "meta" device, so the device checks run on a CPU-only machine.
+"""
 
 from __future__ import annotations
 
@@ -9,159 +14,326 @@ import torch
 from torch import nn
 
 import dmup_kernels
-from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual, residual_stack, scaled_residual
+from conftest import needs_cpp, needs_triton
+from dmup_kernels import (
+    DepthMuPNet,
+    DepthParametrization,
+    ResidualStack,
+    ScaledResidual,
+    param_groups,
+    residual_stack,
+    scaled_residual,
+)
+from dmup_kernels import diagnostics as dg
 
-needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
+BACKENDS_UNDER_TEST = ["reference", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
 
 
 def t(*shape, dtype=torch.float32, device="cpu"):
-    return torch.randn(*shape, dtype=dtype, device=device) if dtype.is_floating_point else torch.ones(
-        *shape, dtype=dtype
-    )
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(*shape, dtype=dtype, device=device)
+    return torch.ones(*shape, dtype=dtype, device=device)
 
 
 X = lambda: t(4, 8)  # noqa: E731
 W = lambda: t(3, 8, 8)  # noqa: E731
+COMPLEX = torch.complex64
+INT = torch.int64
 
-# (id, call, exception, regex the message must match)
+# (id, call(backend), exception, regex the message must match)
 SCALED_RESIDUAL_CASES = [
-    ("x-not-tensor", lambda: scaled_residual([[1.0, 2.0]], X(), 0.5), TypeError, r"x must be a torch\.Tensor"),
-    ("x-numpy", lambda: scaled_residual(X().numpy(), X(), 0.5), TypeError, r"\bx\b.*Tensor"),
-    ("branch-not-tensor", lambda: scaled_residual(X(), 3.0, 0.5), TypeError, r"branch_out must be a torch\.Tensor"),
-    ("x-int", lambda: scaled_residual(t(4, 8, dtype=torch.int64), X(), 0.5), TypeError, r"\bx\b.*floating"),
-    ("branch-int", lambda: scaled_residual(X(), t(4, 8, dtype=torch.int32), 0.5), TypeError, r"branch_out.*floating"),
-    ("x-bool", lambda: scaled_residual(t(4, 8, dtype=torch.bool), X(), 0.5), TypeError, r"\bx\b.*floating"),
-    ("dtype-mismatch", lambda: scaled_residual(X(), t(4, 8, dtype=torch.float64), 0.5), TypeError,
+    ("x-not-tensor", lambda b: scaled_residual([[1.0, 2.0]], X(), 0.5, backend=b), TypeError,
+     r"x must be a torch\.Tensor"),
+    ("x-numpy", lambda b: scaled_residual(X().numpy(), X(), 0.5, backend=b), TypeError, r"\bx\b.*Tensor"),
+    ("branch-not-tensor", lambda b: scaled_residual(X(), 3.0, 0.5, backend=b), TypeError,
+     r"branch_out must be a torch\.Tensor"),
+    ("x-int", lambda b: scaled_residual(t(4, 8, dtype=INT), X(), 0.5, backend=b), TypeError, r"\bx\b.*floating"),
+    ("branch-int", lambda b: scaled_residual(X(), t(4, 8, dtype=torch.int32), 0.5, backend=b), TypeError,
+     r"branch_out.*floating"),
+    ("x-bool", lambda b: scaled_residual(t(4, 8, dtype=torch.bool), X(), 0.5, backend=b), TypeError,
+     r"\bx\b.*floating"),
+    ("x-complex", lambda b: scaled_residual(t(4, 8, dtype=COMPLEX), X(), 0.5, backend=b), TypeError,
+     r"\bx\b.*floating.*complex64"),
+    ("branch-complex", lambda b: scaled_residual(X(), t(4, 8, dtype=COMPLEX), 0.5, backend=b), TypeError,
+     r"branch_out.*floating"),
+    ("dtype-mismatch", lambda b: scaled_residual(X(), t(4, 8, dtype=torch.float64), 0.5, backend=b), TypeError,
      r"branch_out.*dtype.*float32"),
-    ("shape-mismatch", lambda: scaled_residual(X(), t(4, 7), 0.5), ValueError, r"branch_out.*shape.*\(4, 8\)"),
-    ("broadcast-shape", lambda: scaled_residual(X(), t(1, 8), 0.5), ValueError, r"branch_out.*shape.*\(4, 8\)"),
-    ("device-mismatch", lambda: scaled_residual(X(), t(4, 8, device="meta"), 0.5), ValueError,
+    ("dtype-mismatch-half", lambda b: scaled_residual(X(), t(4, 8, dtype=torch.bfloat16), 0.5, backend=b),
+     TypeError, r"branch_out.*dtype.*float32.*bfloat16"),
+    ("shape-mismatch", lambda b: scaled_residual(X(), t(4, 7), 0.5, backend=b), ValueError,
+     r"branch_out.*shape.*\(4, 8\)"),
+    ("broadcast-shape", lambda b: scaled_residual(X(), t(1, 8), 0.5, backend=b), ValueError,
+     r"branch_out.*shape.*\(4, 8\)"),
+    ("rank-mismatch", lambda b: scaled_residual(X(), t(32), 0.5, backend=b), ValueError, r"branch_out.*shape"),
+    ("branch-on-meta", lambda b: scaled_residual(X(), t(4, 8, device="meta"), 0.5, backend=b), ValueError,
      r"branch_out.*device.*cpu"),
-    ("0-dim", lambda: scaled_residual(torch.tensor(1.0), torch.tensor(2.0), 0.5), ValueError, r"\bx\b.*dim"),
-    ("scale-nan", lambda: scaled_residual(X(), X(), math.nan), ValueError, r"scale.*finite"),
-    ("scale-inf", lambda: scaled_residual(X(), X(), -math.inf), ValueError, r"scale.*finite"),
-    ("scale-str", lambda: scaled_residual(X(), X(), "0.5"), TypeError, r"scale"),
-    ("scale-none", lambda: scaled_residual(X(), X(), None), TypeError, r"scale"),
-    ("activation", lambda: scaled_residual(X(), X(), 0.5, "tanh"), ValueError, r"activation.*'relu'.*'tanh'"),
-    ("activation-case", lambda: scaled_residual(X(), X(), 0.5, "ReLU"), ValueError, r"activation"),
-    ("mean_subtract", lambda: scaled_residual(X(), X(), 0.5, "relu", "yes"), TypeError, r"mean_subtract.*bool"),
-    ("backend", lambda: scaled_residual(X(), X(), 0.5, backend="fortran"), ValueError,
-     r"backend.*'cpp'.*'fortran'"),
-    ("cpp-on-meta", lambda: scaled_residual(t(2, 3, device="meta"), t(2, 3, device="meta"), 0.5, backend="cpp"),
-     (ValueError, RuntimeError), r"cpp"),
+    ("x-on-meta", lambda b: scaled_residual(t(4, 8, device="meta"), X(), 0.5, backend=b), ValueError,
+     r"branch_out.*device of x \(meta\)"),
+    ("0-dim", lambda b: scaled_residual(torch.tensor(1.0), torch.tensor(2.0), 0.5, backend=b), ValueError,
+     r"\bx\b.*dim"),
+    ("scale-nan", lambda b: scaled_residual(X(), X(), math.nan, backend=b), ValueError, r"scale.*finite"),
+    ("scale-inf", lambda b: scaled_residual(X(), X(), -math.inf, backend=b), ValueError, r"scale.*finite"),
+    ("scale-str", lambda b: scaled_residual(X(), X(), "0.5", backend=b), TypeError, r"scale"),
+    ("scale-none", lambda b: scaled_residual(X(), X(), None, backend=b), TypeError, r"scale"),
+    ("scale-bool", lambda b: scaled_residual(X(), X(), True, backend=b), TypeError, r"scale.*real number"),
+    ("activation", lambda b: scaled_residual(X(), X(), 0.5, "tanh", backend=b), ValueError,
+     r"activation.*'relu'.*'tanh'"),
+    ("activation-case", lambda b: scaled_residual(X(), X(), 0.5, "ReLU", backend=b), ValueError, r"activation"),
+    ("mean_subtract", lambda b: scaled_residual(X(), X(), 0.5, "relu", "yes", backend=b), TypeError,
+     r"mean_subtract.*bool"),
 ]
 
 STACK_CASES = [
-    ("weight-2d", lambda: residual_stack(X(), t(8, 8), scale=0.5), ValueError, r"weight.*\(depth, width, width\)"),
-    ("weight-4d", lambda: residual_stack(X(), t(1, 3, 8, 8), scale=0.5), ValueError, r"weight.*shape"),
-    ("weight-not-square", lambda: residual_stack(X(), t(3, 8, 7), scale=0.5), ValueError, r"weight.*shape"),
-    ("weight-depth-0", lambda: residual_stack(X(), t(0, 8, 8), scale=0.5), ValueError, r"weight.*depth >= 1"),
-    ("weight-not-tensor", lambda: residual_stack(X(), [[1.0]], scale=0.5), TypeError, r"weight"),
-    ("weight-int", lambda: residual_stack(X(), t(3, 8, 8, dtype=torch.int64), scale=0.5), TypeError, r"weight"),
-    ("x-wrong-width", lambda: residual_stack(t(4, 7), W(), scale=0.5), ValueError, r"\bx\b.*\(\.\.\., 8\)"),
-    ("x-0-dim", lambda: residual_stack(torch.tensor(1.0), W(), scale=0.5), ValueError, r"\bx\b.*\(\.\.\., 8\)"),
-    ("x-int", lambda: residual_stack(t(4, 8, dtype=torch.int64), W(), scale=0.5), TypeError, r"\bx\b.*floating"),
-    ("x-not-tensor", lambda: residual_stack("x", W(), scale=0.5), TypeError, r"\bx\b"),
-    ("weight-dtype", lambda: residual_stack(X(), t(3, 8, 8, dtype=torch.float64), scale=0.5), TypeError,
+    ("weight-2d", lambda b: residual_stack(X(), t(8, 8), scale=0.5, backend=b), ValueError,
+     r"weight.*\(depth, width, width\)"),
+    ("weight-4d", lambda b: residual_stack(X(), t(1, 3, 8, 8), scale=0.5, backend=b), ValueError, r"weight.*shape"),
+    ("weight-not-square", lambda b: residual_stack(X(), t(3, 8, 7), scale=0.5, backend=b), ValueError,
+     r"weight.*shape"),
+    ("weight-depth-0", lambda b: residual_stack(X(), t(0, 8, 8), scale=0.5, backend=b), ValueError,
+     r"weight.*depth >= 1"),
+    ("weight-not-tensor", lambda b: residual_stack(X(), [[1.0]], scale=0.5, backend=b), TypeError, r"weight"),
+    ("weight-int", lambda b: residual_stack(X(), t(3, 8, 8, dtype=INT), scale=0.5, backend=b), TypeError,
+     r"weight.*floating"),
+    ("weight-complex", lambda b: residual_stack(X(), t(3, 8, 8, dtype=COMPLEX), scale=0.5, backend=b), TypeError,
+     r"weight.*floating"),
+    ("x-wrong-width", lambda b: residual_stack(t(4, 7), W(), scale=0.5, backend=b), ValueError,
+     r"\bx\b.*\(\.\.\., 8\)"),
+    ("x-0-dim", lambda b: residual_stack(torch.tensor(1.0), W(), scale=0.5, backend=b), ValueError,
+     r"\bx\b.*\(\.\.\., 8\)"),
+    ("x-int", lambda b: residual_stack(t(4, 8, dtype=INT), W(), scale=0.5, backend=b), TypeError,
+     r"\bx\b.*floating"),
+    ("x-complex", lambda b: residual_stack(t(4, 8, dtype=COMPLEX), W(), scale=0.5, backend=b), TypeError,
+     r"\bx\b.*floating"),
+    ("x-not-tensor", lambda b: residual_stack("x", W(), scale=0.5, backend=b), TypeError, r"\bx\b"),
+    ("weight-dtype", lambda b: residual_stack(X(), t(3, 8, 8, dtype=torch.float64), scale=0.5, backend=b), TypeError,
      r"weight.*dtype.*float32"),
-    ("weight-device", lambda: residual_stack(X(), t(3, 8, 8, device="meta"), scale=0.5), ValueError,
+    ("x-half-weight-float", lambda b: residual_stack(t(4, 8, dtype=torch.bfloat16), W(), scale=0.5, backend=b),
+     TypeError, r"weight.*dtype of x \(torch\.bfloat16\)"),
+    ("weight-on-meta", lambda b: residual_stack(X(), t(3, 8, 8, device="meta"), scale=0.5, backend=b), ValueError,
      r"weight.*device"),
-    ("bias-shape", lambda: residual_stack(X(), W(), t(3, 7), scale=0.5), ValueError, r"bias.*\(3, 8\)"),
-    ("bias-1d", lambda: residual_stack(X(), W(), t(8), scale=0.5), ValueError, r"bias.*\(3, 8\)"),
-    ("bias-dtype", lambda: residual_stack(X(), W(), t(3, 8, dtype=torch.float64), scale=0.5), TypeError,
+    ("x-on-meta", lambda b: residual_stack(t(4, 8, device="meta"), W(), scale=0.5, backend=b), ValueError,
+     r"weight.*device of x \(meta\)"),
+    ("bias-on-meta", lambda b: residual_stack(X(), W(), t(3, 8, device="meta"), scale=0.5, backend=b), ValueError,
+     r"bias.*device"),
+    ("bias-shape", lambda b: residual_stack(X(), W(), t(3, 7), scale=0.5, backend=b), ValueError, r"bias.*\(3, 8\)"),
+    ("bias-1d", lambda b: residual_stack(X(), W(), t(8), scale=0.5, backend=b), ValueError, r"bias.*\(3, 8\)"),
+    ("bias-3d", lambda b: residual_stack(X(), W(), t(1, 3, 8), scale=0.5, backend=b), ValueError, r"bias.*\(3, 8\)"),
+    ("bias-dtype", lambda b: residual_stack(X(), W(), t(3, 8, dtype=torch.float64), scale=0.5, backend=b), TypeError,
      r"bias.*dtype"),
-    ("bias-not-tensor", lambda: residual_stack(X(), W(), 0.0, scale=0.5), TypeError, r"bias"),
-    ("scale-nan", lambda: residual_stack(X(), W(), scale=math.nan), ValueError, r"scale.*finite"),
-    ("scale-inf", lambda: residual_stack(X(), W(), scale=math.inf), ValueError, r"scale.*finite"),
-    ("activation", lambda: residual_stack(X(), W(), scale=0.5, activation="elu"), ValueError,
+    ("bias-not-tensor", lambda b: residual_stack(X(), W(), 0.0, scale=0.5, backend=b), TypeError, r"bias"),
+    ("scale-nan", lambda b: residual_stack(X(), W(), scale=math.nan, backend=b), ValueError, r"scale.*finite"),
+    ("scale-inf", lambda b: residual_stack(X(), W(), scale=math.inf, backend=b), ValueError, r"scale.*finite"),
+    ("scale-tensor", lambda b: residual_stack(X(), W(), scale=torch.tensor(0.5), backend=b), TypeError,
+     r"scale.*real number"),
+    ("activation", lambda b: residual_stack(X(), W(), scale=0.5, activation="elu", backend=b), ValueError,
      r"activation.*'elu'"),
-    ("block", lambda: residual_stack(X(), W(), scale=0.5, block="mid"), ValueError, r"block.*'post'.*'mid'"),
-    ("backend", lambda: residual_stack(X(), W(), scale=0.5, backend="numba"), ValueError, r"backend.*'numba'"),
-    ("mean_subtract", lambda: residual_stack(X(), W(), scale=0.5, mean_subtract=1), TypeError, r"mean_subtract"),
+    ("block", lambda b: residual_stack(X(), W(), scale=0.5, block="mid", backend=b), ValueError,
+     r"block.*'post'.*'mid'"),
+    ("mean_subtract", lambda b: residual_stack(X(), W(), scale=0.5, mean_subtract=1, backend=b), TypeError,
+     r"mean_subtract"),
+    ("return_states", lambda b: residual_stack(X(), W(), scale=0.5, return_states="yes", backend=b), TypeError,
+     r"return_states.*bool"),
 ]
+
+OVERFLOWING = DepthParametrization(alpha=200.0, gamma=0.0, base_depth=10**6)  # (1e-6) ** -200 is not a float
 
 MODULE_CASES = [
-    ("stack-width-0", lambda: ResidualStack(0, 4), ValueError, r"width.*>= 1"),
-    ("stack-width-neg", lambda: ResidualStack(-8, 4), ValueError, r"width.*>= 1"),
-    ("stack-width-float", lambda: ResidualStack(8.0, 4), TypeError, r"width"),
-    ("stack-depth-0", lambda: ResidualStack(8, 0), ValueError, r"depth.*>= 1"),
-    ("stack-depth-neg", lambda: ResidualStack(8, -1), ValueError, r"depth.*>= 1"),
-    ("stack-depth-str", lambda: ResidualStack(8, "4"), TypeError, r"depth"),
-    ("stack-activation", lambda: ResidualStack(8, 4, activation="softplus"), ValueError, r"activation.*'softplus'"),
-    ("stack-block", lambda: ResidualStack(8, 4, block="middle"), ValueError, r"block.*'pre'"),
-    ("stack-backend", lambda: ResidualStack(8, 4, backend="opencl"), ValueError, r"backend.*'reference'"),
-    ("stack-parametrization", lambda: ResidualStack(8, 4, parametrization=(0.5, 0.5)), TypeError,
+    ("stack-width-0", lambda b: ResidualStack(0, 4, backend=b), ValueError, r"width.*>= 1"),
+    ("stack-width-neg", lambda b: ResidualStack(-8, 4, backend=b), ValueError, r"width.*>= 1"),
+    ("stack-width-float", lambda b: ResidualStack(8.0, 4, backend=b), TypeError, r"width"),
+    ("stack-depth-0", lambda b: ResidualStack(8, 0, backend=b), ValueError, r"depth.*>= 1"),
+    ("stack-depth-neg", lambda b: ResidualStack(8, -1, backend=b), ValueError, r"depth.*>= 1"),
+    ("stack-depth-str", lambda b: ResidualStack(8, "4", backend=b), TypeError, r"depth"),
+    ("stack-activation", lambda b: ResidualStack(8, 4, activation="softplus", backend=b), ValueError,
+     r"activation.*'softplus'"),
+    ("stack-block", lambda b: ResidualStack(8, 4, block="middle", backend=b), ValueError, r"block.*'pre'"),
+    ("stack-parametrization", lambda b: ResidualStack(8, 4, parametrization=(0.5, 0.5), backend=b), TypeError,
      r"parametrization.*DepthParametrization"),
-    ("stack-bias-flag", lambda: ResidualStack(8, 4, bias="yes"), TypeError, r"bias.*bool"),
-    ("stack-ms-flag", lambda: ResidualStack(8, 4, mean_subtract=None), TypeError, r"mean_subtract.*bool"),
-    ("stack-x-width", lambda: ResidualStack(8, 2)(t(3, 9)), ValueError, r"\bx\b.*\(\.\.\., 8\).*\(3, 9\)"),
-    ("stack-x-0-dim", lambda: ResidualStack(8, 2)(torch.tensor(1.0)), ValueError, r"\bx\b.*\(\.\.\., 8\)"),
-    ("stack-x-int", lambda: ResidualStack(8, 2)(t(3, 8, dtype=torch.int64)), TypeError, r"\bx\b.*floating"),
-    ("stack-x-dtype", lambda: ResidualStack(8, 2)(t(3, 8, dtype=torch.float64)), TypeError, r"dtype.*float64"),
-    ("net-depth-0", lambda: DepthMuPNet(3, 8, 0, 2), ValueError, r"depth.*>= 1"),
-    ("net-in-0", lambda: DepthMuPNet(0, 8, 2, 2), ValueError, r"in_features.*>= 1"),
-    ("net-out-0", lambda: DepthMuPNet(3, 8, 2, 0), ValueError, r"out_features.*>= 1"),
-    ("net-width-0", lambda: DepthMuPNet(3, 0, 2, 2), ValueError, r"width.*>= 1"),
-    ("net-readout-flag", lambda: DepthMuPNet(3, 8, 2, 2, readout_zero_init=1), TypeError, r"readout_zero_init"),
-    ("net-activation", lambda: DepthMuPNet(3, 8, 2, 2, activation="tanh"), ValueError, r"activation"),
-    ("residual-branch", lambda: ScaledResidual(lambda x: x, 0.5), TypeError, r"branch.*nn\.Module"),
-    ("residual-scale-nan", lambda: ScaledResidual(nn.Identity(), math.nan), ValueError, r"scale.*finite"),
-    ("residual-scale-inf", lambda: ScaledResidual(nn.Identity(), math.inf), ValueError, r"scale.*finite"),
-    ("residual-activation", lambda: ScaledResidual(nn.Identity(), 0.5, "sigmoid"), ValueError, r"activation"),
-    ("residual-backend", lambda: ScaledResidual(nn.Identity(), 0.5, backend="gpu"), ValueError, r"backend"),
-    ("residual-branch-shape", lambda: ScaledResidual(nn.Linear(8, 4), 0.5)(t(2, 8)), ValueError,
+    ("stack-bias-flag", lambda b: ResidualStack(8, 4, bias="yes", backend=b), TypeError, r"bias.*bool"),
+    ("stack-ms-flag", lambda b: ResidualStack(8, 4, mean_subtract=None, backend=b), TypeError, r"mean_subtract.*bool"),
+    ("stack-dtype-int", lambda b: ResidualStack(8, 4, dtype=INT, backend=b), TypeError,
+     r"dtype.*floating-point.*int64"),
+    ("stack-x-width", lambda b: ResidualStack(8, 2, backend=b)(t(3, 9)), ValueError,
+     r"\bx\b.*\(\.\.\., 8\).*\(3, 9\)"),
+    ("stack-x-0-dim", lambda b: ResidualStack(8, 2, backend=b)(torch.tensor(1.0)), ValueError,
+     r"\bx\b.*\(\.\.\., 8\)"),
+    ("stack-x-int", lambda b: ResidualStack(8, 2, backend=b)(t(3, 8, dtype=INT)), TypeError, r"\bx\b.*floating"),
+    ("stack-x-complex", lambda b: ResidualStack(8, 2, backend=b)(t(3, 8, dtype=COMPLEX)), TypeError,
+     r"\bx\b.*floating"),
+    ("stack-x-dtype", lambda b: ResidualStack(8, 2, backend=b)(t(3, 8, dtype=torch.float64)), TypeError,
+     r"\bx\b.*dtype of weight \(torch\.float32\).*float64"),
+    ("stack-x-on-meta", lambda b: ResidualStack(8, 2, backend=b)(t(3, 8, device="meta")), ValueError,
+     r"\bx\b.*device of weight \(cpu\).*meta"),
+    ("stack-x-list", lambda b: ResidualStack(8, 2, backend=b)([1.0] * 8), TypeError, r"\bx\b.*Tensor"),
+    ("stack-x-none", lambda b: ResidualStack(8, 2, backend=b)(None), TypeError, r"\bx\b.*Tensor"),
+    ("stack-return-states-flag", lambda b: ResidualStack(8, 2, backend=b)(t(3, 8), return_states=1), TypeError,
+     r"return_states.*bool"),
+    ("stack-scale-overflow", lambda b: ResidualStack(8, 1, parametrization=OVERFLOWING, backend=b)(t(3, 8)),
+     ValueError, r"branch_scale.*not finite"),
+    ("net-depth-0", lambda b: DepthMuPNet(3, 8, 0, 2, backend=b), ValueError, r"depth.*>= 1"),
+    ("net-in-0", lambda b: DepthMuPNet(0, 8, 2, 2, backend=b), ValueError, r"in_features.*>= 1"),
+    ("net-out-0", lambda b: DepthMuPNet(3, 8, 2, 0, backend=b), ValueError, r"out_features.*>= 1"),
+    ("net-width-0", lambda b: DepthMuPNet(3, 0, 2, 2, backend=b), ValueError, r"width.*>= 1"),
+    ("net-width-neg", lambda b: DepthMuPNet(3, -4, 2, 2, backend=b), ValueError, r"width.*>= 1"),
+    ("net-width-float", lambda b: DepthMuPNet(3, 8.0, 2, 2, backend=b), TypeError, r"width"),
+    ("net-readout-flag", lambda b: DepthMuPNet(3, 8, 2, 2, readout_zero_init=1, backend=b), TypeError,
+     r"readout_zero_init"),
+    ("net-activation", lambda b: DepthMuPNet(3, 8, 2, 2, activation="tanh", backend=b), ValueError, r"activation"),
+    ("net-unknown-option", lambda b: DepthMuPNet(3, 8, 2, 2, activaton="relu", backend=b), TypeError, r"activaton"),
+    ("net-x-width", lambda b: DepthMuPNet(3, 8, 2, 2, backend=b)(t(4, 8)), ValueError,
+     r"\bx\b.*\(\.\.\., 3\).*in_features.*\(4, 8\)"),
+    ("net-x-dtype", lambda b: DepthMuPNet(3, 8, 2, 2, backend=b)(t(4, 3, dtype=torch.float64)), TypeError,
+     r"\bx\b.*dtype.*float32"),
+    ("net-x-on-meta", lambda b: DepthMuPNet(3, 8, 2, 2, backend=b)(t(4, 3, device="meta")), ValueError,
+     r"\bx\b.*device"),
+    ("residual-branch", lambda b: ScaledResidual(lambda x: x, 0.5, backend=b), TypeError, r"branch.*nn\.Module"),
+    ("residual-scale-nan", lambda b: ScaledResidual(nn.Identity(), math.nan, backend=b), ValueError,
+     r"scale.*finite"),
+    ("residual-scale-inf", lambda b: ScaledResidual(nn.Identity(), math.inf, backend=b), ValueError,
+     r"scale.*finite"),
+    ("residual-activation", lambda b: ScaledResidual(nn.Identity(), 0.5, "sigmoid", backend=b), ValueError,
+     r"activation"),
+    ("residual-ms-flag", lambda b: ScaledResidual(nn.Identity(), 0.5, mean_subtract="no", backend=b), TypeError,
+     r"mean_subtract.*bool"),
+    ("residual-branch-shape", lambda b: ScaledResidual(nn.Linear(8, 4), 0.5, backend=b)(t(2, 8)), ValueError,
      r"branch_out.*shape.*\(2, 8\)"),
+    ("residual-x-list", lambda b: ScaledResidual(nn.Linear(8, 8), 0.5, backend=b)([1.0] * 8), TypeError,
+     r"\bx\b.*Tensor"),
+    ("residual-x-int", lambda b: ScaledResidual(nn.Identity(), 0.5, backend=b)(t(2, 8, dtype=INT)), TypeError,
+     r"\bx\b.*floating"),
 ]
 
 
-def _run(call, error, match):
+def make_net(depth: int) -> DepthMuPNet:
+    return DepthMuPNet(3, 8, depth, 2)
+
+
+DATA = (torch.randn(6, 3), torch.randint(0, 2, (6,)))
+
+# Arguments that do not reach a backend: backend names, optimizer groups, parametrizations, diagnostics.
+BACKEND_FREE_CASES = [
+    ("scaled-residual-backend", lambda: scaled_residual(X(), X(), 0.5, backend="fortran"), ValueError,
+     r"backend.*'cpp'.*'fortran'"),
+    ("stack-backend", lambda: residual_stack(X(), W(), scale=0.5, backend="numba"), ValueError, r"backend.*'numba'"),
+    ("stack-module-backend", lambda: ResidualStack(8, 4, backend="opencl"), ValueError, r"backend.*'reference'"),
+    ("residual-module-backend", lambda: ScaledResidual(nn.Identity(), 0.5, backend="gpu"), ValueError, r"backend"),
+    ("cpp-on-meta", lambda: scaled_residual(t(2, 3, device="meta"), t(2, 3, device="meta"), 0.5, backend="cpp"),
+     (ValueError, RuntimeError), r"cpp"),
+    ("groups-model", lambda: param_groups([nn.Linear(2, 2)], 1e-3), TypeError, r"model.*nn\.Module.*list"),
+    ("groups-lr-nan", lambda: param_groups(nn.Linear(2, 2), math.nan), ValueError, r"lr.*finite"),
+    ("groups-lr-negative", lambda: param_groups(nn.Linear(2, 2), -1e-3), ValueError, r"lr.*>= 0"),
+    ("groups-lr-str", lambda: param_groups(nn.Linear(2, 2), "1e-3"), TypeError, r"lr.*real number"),
+    ("groups-weight-decay", lambda: param_groups(nn.Linear(2, 2), 1e-3, weight_decay=-0.1), ValueError,
+     r"weight_decay.*>= 0"),
+    ("branch-scale-overflow", lambda: OVERFLOWING.branch_scale(1), ValueError, r"branch_scale at depth 1.*not finite"),
+    ("lr-scale-overflow", lambda: DepthParametrization(0.0, 400.0, base_depth=10**6).lr_scale(1), ValueError,
+     r"lr_scale at depth 1.*not finite"),
+    ("diversity-int", lambda: dg.feature_diversity(torch.ones(9, 4, dtype=INT)), TypeError, r"stream.*floating"),
+    ("diversity-list-shapes", lambda: dg.feature_diversity([t(4), t(4), t(5)]), ValueError,
+     r"stream\[2\].*shape \(4,\)"),
+    ("diversity-list-item", lambda: dg.feature_diversity([t(4), [1.0] * 4, t(4)]), TypeError,
+     r"stream\[1\].*Tensor"),
+    ("diversity-list-dtype", lambda: dg.feature_diversity([t(4), t(4, dtype=torch.float64), t(4)]), TypeError,
+     r"stream\[1\].*dtype"),
+    ("diversity-lam-str", lambda: dg.feature_diversity(t(9, 4), lam="0.5"), TypeError, r"lam.*real number"),
+    ("diversity-lam-nan", lambda: dg.feature_diversity(t(9, 4), lam=math.nan), ValueError, r"lam.*finite"),
+    ("diversity-eps-str", lambda: dg.feature_diversity(t(9, 4), eps=[0.25, "a"]), TypeError, r"eps\[1\]"),
+    ("cka-complex", lambda: dg.cka(t(5, 3, dtype=COMPLEX), t(5, 3)), TypeError, r"\bA\b.*floating"),
+    ("cknna-int", lambda: dg.cknna(t(5, 3), t(5, 3, dtype=INT), k=2), TypeError, r"\bB\b.*floating"),
+    ("knn-k-float", lambda: dg.mutual_knn(t(5, 3), t(5, 3), k=2.0), TypeError, r"\bk\b.*int"),
+    ("knn-k-0", lambda: dg.mutual_knn(t(5, 3), t(5, 3), k=0), ValueError, r"\bk\b.*>= 1"),
+    ("coord-model", lambda: dg.coord_check("net", [2], DATA, lr=1e-3), TypeError, r"make_model.*callable"),
+    ("coord-depth", lambda: dg.coord_check(make_net, [2, 0], DATA, lr=1e-3), ValueError, r"depth.*>= 1"),
+    ("coord-data", lambda: dg.coord_check(make_net, [2], DATA[0], lr=1e-3), TypeError, r"data.*pair"),
+    ("coord-inputs-int", lambda: dg.coord_check(make_net, [2], (DATA[1], DATA[1]), lr=1e-3), TypeError,
+     r"inputs.*floating"),
+    ("coord-samples", lambda: dg.coord_check(make_net, [2], (DATA[0], DATA[1][:5]), lr=1e-3), ValueError,
+     r"same number of samples.*\(6, 3\).*\(5,\)"),
+    ("coord-optimizer", lambda: dg.coord_check(make_net, [2], DATA, optimizer="lbfgs", lr=1e-3), ValueError,
+     r"optimizer.*'lbfgs'"),
+    ("coord-lr", lambda: dg.coord_check(make_net, [2], DATA, lr=math.nan), ValueError, r"lr.*finite"),
+    ("coord-steps", lambda: dg.coord_check(make_net, [2], DATA, steps=0, lr=1e-3), ValueError, r"steps.*>= 1"),
+]
+
+
+def _ids(cases):
+    return [case[0] for case in cases]
+
+
+def _params(cases):
+    return [case[1:] for case in cases]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("call,error,match", _params(SCALED_RESIDUAL_CASES), ids=_ids(SCALED_RESIDUAL_CASES))
+def test_scaled_residual_bad_input(call, error, match, backend):
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("call,error,match", _params(STACK_CASES), ids=_ids(STACK_CASES))
+def test_residual_stack_bad_input(call, error, match, backend):
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("call,error,match", _params(MODULE_CASES), ids=_ids(MODULE_CASES))
+def test_module_bad_input(call, error, match, backend):
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("call,error,match", _params(BACKEND_FREE_CASES), ids=_ids(BACKEND_FREE_CASES))
+def test_backend_free_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
-@pytest.mark.parametrize("call,error,match", [c[1:] for c in SCALED_RESIDUAL_CASES], ids=[c[0] for c in SCALED_RESIDUAL_CASES])
-def test_scaled_residual_bad_input(call, error, match):
-    _run(call, error, match)
+# ---------------------------------------------------------------------------------------------------
+# empty batch: an empty result and zero parameter gradients, as torch gives
+# ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call,error,match", [c[1:] for c in STACK_CASES], ids=[c[0] for c in STACK_CASES])
-def test_residual_stack_bad_input(call, error, match):
-    _run(call, error, match)
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)], ids=["0x8", "2x0x8"])
+def test_empty_batch_functions(backend, shape):
+    x = torch.randn(shape, requires_grad=True)
+    branch_out = torch.randn(shape, requires_grad=True)
+    out = scaled_residual(x, branch_out, 0.5, "abs", True, backend=backend)
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape and branch_out.grad.shape == shape
+
+    x.grad = None
+    weight = torch.randn(3, 8, 8, requires_grad=True)
+    bias = torch.randn(3, 8, requires_grad=True)
+    out, states = residual_stack(x, weight, bias, scale=0.5, activation="relu", backend=backend, return_states=True)
+    assert out.shape == shape and states.shape == (4, *shape)
+    out.sum().backward()
+    assert x.grad.shape == shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
 
 
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize("call,error,match", [c[1:] for c in MODULE_CASES], ids=[c[0] for c in MODULE_CASES])
-def test_module_bad_input(call, error, match):
-    _run(call, error, match)
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_bad_input_is_caught_for_every_backend(backend):
-    """Validation runs before dispatch, whichever backend is asked for."""
-    if backend == "cpp" and not dmup_kernels.HAS_CPP:
-        pytest.skip("C++ extension not built")
-    with pytest.raises(ValueError, match=r"branch_out.*shape"):
-        scaled_residual(X(), t(4, 9), 0.5, backend=backend)
-    with pytest.raises(ValueError, match=r"\bx\b.*\(\.\.\., 8\)"):
-        residual_stack(t(4, 9), W(), scale=0.5, backend=backend)
-    with pytest.raises(ValueError, match="activation"):
-        ResidualStack(8, 2, activation="nope", backend=backend)
-
-
-@pytest.mark.parametrize("value", [[1.0] * 8, 3.0, None], ids=["list", "float", "none"])
-def test_stack_forward_non_tensor(value):
-    with pytest.raises(TypeError, match=r"\bx\b.*Tensor"):
-        ResidualStack(8, 2)(value)
-
-
-def test_net_negative_width():
-    with pytest.raises(ValueError, match=r"width.*>= 1"):
-        DepthMuPNet(3, -4, 2, 2)
-
-
-def test_net_float_width():
-    with pytest.raises(TypeError, match=r"width"):
-        DepthMuPNet(3, 8.0, 2, 2)
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_empty_batch_modules(backend):
+    modules = [
+        ResidualStack(8, 3, bias=True, backend=backend),
+        ScaledResidual(nn.Linear(8, 8), 0.5, "gelu", True, backend=backend),
+        DepthMuPNet(8, 16, 3, 8, activation="abs", backend=backend),
+    ]
+    for module in modules:
+        x = torch.randn(0, 8, requires_grad=True)
+        out = module(x)
+        assert out.shape == (0, 8), type(module).__name__
+        out.sum().backward()
+        assert x.grad.shape == (0, 8)
+        for name, param in module.named_parameters():
+            assert torch.equal(param.grad, torch.zeros_like(param)), f"{type(module).__name__}.{name}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,4 +372,4 @@ def test_backward_op_direct_bad_input():
 def test_op_direct_integer_dtype():
     """Integer tensors reach the C++ dispatch when the op is called directly: an error, not a crash."""
     with pytest.raises((TypeError, RuntimeError), match="Long|Int|dtype"):
-        torch.ops.dmup.scaled_residual(t(4, 8, dtype=torch.int64), t(4, 8, dtype=torch.int64), 0.5, "relu", True)
+        torch.ops.dmup.scaled_residual(t(4, 8, dtype=INT), t(4, 8, dtype=INT), 0.5, "relu", True)

@@ -1,4 +1,4 @@
-"""Drop-in modules: backend "cpp" against backend "reference", init, state_dict, repr, scale."""
+"""Drop-in modules: backends "cpp" and "triton" against backend "reference", init, state_dict, repr, scale."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import torch
 from torch import nn
 
 import dmup_kernels
-from conftest import rel_err
+from conftest import needs_cpp, needs_triton, rel_err
 from dmup_kernels import COMPLETE_P, DEPTH_MUP, STANDARD, DepthMuPNet, DepthParametrization, ResidualStack, ScaledResidual
 from dmup_kernels import reference
 from sample_inputs import ACTIVATIONS, STACK_SPECS, StackSpec, make_stack_case, random_tensor
 
-needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
 
 STACK_IDS = [spec.id for spec in STACK_SPECS]
 IN_FEATURES, OUT_FEATURES = 3, 2
@@ -59,23 +58,23 @@ def randomize_biases(module: nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64))
 
 
-@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", ["stack", "net"])
 @pytest.mark.parametrize("spec", STACK_SPECS, ids=STACK_IDS)
-def test_cpp_backend_matches_reference(spec: StackSpec, kind, dtype, seed):
-    cpp = build(kind, spec, "cpp", dtype)
-    randomize_biases(cpp, seed)
+def test_backend_matches_reference(spec: StackSpec, kind, dtype, backend, seed):
+    module = build(kind, spec, backend, dtype)
+    randomize_biases(module, seed)
     # the reference runs in float64 from the same parameters and inputs
     ref = build(kind, spec, "reference", torch.float64)
-    ref.load_state_dict(cpp.state_dict())
+    ref.load_state_dict(module.state_dict())
     in_features = spec.width if kind == "stack" else IN_FEATURES
     case = make_stack_case(spec, dtype, seed, in_features=in_features)
     out_features = spec.width if kind == "stack" else OUT_FEATURES
     grad_out = torch.randn(*spec.batch_shape, out_features, dtype=torch.float64)
 
-    out, dx, grads = forward_backward(cpp, case.x, grad_out)
+    out, dx, grads = forward_backward(module, case.x, grad_out)
     ref_out, ref_dx, ref_grads = forward_backward(ref, case.x.to(torch.float64), grad_out)
 
     assert out.dtype == dtype and out.shape == ref_out.shape

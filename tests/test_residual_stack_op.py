@@ -15,9 +15,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmup_kernels
-from conftest import rel_err
+from conftest import num_threads, rel_err, saved_bytes
 from dmup_kernels import ResidualStack, reference
-from parity import check_stack, num_threads, run_stack, run_stack_reference, stack_kwargs
+from parity import check_stack, run_stack, run_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -298,23 +298,6 @@ def test_bitwise_independent_of_threads(spec: StackSpec, dtype, seed):
 # ---------------------------------------------------------------------------------------------------
 # 6. saved-tensor memory
 # ---------------------------------------------------------------------------------------------------
-
-
-def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes of the storages autograd saves while ``fn()`` runs, each storage once, minus ``exclude``'s."""
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    out.sum().backward()  # the saved state is usable
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The Triton kernels (issue 4) on CPU tensors through the Triton interpreter, against the float64 eager
 reference (SPEC 4): kernel 1 (scaled_residual, one and two passes), kernels 2 and 3 (fused block and
-depth-fused stack, forward and every gradient), their saved state, op registrations, modules, NaN/Inf
-propagation and launch configurations. float32 and float64 only: the interpreter has no bfloat16.
+depth-fused stack, forward and every gradient), their saved state, op registrations, modules,
+launch configurations and the traffic model. NaN/Inf propagation and bad input are tested for every
+backend in test_nonfinite.py and test_bad_input.py. float32 and float64 only: the interpreter has no bfloat16.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import rel_err
+from conftest import needs_triton, rel_err
 from dmup_kernels import ResidualStack, ScaledResidual, reference
-from dmup_kernels.triton import HAS_TRITON, INTERPRETED
-from parity import check_residual, check_stack, run_stack, run_stack_reference, stack_kwargs
+from parity import check_residual, check_stack, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -31,7 +31,7 @@ from sample_inputs import (
     random_tensor,
 )
 
-pytestmark = pytest.mark.skipif(not (HAS_TRITON and INTERPRETED), reason="needs triton and TRITON_INTERPRET=1")
+pytestmark = needs_triton
 
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["f64", "f32"]
@@ -180,30 +180,6 @@ def test_backward_after_inference_forward_raises(seed):
     out, *_ = torch.ops.dmup.triton_residual_stack(x, weight, bias, 0.5, "relu", "post", True, False)
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()
-
-
-# ---------------------------------------------------------------------------------------------------
-# NaN and Inf propagate as in the reference
-# ---------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-@pytest.mark.parametrize("activation", ["relu", "abs", "gelu"])
-@pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_non_finite_values_propagate_like_reference(activation, block, poison, seed):
-    spec = StackSpec(7, 2, (5,), block, False, activation, False, "contiguous")
-    case = make_stack_case(spec, torch.float64, seed)
-    case.x[1, 3] = poison
-    case.weight[1, 2, 4] = poison
-    grad_out = torch.randn(case.x.shape, dtype=torch.float64)
-    got = run_stack(case, grad_out, "triton")
-    expected = run_stack_reference(case, grad_out)
-    for name, value, ref in zip(("output", "grad x", "grad weight"), got, expected):
-        assert torch.equal(value.isnan(), ref.isnan()), f"{name}: NaN positions differ"
-        assert torch.equal(value.isinf(), ref.isinf()), f"{name}: Inf positions differ"
-        finite = ref.isfinite()
-        assert rel_err(value[finite], ref[finite]) < 1e-12, name
 
 
 # ---------------------------------------------------------------------------------------------------

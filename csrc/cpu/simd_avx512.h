@@ -4,7 +4,7 @@
 // traits type provides: T, Vec, Mask, W (lanes); zero, broadcast, load/store (W lanes), load_n /
 // store_n (first n lanes, the rest read as 0), fma(a, b, c) = a*b + c, store_bits / load_bits (one
 // bit per row, rows aligned to W), sum (of the lanes, in a fixed order), transpose (of W vectors
-// of W lanes), and for Vec the arithmetic operators, < and > giving a Mask,
+// of W lanes), and for Vec the arithmetic operators, <, <= and > giving a Mask, ! of a Mask,
 // select(mask, a, b), exp and tanh, so that the templates of activations.h apply to it.
 #pragma once
 
@@ -34,15 +34,19 @@ inline Vec operator*(Vec a, Vec b) { return _mm512_mul_ps(a.v, b.v); }
 inline Vec operator/(Vec a, Vec b) { return _mm512_div_ps(a.v, b.v); }
 inline Vec& operator+=(Vec& a, Vec b) { return a = a + b; }
 inline Mask operator<(Vec a, Vec b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+inline Mask operator<=(Vec a, Vec b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LE_OQ)}; }
 inline Mask operator>(Vec a, Vec b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+inline Mask operator!(Mask m) { return {_knot_mask16(m.bits)}; }
 inline Vec select(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m.bits, b.v, a.v); }
 
 // e^x: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes
-// coefficients, about 1 ulp), and 2^k by scalef. Inputs are clamped so the result stays finite;
-// MIN/MAX return their second operand when one is NaN, so x goes second and NaN propagates.
+// coefficients, about 1 ulp), and 2^k by scalef. Inputs are clamped to [-104, 89], just past where
+// e^x rounds to 0 (below -103.97) and overflows (above 88.72), so that scalef gives exactly 0 and inf
+// there, as std::exp does: silu(-inf) = -inf * 0 is then NaN, as in torch. MIN/MAX return their
+// second operand when one is NaN, so x goes second and NaN propagates.
 inline Vec exp(Vec x) {
-  __m512 t = _mm512_max_ps(_mm512_set1_ps(-87.3f), x.v);
-  t = _mm512_min_ps(_mm512_set1_ps(88.7f), t);
+  __m512 t = _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v);
+  t = _mm512_min_ps(_mm512_set1_ps(89.0f), t);
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), t);

@@ -14,7 +14,8 @@
 // its stored (out, in) layout as broadcast scalars and vectorises over rows, the mean over the
 // width is a sum of vectors, and relu/abs masks come out as 16-bit words per vector:
 //   saved  (L, n, B)             x_l, feature-major, the state kept for backward
-//   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: [h > 0] (plane 0), [h < 0] (1)
+//   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: relu [h > 0 or NaN]; abs
+//                                    [h > 0] (plane 0), [h < 0] (plane 1)
 //   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
 // Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
 // threads share each tile, splitting its features (see Team). Every output element of a row depends
@@ -32,6 +33,20 @@
 #include "../activations.h"
 
 namespace dmup {
+
+// Offsets into the flat buffers below, int64 throughout: an (L, n, B) state passes 2^31 elements at
+// 8 GiB of float32, a (B, n) row block at B*n = 2^31. tests/test_scale.py checks them there.
+// (L, n, B) state (saved, grad_h): the first of the B rows of one feature of one layer.
+inline int64_t state_offset(int64_t layer, int64_t feature, int64_t width, int64_t batch) {
+  return (layer * width + feature) * batch;
+}
+// (L, planes, n, ceil(B/16)) mask: the first word of one feature's bits in one plane of one layer.
+inline int64_t mask_offset(int64_t layer, int64_t plane, int64_t feature, int64_t planes, int64_t width,
+                           int64_t batch) {
+  return ((layer * planes + plane) * width + feature) * mask_words(batch);
+}
+// (L, n, n) weight and grad_weight: the first element of one output row of one layer.
+inline int64_t weight_offset(int64_t layer, int64_t row, int64_t width) { return (layer * width + row) * width; }
 
 // C (M x N, row stride cs) (+)= A (M x K, element (i, p) at a[i*asi + p*asp]) * Bm (K x N, row
 // stride bs, unit column stride); what stack_impl::gemm computes, as a replaceable function.
@@ -281,7 +296,16 @@ struct Stack {
     (p.blas_gemm ? p.blas_gemm : &gemm<V>)(rows, cols, depth, a, asi, asp, b, bs, c, cs, accumulate);
   }
 
-  // A proxy with the sign of h, rebuilt from the saved bits: enough for relu's and abs's backward.
+  // The bit of plane 0. For relu it is where the gradient passes: h > 0, and also where h is NaN, as
+  // in torch's relu backward (threshold_backward zeroes it only where h <= 0). For abs it is h > 0, so
+  // that a NaN h (neither bit set) reads back as sign 0, as torch.sign(NaN) in abs's backward.
+  static typename V::Mask positive_bit(Vec h) {
+    if constexpr (A == Activation::Relu) return !(h <= Vec(0));
+    return h > Vec(0);
+  }
+
+  // A proxy with the sign of h, rebuilt from the saved bits (1, -1 or 0; relu's NaN reads as 1): enough
+  // for relu's and abs's backward.
   static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
     const Vec pos = select(V::load_bits(plane_pos, row), Vec(1), Vec(0));
     if constexpr (kPlanes == 2) return select(V::load_bits(plane_neg, row), Vec(-1), pos);
@@ -312,7 +336,7 @@ struct Stack {
   }
 
   static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = tile_count(p);
+    const int64_t n = p.width, B = p.batch, tiles = tile_count(p);
     with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
       const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
       const Vec scale = V::broadcast(p.scale);
@@ -322,7 +346,7 @@ struct Stack {
         const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
         transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
         for (int64_t l = 0; l < p.depth; ++l) {
-          const T* W = p.weight + l * n * n;
+          const T* W = p.weight + weight_offset(l, 0, n);
           const T* gemm_in = s.stream;
           if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
             map_rows(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
@@ -334,12 +358,12 @@ struct Stack {
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
             T* h_row = s.branch + o * Rp;
-            uint16_t* pos = kPost && kPlanes && save ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
-            uint16_t* neg = kPost && kPlanes == 2 && save ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+            uint16_t* pos = kPost && kPlanes && save ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
+            uint16_t* neg = kPost && kPlanes == 2 && save ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
             for (int64_t r = 0; r < live; r += V::W) {
               Vec h = V::load(h_row + r) + bias;
               if constexpr (kPost) {
-                if constexpr (kPlanes >= 1) if (save) V::store_bits(pos, b0 + r, h > Vec(0));
+                if constexpr (kPlanes >= 1) if (save) V::store_bits(pos, b0 + r, positive_bit(h));
                 if constexpr (kPlanes == 2) if (save) V::store_bits(neg, b0 + r, h < Vec(0));
                 h = Phi::value(h);
               }
@@ -349,12 +373,12 @@ struct Stack {
           team.sync();  // the row mean reads every feature of the branch
           row_mean(p, s.branch, Rp, live, T(1), row);
           // Save x_l, then x <- x + s * (v - mean).
-          T* saved = save ? buf.saved + l * n * B + b0 : nullptr;
           for (int64_t o = o0; o < o1; ++o) {
+            T* saved = save ? buf.saved + state_offset(l, o, n, B) + b0 : nullptr;
             for (int64_t r = 0; r < live; r += V::W) {
               const int64_t i = o * Rp + r;
               const Vec x = V::load(s.stream + i);
-              if (save) V::store_n(saved + o * B + r, x, lanes_at(r, rows));
+              if (save) V::store_n(saved + r, x, lanes_at(r, rows));
               V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(row + r), x));
             }
           }
@@ -367,7 +391,7 @@ struct Stack {
 
   // Phase 1 of the backward: per row tile, walk the layers in reverse; writes grad_x and grad_h.
   static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch, words = mask_words(B), tiles = tile_count(p);
+    const int64_t n = p.width, B = p.batch, tiles = tile_count(p);
     constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
     with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
@@ -378,24 +402,25 @@ struct Stack {
         const int64_t live = (rows + V::W - 1) / V::W * V::W;
         transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);  // the stream now holds g
         for (int64_t l = p.depth - 1; l >= 0; --l) {
-          const T* W = p.weight + l * n * n;
-          const T* saved = buf.saved + l * n * B + b0;
-          T* grad_h = buf.grad_h + l * n * B + b0;
-          if constexpr (kNeedInput) load_rows<V>(s.input + o0 * Rp, Rp, live, saved + o0 * B, B, o1 - o0, rows);
+          const T* W = p.weight + weight_offset(l, 0, n);
+          if constexpr (kNeedInput) {
+            load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
+          }
           team.sync();  // the row mean reads all of g; the recomputation all of x_l
           if constexpr (kRecompute) layer_gemm(p, o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
           row_mean(p, s.stream, Rp, live, p.scale, row);
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-            const uint16_t* pos = kPlanes ? buf.mask + ((l * kPlanes) * n + o) * words : nullptr;
-            const uint16_t* neg = kPlanes == 2 ? buf.mask + ((l * kPlanes + 1) * n + o) * words : nullptr;
+            const uint16_t* pos = kPlanes ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
+            const uint16_t* neg = kPlanes == 2 ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
+            T* grad_h = buf.grad_h + state_offset(l, o, n, B) + b0;
             for (int64_t r = 0; r < live; r += V::W) {
               const int64_t i = o * Rp + r;
               Vec dh = scale * V::load(s.stream + i) - V::load(row + r);
               if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
               if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
               V::store(s.aux + i, dh);
-              V::store_n(grad_h + o * B + r, dh, lanes_at(r, rows));
+              V::store_n(grad_h + r, dh, lanes_at(r, rows));
             }
           }
           team.sync();  // g += dh W reads dh of every feature, and overwrites g the row mean read
@@ -435,8 +460,8 @@ struct Stack {
       for (int64_t task = 0; task < tasks; ++task) {
         const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
         const int64_t rows_out = std::min(block_rows, n - o0);
-        const T* saved = buf.saved + l * n * B;
-        const T* dh = buf.grad_h + l * n * B;
+        const T* saved = buf.saved + state_offset(l, 0, n, B);
+        const T* dh = buf.grad_h + state_offset(l, 0, n, B);
         for (int64_t c0 = 0; c0 < B; c0 += kChunk) {
           const int64_t count = std::min(kChunk, B - c0);
           // packed[r][k] = in_l[c0 + r][k], by transposing W x W blocks in registers.
@@ -455,7 +480,7 @@ struct Stack {
             }
           }
           layer_gemm(p, rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
-                  buf.grad_weight + (l * n + o0) * n, n, c0 > 0);
+                  buf.grad_weight + weight_offset(l, o0, n), n, c0 > 0);
         }
         if (buf.grad_bias) {
           for (int64_t o = o0; o < o0 + rows_out; ++o) {

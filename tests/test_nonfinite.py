@@ -1,0 +1,154 @@
+"""NaN and +-inf in the inputs, weights, biases or the incoming gradient propagate as in the eager reference:
+no masking, no crash. The output and every gradient have NaN, +inf and -inf at exactly the positions of the
+float64 reference's, and agree with it elsewhere (SPEC 4 tolerances), on backends "reference", "cpp" and
+"triton" (through the interpreter).
+
+torch's rules that the kernels follow: relu's backward is threshold_backward (0 where h <= 0, the incoming
+gradient elsewhere, so also where h is NaN); abs's is g * sign(h) with sign(NaN) = 0; silu(-inf) and
+gelu(-inf) are NaN (-inf * 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dmup_kernels
+from conftest import needs_cpp, needs_triton, rel_err
+from dmup_kernels import reference
+from sample_inputs import ACTIVATIONS, ResidualSpec, StackSpec, make_residual_case, make_stack_case
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+# (backend, dtype): the "reference" backend in float64 would be the float64 reference itself
+BACKEND_DTYPES = [
+    pytest.param("cpp", torch.float64, marks=needs_cpp, id="cpp-f64"),
+    pytest.param("cpp", torch.float32, marks=needs_cpp, id="cpp-f32"),
+    pytest.param("reference", torch.float32, id="reference-f32"),
+    pytest.param("triton", torch.float64, marks=needs_triton, id="triton-f64"),
+    pytest.param("triton", torch.float32, marks=needs_triton, id="triton-f32"),
+]
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
+NAN, INF = math.nan, math.inf
+
+# Where the special values go, as (index, value) pairs. Rows are independent, so one case poisons the
+# first three rows of one row-wise tensor and the next three of another; weight and bias poison
+# features of the last layer, so that the first layer stays finite.
+ROWS_0_TO_2 = [((0, 3), NAN), ((1, 5), INF), ((2, 7), -INF)]
+ROWS_3_TO_5 = [((3, 0), -INF), ((4, 8), NAN), ((5, 2), INF)]
+WEIGHT_POISON = [((1, 4, 6), NAN), ((1, 9, 2), INF), ((1, 0, 11), -INF)]
+BIAS_POISON = [((1, 4), -INF), ((1, 9), NAN), ((1, 0), INF)]
+
+
+def poison(tensor: torch.Tensor, entries) -> None:
+    with torch.no_grad():
+        for index, value in entries:
+            tensor[index] = value
+
+
+def assert_nonfinite_match(got: torch.Tensor, expected: torch.Tensor, name: str, tol: float) -> None:
+    """NaN, +inf and -inf at the same positions; the finite rest within ``tol`` (relative)."""
+    assert got.shape == expected.shape, name
+    for kind, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        differ = where(got) != where(expected)
+        assert not differ.any(), f"{name}: {kind} at different positions, e.g. {differ.nonzero()[:4].tolist()}"
+    finite = torch.isfinite(expected)
+    if finite.any():
+        err = rel_err(got[finite], expected[finite])
+        assert err < tol, f"{name}: finite part, relative error {err:.3g} >= {tol:g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# scaled_residual
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("mean_subtract", [True, False], ids=["ms", "noms"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_scaled_residual(activation, mean_subtract, backend, dtype, seed):
+    case = make_residual_case(ResidualSpec((10, 20), "contiguous", activation, mean_subtract, 0.7), dtype, seed)
+    grad_out = torch.randn(case.x.shape, dtype=dtype)
+    poison(case.x, ROWS_0_TO_2)
+    poison(case.branch_out, ROWS_3_TO_5)
+    poison(grad_out, [((row + 6, col), value) for (row, col), value in ROWS_0_TO_2])
+
+    def run(x, branch_out, grad, **backend_kwarg):
+        x, branch_out = x.detach().clone().requires_grad_(), branch_out.detach().clone().requires_grad_()
+        fn = dmup_kernels.scaled_residual if backend_kwarg else reference.scaled_residual
+        out = fn(x, branch_out, case.scale, activation, mean_subtract, **backend_kwarg)
+        out.backward(grad)
+        return out.detach(), x.grad, branch_out.grad
+
+    got = run(case.x, case.branch_out, grad_out, backend=backend)
+    expected = run(case.x.double(), case.branch_out.double(), grad_out.double())
+    assert any(not torch.isfinite(e).all() for e in expected)  # the poison reached the result
+    for name, g, e in zip(("output", "grad x", "grad branch_out"), got, expected):
+        assert_nonfinite_match(g, e, name, TOLERANCE[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------
+# residual_stack: two layers, a bias, row tiles split by rows (B = 37) or by features (B = 8)
+# ---------------------------------------------------------------------------------------------------
+
+
+def stack_gradients(case, grad_out: torch.Tensor, dtype: torch.dtype, **backend_kwarg):
+    """Output and gradients (x, weight, bias): the public function with ``backend_kwarg``, else the
+    reference in ``dtype``."""
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (case.x, case.weight, case.bias)]
+    kwargs = dict(scale=case.scale, activation=case.spec.activation, block=case.spec.block,
+                  mean_subtract=case.spec.mean_subtract)  # fmt: skip
+    fn = dmup_kernels.residual_stack if backend_kwarg else reference.residual_stack
+    out = fn(*leaves, **kwargs, **backend_kwarg)
+    out.backward(grad_out.to(dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+def check_stack(spec: StackSpec, place: str, dtype: torch.dtype, backend: str, seed: int) -> None:
+    case = make_stack_case(spec, dtype, seed)
+    grad_out = torch.randn(case.x.shape, dtype=dtype)
+    if place == "rows":
+        poison(case.x, ROWS_0_TO_2)
+        poison(grad_out, ROWS_3_TO_5)
+    else:
+        poison(getattr(case, place), {"weight": WEIGHT_POISON, "bias": BIAS_POISON}[place])
+    got = stack_gradients(case, grad_out, dtype, backend=backend)
+    expected = stack_gradients(case, grad_out, torch.float64)
+    assert any(not torch.isfinite(e).all() for e in expected)
+    for name, g, e in zip(("output", "grad x", "grad weight", "grad bias"), got, expected):
+        assert_nonfinite_match(g, e, name, TOLERANCE[dtype])
+
+
+STACK_RUNS = [
+    pytest.param("cpp", torch.float64, 8, marks=needs_cpp, id="cpp-f64-B8"),
+    pytest.param("cpp", torch.float64, 37, marks=needs_cpp, id="cpp-f64-B37"),
+    pytest.param("cpp", torch.float32, 8, marks=needs_cpp, id="cpp-f32-B8"),
+    pytest.param("cpp", torch.float32, 37, marks=needs_cpp, id="cpp-f32-B37"),
+    pytest.param("reference", torch.float32, 37, id="reference-f32-B37"),
+    pytest.param("triton", torch.float64, 37, marks=needs_triton, id="triton-f64-B37"),
+    pytest.param("triton", torch.float32, 37, marks=needs_triton, id="triton-f32-B37"),
+]
+
+
+@pytest.mark.parametrize("backend,dtype,batch", STACK_RUNS)
+@pytest.mark.parametrize("place", ["rows", "weight", "bias"])
+@pytest.mark.parametrize("block", ["post", "pre"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_residual_stack(activation, block, place, backend, dtype, batch, seed):
+    # Mean subtraction spreads one special value over its whole row: on where x and grad_out are
+    # poisoned by rows, off where a weight or bias poisons one feature of every row.
+    mean_subtract = place == "rows"
+    spec = StackSpec(20, 2, (batch,), block, True, activation, mean_subtract, "contiguous")
+    check_stack(spec, place, dtype, backend, seed)
+
+
+@needs_cpp
+@pytest.mark.parametrize("place", ["rows", "weight", "bias"])
+@pytest.mark.parametrize("activation", ["relu", "abs", "silu"])
+def test_residual_stack_through_blas(activation, place, seed, monkeypatch):
+    """The same with every GEMM of the stack in the BLAS (DMUP_STACK_GEMM=blas), as from width 256."""
+    monkeypatch.setenv("DMUP_STACK_GEMM", "blas")
+    spec = StackSpec(20, 2, (37,), "post", True, activation, False, "contiguous")
+    check_stack(spec, place, torch.float32, "cpp", seed)
