@@ -17,6 +17,7 @@ from .._checks import (
     check_width,
 )
 from .._extension import HAS_CPP
+from ._autograd import register_autograd
 from ._backend import resolve_backend
 
 
@@ -128,4 +129,6 @@ if HAS_CPP:
         )
         return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
 
-    torch.library.register_autograd("dmup::residual_stack", _backward, setup_context=_setup_context)
+    register_autograd(
+        "dmup::residual_stack", _backward, setup_context=_setup_context, backward_op="dmup::residual_stack_backward"
+    )
