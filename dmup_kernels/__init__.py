@@ -6,7 +6,7 @@ Functional ops (``scaled_residual``, ``residual_stack``), drop-in modules (``Sca
 
 from . import reference
 from ._extension import HAS_CPP
-from .nn import DepthMuPNet, ResidualStack, ScaledResidual
+from .nn import DepthMuPNet, ReferenceBlock, ResidualStack, ScaledResidual
 from .ops import BACKENDS, residual_stack, scaled_residual
 from .optim import param_groups
 from .parametrization import COMPLETE_P, DEPTH_MUP, STANDARD, DepthParametrization
@@ -19,6 +19,7 @@ __all__ = [
     "STANDARD",
     "DepthMuPNet",
     "DepthParametrization",
+    "ReferenceBlock",
     "ResidualStack",
     "ScaledResidual",
     "param_groups",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import reference
 from ._checks import (
     check_activation,
     check_block,
@@ -75,16 +77,22 @@ class ResidualStack(nn.Module):
 
     block "post" (default, the paper's form): x <- x + s * MS(phi(x @ W_l^T + b_l))
     block "pre":                               x <- x + s * MS(phi(x) @ W_l^T + b_l)
-    with s = ``parametrization.branch_scale(depth)`` and MS only when ``mean_subtract``.
+    with s = ``parametrization.branch_scale(total_depth)`` and MS only when ``mean_subtract``.
     Hidden weights are initialised with variance 1/width (muP), biases with zeros.
 
     Args:
-        width: n, the residual-stream width. depth: L, the number of blocks.
+        width: n, the residual-stream width. depth: the number of blocks in this module.
         activation: phi. block: "post" or "pre". mean_subtract: MS on the branch output.
         bias: add a learnable bias of shape (depth, width).
         parametrization: the depth scaling rule (DEPTH_MUP by default).
         backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
+        total_depth: L, the number of blocks of the whole residual network this stack is a part of
+            (default ``depth``). The branch scale s and the hidden learning rate (``param_groups``)
+            are computed for it: Depth-muP scales by the depth of the network, so a pipeline stage
+            holding some of its blocks (``split``) keeps the scale of the whole.
     Input: (..., width). Output: same shape.
+    Conversions: ``split`` (pipeline stages), ``from_linears`` / ``to_reference_modules`` (a list of
+    ``nn.Linear`` / an ``nn.Sequential`` of eager ``ReferenceBlock``).
     """
 
     def __init__(
@@ -98,12 +106,16 @@ class ResidualStack(nn.Module):
         bias: bool = False,
         parametrization: DepthParametrization = DEPTH_MUP,
         backend: str = "auto",
+        total_depth: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.width = check_positive_int(width, "width")
         self.depth = check_positive_int(depth, "depth")
+        self.total_depth = self.depth if total_depth is None else check_positive_int(total_depth, "total_depth")
+        if self.total_depth < self.depth:
+            raise ValueError(f"total_depth must be >= depth ({self.depth}), the blocks of this stack; got {total_depth}")
         self.activation = check_activation(activation)
         self.block = check_block(block)
         self.mean_subtract = check_flag(mean_subtract, "mean_subtract")
@@ -119,13 +131,134 @@ class ResidualStack(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The branch multiplier s = parametrization.branch_scale(depth)."""
-        return self.parametrization.branch_scale(self.depth)
+        """The branch multiplier s = parametrization.branch_scale(total_depth)."""
+        return self.parametrization.branch_scale(self.total_depth)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.width))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        _init_hidden(self.weight, self.bias)
+
+    @classmethod
+    def from_linears(
+        cls,
+        linears: Iterable[nn.Linear],
+        *,
+        activation: str = "relu",
+        block: str = "post",
+        mean_subtract: bool = True,
+        parametrization: DepthParametrization = DEPTH_MUP,
+        backend: str = "auto",
+        total_depth: int | None = None,
+    ) -> ResidualStack:
+        """A stack whose block l uses ``linears[l]``: W_l = ``linears[l].weight``, b_l = ``linears[l].bias``.
+
+        The weights are copied (with their ``requires_grad``), so the stack and the layers are independent
+        afterwards. Every layer must be an ``nn.Linear(n, n)`` of one width n, dtype and device, all with a
+        bias or all without; the stack has a bias exactly when they do. The other arguments are those of
+        the constructor; ``depth = len(linears)``. Reverses ``to_reference_modules``:
+        ``from_linears([b.linear for b in stack.to_reference_modules()], <stack's settings>)`` equals ``stack``.
+        """
+        if isinstance(linears, (nn.Linear, Tensor)) or not isinstance(linears, Iterable):
+            raise TypeError(f"linears must be a sequence of nn.Linear; got {type(linears).__name__}")
+        layers = list(linears)
+        if not layers:
+            raise ValueError("linears must hold at least one nn.Linear; got an empty sequence")
+        first = layers[0]
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, nn.Linear):
+                raise TypeError(f"linears[{i}] must be an nn.Linear; got {type(layer).__name__}")
+            if layer.in_features != layer.out_features:
+                raise ValueError(
+                    f"linears[{i}] must be square, nn.Linear(n, n); got nn.Linear({layer.in_features}, "
+                    f"{layer.out_features})"
+                )
+            if layer.in_features != first.in_features:
+                raise ValueError(
+                    f"linears must all have one width; linears[0] has {first.in_features}, linears[{i}] has "
+                    f"{layer.in_features}"
+                )
+            if (layer.bias is None) != (first.bias is None):
+                raise ValueError(
+                    f"linears must all have a bias or all have none; linears[0] has "
+                    f"{'one' if first.bias is not None else 'none'}, linears[{i}] "
+                    f"{'has one' if layer.bias is not None else 'has none'}"
+                )
+            check_like(layer.weight, f"linears[{i}].weight", first.weight, "linears[0].weight")
+        stack = cls(
+            first.in_features,
+            len(layers),
+            activation=activation,
+            block=block,
+            mean_subtract=mean_subtract,
+            bias=first.bias is not None,
+            parametrization=parametrization,
+            backend=backend,
+            total_depth=total_depth,
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
+        _copy_parameter(stack.weight, torch.stack([layer.weight for layer in layers]))
+        if stack.bias is not None:
+            _copy_parameter(stack.bias, torch.stack([layer.bias for layer in layers]))
+        return stack
+
+    def to_reference_modules(self) -> nn.Sequential:
+        """An equivalent ``nn.Sequential`` of ``depth`` eager ``ReferenceBlock`` modules, block l holding
+        ``nn.Linear`` copies of W_l and b_l (with their ``requires_grad``) and the scale s of this stack.
+
+        Plain PyTorch from then on (no dmup ops); ``ResidualStack.from_linears`` turns it back.
+        """
+        blocks = []
+        for index in range(self.depth):
+            block = ReferenceBlock(
+                self.width,
+                scale=self.scale,
+                activation=self.activation,
+                block=self.block,
+                mean_subtract=self.mean_subtract,
+                bias=self.bias is not None,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
+            _copy_parameter(block.linear.weight, self.weight[index])
+            if self.bias is not None:
+                _copy_parameter(block.linear.bias, self.bias[index])
+            blocks.append(block)
+        return nn.Sequential(*blocks)
+
+    def split(self, num_stages: int) -> list[ResidualStack]:
+        """Cuts the stack into ``num_stages`` stacks of consecutive blocks, for pipeline parallelism.
+
+        ``nn.Sequential(*stack.split(k))`` computes what ``stack`` computes. Stage k holds blocks
+        [start_k, start_k + depth_k), the first ``depth % num_stages`` stages one block more than the rest,
+        and this stack's settings, ``total_depth`` included, so every stage keeps the branch scale s (and
+        hidden learning rate) of the whole network. Its parameters are copies (with their
+        ``requires_grad``), not views: each stage owns its weights and can live on its own device or
+        process, as pipeline schedules need; changes to a stage do not reach this stack.
+        """
+        check_positive_int(num_stages, "num_stages")
+        if num_stages > self.depth:
+            raise ValueError(f"num_stages must be at most depth ({self.depth}), one block per stage; got {num_stages}")
+        stages = []
+        for layers in torch.arange(self.depth).tensor_split(num_stages):
+            start, stop = int(layers[0]), int(layers[-1]) + 1
+            stage = ResidualStack(
+                self.width,
+                stop - start,
+                activation=self.activation,
+                block=self.block,
+                mean_subtract=self.mean_subtract,
+                bias=self.bias is not None,
+                parametrization=self.parametrization,
+                backend=self.backend,
+                total_depth=self.total_depth,
+                device=self.weight.device,
+                dtype=self.weight.dtype,
+            )
+            _copy_parameter(stage.weight, self.weight[start:stop])
+            if self.bias is not None:
+                _copy_parameter(stage.bias, self.bias[start:stop])
+            stages.append(stage)
+        return stages
 
     def forward(self, x: Tensor, return_states: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The stack's output; with ``return_states`` also the states x^0..x^L as a detached tensor of
@@ -147,11 +280,84 @@ class ResidualStack(nn.Module):
     def extra_repr(self) -> str:
         p = self.parametrization
         return (
-            f"width={self.width}, depth={self.depth}, activation={self.activation!r}, block={self.block!r}, "
+            f"width={self.width}, depth={self.depth}, total_depth={self.total_depth}, "
+            f"activation={self.activation!r}, block={self.block!r}, "
             f"mean_subtract={self.mean_subtract}, bias={self.bias is not None}, scale={self.scale:.6g}, "
             f"parametrization=(alpha={p.alpha}, gamma={p.gamma}, multiplier={p.multiplier}, "
             f"base_depth={p.base_depth}), backend={self.backend!r}"
         )
+
+
+class ReferenceBlock(nn.Module):
+    """One residual block in plain eager PyTorch (``dmup_kernels.reference``) around an ``nn.Linear``:
+
+    block "post": x + s * MS(phi(linear(x)))        block "pre": x + s * MS(linear(phi(x)))
+
+    with MS only when ``mean_subtract``: block l of a ``ResidualStack`` with ``linear`` holding W_l and b_l
+    (``ResidualStack.to_reference_modules`` builds them). Initialised like the stack: weight variance
+    1/width, bias zero.
+
+    Args:
+        width: n; ``linear`` is ``nn.Linear(width, width, bias)``.
+        scale: s, the branch multiplier of the network the block belongs to.
+        activation, block, mean_subtract: as in ``ResidualStack``.
+    Input: (..., width). Output: same shape.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        *,
+        scale: float,
+        activation: str = "relu",
+        block: str = "post",
+        mean_subtract: bool = True,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.width = check_positive_int(width, "width")
+        self.scale = check_scale(scale)
+        self.activation = check_activation(activation)
+        self.block = check_block(block)
+        self.mean_subtract = check_flag(mean_subtract, "mean_subtract")
+        self.linear = nn.Linear(width, width, bias=check_flag(bias, "bias"), device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_hidden(self.linear.weight, self.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_width(x, "x", self.width)
+        return reference.BLOCK_FUNCTIONS[self.block](
+            x,
+            self.linear.weight,
+            self.linear.bias,
+            scale=self.scale,
+            activation=self.activation,
+            mean_subtract=self.mean_subtract,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"scale={self.scale:.6g}, activation={self.activation!r}, block={self.block!r}, "
+            f"mean_subtract={self.mean_subtract}"
+        )
+
+
+def _init_hidden(weight: Tensor, bias: Tensor | None) -> None:
+    """muP init of residual-branch layers: weight entries N(0, 1/width) (width = last dim), bias zero."""
+    nn.init.normal_(weight, std=1.0 / math.sqrt(weight.shape[-1]))
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
+def _copy_parameter(param: nn.Parameter, value: Tensor) -> None:
+    """Copies ``value`` into ``param`` outside autograd; ``param`` takes over ``value.requires_grad``."""
+    with torch.no_grad():
+        param.copy_(value)
+    param.requires_grad_(value.requires_grad)
 
 
 class DepthMuPNet(nn.Module):

@@ -13,7 +13,8 @@ from .parametrization import OPTIMIZERS
 
 def param_groups(model: nn.Module, lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Param groups for ``torch.optim``: each ResidualStack's parameters get
-    ``lr * stack.parametrization.lr_scale(stack.depth, optimizer)``, all other parameters ``lr``.
+    ``lr * stack.parametrization.lr_scale(stack.total_depth, optimizer)``, all other parameters ``lr``
+    (``total_depth``: the depth of the whole network, also for a pipeline stage of it).
 
     Args:
         model: any module tree; every ``ResidualStack`` in it gets its own group.
@@ -43,7 +44,7 @@ def param_groups(model: nn.Module, lr: float, optimizer: str = "adam", weight_de
     for name, module in model.named_modules():
         if isinstance(module, ResidualStack):
             params = claim([p for p in module.parameters() if p.requires_grad], f"stack {name!r}")
-            scale = module.parametrization.lr_scale(module.depth, optimizer)
+            scale = module.parametrization.lr_scale(module.total_depth, optimizer)
             groups.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay, "name": name or "stack"})
     rest = [p for p in model.parameters() if id(p) not in seen and p.requires_grad]
     if rest:

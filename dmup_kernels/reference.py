@@ -77,6 +77,10 @@ def pre_block(
     return epilogue(x, F.linear(ACTIVATIONS[activation](x), weight, bias), scale, "identity", mean_subtract)
 
 
+BLOCK_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"post": post_block, "pre": pre_block}
+"""The block of each form in ``BLOCKS``, by name."""
+
+
 def mlp_block(x: Tensor, weight1: Tensor, weight2: Tensor, *, scale: float, activation: str = "relu") -> Tensor:
     """Block depth 2: x + s * (phi(x @ W1^T) @ W2^T), W1 of shape (m, n) and W2 of shape (n, m)."""
     return x + scale * F.linear(ACTIVATIONS[activation](F.linear(x, weight1)), weight2)
@@ -99,7 +103,7 @@ def residual_stream(
     block "pre":  x_{l+1} = x_l + s * MS(phi(x_l) @ W_l^T + b_l)
     (MS only when ``mean_subtract``); ``epilogue`` computes x + s * MS(phi(branch)) (a kernel may stand in).
     """
-    layer = post_block if block == "post" else pre_block
+    layer = BLOCK_FUNCTIONS[block]
     # unbind, not weight[i]: the backward of L index ops would write L full-size gradient tensors.
     biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
     states = [x]

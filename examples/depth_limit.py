@@ -2,6 +2,7 @@
 data order and the same frozen input/output layers, then compares the final features (the stack's
 output on 512 digits) of consecutive depths with mutual_knn (k = 10) and linear CKA. Under Depth-muP
 the alignment should rise toward 1 with depth; the same is reported for standard parametrization.
+Writes <out> (JSON) and, next to it, a plot of both measures against depth (<out> with suffix .png).
 
     python examples/depth_limit.py --quick      # depths 8 16 32, 30 steps, about 20 s on 2 cores
     python examples/depth_limit.py              # depths 8..256, 100 steps, a few minutes
@@ -38,6 +39,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def plot(alignment: dict[str, list[dict]], path: Path) -> None:
+    """mutual_knn and CKA of each pair of consecutive depths against the deeper one (log2 axis), one
+    panel per measure, one line per parametrization; diverged pairs are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    for axis, measure in zip(axes[0], ("mutual_knn", "cka")):
+        for name, rows in alignment.items():
+            points = [(row["depths"][1], row[measure]) for row in rows if row[measure] is not None]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("depth L (compared with L/2)")
+        axis.set_ylabel(measure)
+        axis.set_ylim(0.0, 1.02)
+        axis.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = digits()
@@ -64,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["alignment"][name] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    png_path = args.out.with_suffix(".png")
+    plot(result["alignment"], png_path)
     print(f"\nalignment of the final features of consecutive depths ({args.steps} steps of Adam):")
     for name, rows in result["alignment"].items():
         print(name)
@@ -71,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             knn, ck = row["mutual_knn"], row["cka"]
             cells = "diverged" if knn is None else f"mutual_knn {knn:.3f}   cka {ck:.3f}"
             print(f"  L = {row['depths'][0]:>3} vs {row['depths'][1]:>3}:  {cells}")
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {args.out} and {png_path}")
     return result
 
 

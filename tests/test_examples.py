@@ -45,3 +45,5 @@ def test_depth_limit_reports_alignment_of_consecutive_depths(tmp_path):
     for rows in result["alignment"].values():
         assert [row["depths"] for row in rows] == [[4, 8]]
         assert 0.0 <= rows[0]["mutual_knn"] <= 1.0 and 0.0 < rows[0]["cka"] <= 1.0 + 1e-9
+    assert json.loads((tmp_path / "dl.json").read_text())["alignment"] == result["alignment"]
+    assert (tmp_path / "dl.png").read_bytes()[:4] == b"\x89PNG"

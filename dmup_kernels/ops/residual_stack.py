@@ -18,6 +18,7 @@ from .._checks import (
 )
 from .._extension import HAS_CPP
 from ..triton import HAS_TRITON
+from ._autograd import register_autograd
 from ._backend import resolve_backend
 
 if HAS_TRITON:
@@ -136,4 +137,6 @@ if HAS_CPP:
         )
         return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
 
-    torch.library.register_autograd("dmup::residual_stack", _backward, setup_context=_setup_context)
+    register_autograd(
+        "dmup::residual_stack", _backward, setup_context=_setup_context, backward_op="dmup::residual_stack_backward"
+    )

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_activation, check_flag, check_like, check_scale, check_shape, check_tensor
 from .._extension import HAS_CPP
+from ._autograd import register_autograd
 from ._backend import resolve_backend
 
 
@@ -74,4 +75,6 @@ if HAS_CPP:
         )
         return grad_out, grad_branch, None, None, None
 
-    torch.library.register_autograd("dmup::scaled_residual", _backward, setup_context=_setup_context)
+    register_autograd(
+        "dmup::scaled_residual", _backward, setup_context=_setup_context, backward_op="dmup::scaled_residual_backward"
+    )

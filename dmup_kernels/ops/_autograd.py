@@ -1,0 +1,88 @@
+"""Autograd registration of the dmup ops in a form that torch.func transforms accept.
+
+Why not ``torch.library.register_autograd``: in torch 2.13 it wraps the rule in an
+``autograd.Function`` whose ``forward(ctx, *args)`` calls ``setup_context`` itself, and
+``autograd.Function.apply`` refuses such a Function while a torch.func transform is active ("it must
+override the setup_context staticmethod"; open upstream as pytorch/pytorch#168393, #170834, #179652,
+and ``torch.library.custom_op`` has the same problem). Giving the Function a separate
+``setup_context`` is not enough on its own: under a transform, ``apply`` hands the Function to
+functorch's ``custom_function_call``, which must be entered from above the functorch dispatch keys,
+while an Autograd kernel runs below them ("could not find kernel for HigherOrderOperator
+custom_function_call at dispatch key AutogradCPU").
+
+What this does instead: behave like a C++ Autograd kernel. Under ``torch.func.grad`` the dispatcher
+enters an op's Autograd kernel once per transform level, with that level's tensors; the kernel records
+one graph node there and redispatches below Autograd, where functorch unwraps to the next level. The
+Function here is a ``_SingleLevelFunction`` (the base of ``autograd.Function`` without the functorch
+hand-off, which torch.func itself uses for this purpose), applied with
+``enable_single_level_autograd_function`` -- the two private torch APIs this package relies on; the
+tests of torch.func (tests/test_func_transforms.py) guard them.
+
+The backward rules are first-order only: they call the ops' backward kernels, which have no derivative.
+``backward_op`` gives such a kernel an Autograd rule that raises when it is differentiated, so a second
+differentiation (``gradgradcheck``, ``create_graph=True`` then ``grad`` again, nested
+``torch.func.grad``) fails with a RuntimeError naming the op instead of returning a gradient with its
+second-order term silently missing. It raises only then: ``torch.func.grad`` always records the graph
+of the gradients (``create_graph=True``), so raising on that alone would break first-order use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd.function import _SingleLevelFunction
+
+_LIBRARY = torch.library.Library("dmup", "IMPL")  # kept alive: dropping it would unregister the kernels
+
+
+def register_autograd(qualname: str, backward: Callable, *, setup_context: Callable, backward_op: str) -> None:
+    """Registers ``backward`` / ``setup_context`` (the ``torch.library.register_autograd`` contract) as
+    the Autograd kernel of the op ``qualname`` ("dmup::name"), usable under torch.func transforms.
+
+    ``backward_op`` is the op that ``backward`` computes the gradients with; differentiating it raises.
+    """
+
+    def double_backward(ctx: Any, *grads: Tensor) -> None:
+        raise RuntimeError(
+            f"double backward through {qualname} is not supported: its gradient ({backward_op}) has no "
+            f"derivative; use backend='reference' for higher-order gradients"
+        )
+
+    _register(qualname, backward, setup_context)
+    _register(backward_op, double_backward, lambda ctx, inputs, output: None)
+
+
+def _register(qualname: str, backward: Callable, setup_context: Callable) -> None:
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    def below_autograd(*args: Any) -> Any:
+        # Skips this Autograd kernel; under torch.func.grad the call goes on to the next transform level.
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def forward(*args: Any) -> Any:
+        # apply() runs forward with grad mode off; the next transform level must record its node too.
+        with torch.enable_grad():
+            return below_autograd(*args)
+
+    function = type(
+        f"{namespace}_{name}",
+        (_SingleLevelFunction,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
+
+    def autograd_kernel(*args: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            with enable_single_level_autograd_function():
+                return function.apply(*args)
+        return below_autograd(*args)
+
+    _LIBRARY.impl(name, autograd_kernel, "Autograd")
