@@ -25,9 +25,11 @@ def check_tensor(value: object, name: str) -> Tensor:
     return value
 
 
-def check_like(value: Tensor, name: str, like: Tensor, like_name: str) -> None:
-    """``value`` has the dtype and device of ``like``."""
-    if value.dtype != like.dtype:
+def check_like(value: Tensor, name: str, like: Tensor, like_name: str, *, autocast: bool = False) -> None:
+    """``value`` has the dtype and device of ``like``; with ``autocast``, floating dtypes may differ while
+    autocast is on for the device (as they do between autocast's bfloat16 outputs and float32 weights)."""
+    mixed_under_autocast = autocast and torch.is_autocast_enabled(like.device.type)
+    if value.dtype != like.dtype and not mixed_under_autocast:
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}); got {value.dtype}")
     if value.device != like.device:
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}); got {value.device}")

@@ -264,7 +264,7 @@ class ResidualStack(nn.Module):
         """The stack's output; with ``return_states`` also the states x^0..x^L as a detached tensor of
         shape (depth + 1, ..., width)."""
         check_width(x, "x", self.width)
-        check_like(x, "x", self.weight, "weight")
+        check_like(x, "x", self.weight, "weight", autocast=True)
         return residual_stack(
             x,
             self.weight,
@@ -406,7 +406,7 @@ class DepthMuPNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_width(x, "x", self.input.in_features, "in_features")
-        check_like(x, "x", self.input.weight, "input.weight")
+        check_like(x, "x", self.input.weight, "input.weight", autocast=True)
         return self.output(self.stack(self.input(x)))
 
     def extra_repr(self) -> str:

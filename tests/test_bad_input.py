@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-import dmup_kernels
 from conftest import needs_cpp, needs_triton
 from dmup_kernels import (
     DepthMuPNet,

@@ -1,5 +1,5 @@
 """torch.func (functional_call, grad, vjp, vmap of grad) and gradcheck on the modules, for the reference and
-the C++ backends; double backward works on the reference and raises a clear error on the fused ops
+the C++ and Triton backends; double backward works on the reference and raises a clear error on the fused ops
 (dmup_kernels/ops/_autograd.py explains why torch.library.register_autograd alone fails here)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-import dmup_kernels
-from conftest import rel_err
+from conftest import needs_cpp, needs_triton, rel_err
 from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
 from sample_inputs import random_tensor
 
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="no C++"))]
+FUSED_BACKENDS = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
+BACKENDS = ["reference", *FUSED_BACKENDS]
 KINDS = ["scaled_residual", "stack", "net"]
 WIDTH, DEPTH, BATCH = 12, 5, 4
 DOUBLE_BACKWARD = r"double backward through dmup::\w+ is not supported"
@@ -108,7 +108,7 @@ def test_func_vjp_and_per_sample_grads(backend, seed):
     def sample_loss(p, row):
         return loss_of(module)(p, row.unsqueeze(0))
 
-    with pytest.warns(UserWarning, match="batching rule") if backend == "cpp" else nullcontext():
+    with pytest.warns(UserWarning, match="batching rule") if backend != "reference" else nullcontext():
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0))(params, x)
     for i in range(BATCH):
         loss = loss_of(ref)(dict(ref.named_parameters()), x[i : i + 1].double())
@@ -131,17 +131,16 @@ def test_gradcheck_over_parameters_and_input(kind, backend, seed):
     assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)  # a random projection: few calls
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_double_backward(kind, seed):
-    """Reference: gradgradcheck passes. C++: a clear RuntimeError, in autograd and in nested torch.func.grad,
-    instead of a gradient with its second-order term missing."""
-    if not dmup_kernels.HAS_CPP:
-        pytest.skip("C++ extension not built")
+def test_double_backward(kind, backend, seed):
+    """Reference: gradgradcheck passes. Fused ops: a clear RuntimeError, in autograd and in nested
+    torch.func.grad, instead of a gradient with its second-order term missing."""
     x = torch.randn(3, WIDTH if kind != "net" else 7, dtype=torch.float64, requires_grad=True)
     reference_module = make_module(kind, "reference", torch.float64)
     assert torch.autograd.gradgradcheck(lambda x: reference_module(x), (x,), fast_mode=True)
 
-    module = make_module(kind, "cpp", torch.float64)
+    module = make_module(kind, backend, torch.float64)
     with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
         torch.autograd.gradgradcheck(lambda x: module(x), (x,), fast_mode=True)
     params = params_of(module)

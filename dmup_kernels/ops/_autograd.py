@@ -28,6 +28,7 @@ of the gradients (``create_graph=True``), so raising on that alone would break f
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -85,4 +86,7 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
                 return function.apply(*args)
         return below_autograd(*args)
 
-    _LIBRARY.impl(name, autograd_kernel, "Autograd")
+    with warnings.catch_warnings():
+        # A custom_op / triton_op (the Triton kernels) comes with an Autograd kernel; this one replaces it.
+        warnings.filterwarnings("ignore", message="Warning only once for all operators")
+        _LIBRARY.impl(name, autograd_kernel, "Autograd")

@@ -33,11 +33,11 @@ def check_stack_args(
     if weight.dim() != 3 or weight.shape[0] < 1 or weight.shape[1] != weight.shape[2]:
         raise ValueError(f"weight must have shape (depth, width, width) with depth >= 1; got {tuple(weight.shape)}")
     check_width(x, "x", weight.shape[-1])  # also checks that x is a floating-point tensor
-    check_like(weight, "weight", x, "x")
+    check_like(weight, "weight", x, "x", autocast=True)
     if bias is not None:
         check_tensor(bias, "bias")
         check_shape(bias, "bias", weight.shape[:2])
-        check_like(bias, "bias", x, "x")
+        check_like(bias, "bias", x, "x", autocast=True)
     check_activation(activation)
     check_block(block)
     check_flag(mean_subtract, "mean_subtract")

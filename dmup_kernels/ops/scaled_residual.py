@@ -38,7 +38,7 @@ def scaled_residual(
     """
     check_tensor(x, "x")
     check_tensor(branch_out, "branch_out")
-    check_like(branch_out, "branch_out", x, "x")
+    check_like(branch_out, "branch_out", x, "x", autocast=True)
     check_shape(branch_out, "branch_out", x.shape)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., n); got a 0-dim tensor")
@@ -48,6 +48,9 @@ def scaled_residual(
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.scaled_residual(x, branch_out, scale, activation, mean_subtract)
+    if x.dtype != branch_out.dtype:  # under autocast: compute in the wider dtype, as eager's x + s * v does
+        common = torch.promote_types(x.dtype, branch_out.dtype)
+        x, branch_out = x.to(common), branch_out.to(common)
     if backend == "triton":
         return torch.ops.dmup.triton_scaled_residual(x, branch_out, scale, activation, mean_subtract)
     return torch.ops.dmup.scaled_residual(x, branch_out, scale, activation, mean_subtract)

@@ -6,7 +6,8 @@ traces into the kernels, with their autograd rules.
                                 save_for_backward) -> (out, states, signs, pre)
 
 They are separate ops from dmup::scaled_residual / dmup::residual_stack because a triton_op owns its
-schema; the functional ops in dmup_kernels.ops choose between them by backend. The fake (shape)
+schema; the functional ops in dmup_kernels.ops choose between them by backend. The autograd rules
+go through ``dmup_kernels.ops._autograd`` like the C++ ops', so torch.func transforms work. The fake (shape)
 rules are explicit because under the Triton interpreter the kernels would otherwise run on fake tensors.
 Under the interpreter the kernels are Python that reads tensor data, which cannot be traced, so there
 the ops are plain custom ops, opaque to torch.compile.
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
+from ..ops._autograd import register_autograd
 from . import INTERPRETED
 from .residual_stack import saves_pre_activation, sign_planes, stack_backward, stack_forward
 from .scaled_residual import scaled_residual_backward, scaled_residual_forward
@@ -58,7 +60,12 @@ def _backward_scaled_residual(ctx, grad_out: Tensor):
     return grad_out, grad_branch, None, None, None
 
 
-triton_scaled_residual.register_autograd(_backward_scaled_residual, setup_context=_setup_scaled_residual)
+register_autograd(
+    "dmup::triton_scaled_residual",
+    _backward_scaled_residual,
+    setup_context=_setup_scaled_residual,
+    backward_op="dmup::triton_scaled_residual_backward",
+)
 
 
 @_define_op("dmup::triton_residual_stack", mutates_args=())
@@ -126,4 +133,9 @@ def _backward_stack(ctx, grad_out: Tensor, _grad_states, _grad_signs, _grad_pre)
     return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
 
 
-triton_residual_stack.register_autograd(_backward_stack, setup_context=_setup_stack)
+register_autograd(
+    "dmup::triton_residual_stack",
+    _backward_stack,
+    setup_context=_setup_stack,
+    backward_op="dmup::triton_residual_stack_backward",
+)
