@@ -25,11 +25,17 @@ def check_tensor(value: object, name: str) -> Tensor:
     return value
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know, such as "meta"
+        return False
+
+
 def check_like(value: Tensor, name: str, like: Tensor, like_name: str, *, autocast: bool = False) -> None:
     """``value`` has the dtype and device of ``like``; with ``autocast``, floating dtypes may differ while
     autocast is on for the device (as they do between autocast's bfloat16 outputs and float32 weights)."""
-    mixed_under_autocast = autocast and torch.is_autocast_enabled(like.device.type)
-    if value.dtype != like.dtype and not mixed_under_autocast:
+    if value.dtype != like.dtype and not (autocast and _autocast_enabled(like.device.type)):
         raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}); got {value.dtype}")
     if value.device != like.device:
         raise ValueError(f"{name} must be on the device of {like_name} ({like.device}); got {value.device}")
