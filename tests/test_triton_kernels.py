@@ -195,19 +195,31 @@ def test_interpreter_runs_pinned_configs():
     assert stack_kernels.stack_forward_kernel.__class__.__name__ == "InterpretedFunction"
 
 
-def test_autotune_pruning_keeps_register_tiles_small():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_launch_configs_keep_register_tiles_small(dtype):
+    """Pinned configs keep a row tile within the per-thread register budget (16 warps at most); autotuning
+    candidates within twice that, or the pinned config when none fits; tl.dot needs at least 16 rows and K-chunks no wider than the tile."""
     from dmup_kernels.triton import residual_stack as stack_kernels
     from dmup_kernels.triton import scaled_residual as residual_kernels
+    from dmup_kernels.triton.tuning import REGISTER_BYTES_PER_THREAD, fits_registers
 
-    for block_n in (16, 128, 256, 1024):
-        kept = stack_kernels._prune_stack(stack_kernels._stack_configs(), {"BLOCK_N": block_n})
-        assert kept and all(c.kwargs["BLOCK_M"] * block_n <= 16384 for c in kept)
-        assert all(c.kwargs["BLOCK_K"] <= block_n for c in kept)
-        pinned = stack_kernels._pinned_stack_config(block_n)
-        assert pinned.kwargs["BLOCK_M"] * block_n <= 16384 and pinned.kwargs["BLOCK_K"] <= block_n
-    for block_n in (16, 1024, 8192):
-        kept = residual_kernels._prune(residual_kernels._configs(), {"BLOCK_N": block_n})
-        assert kept and all(c.kwargs["BLOCK_M"] * block_n <= 16384 for c in kept)
+    itemsize = dtype.itemsize
+    for block_n in (16, 64, 128, 256, 512, 1024, 8192):
+        args = {"x_ptr": torch.empty(0, dtype=dtype), "BLOCK_N": block_n}
+        for configs, prune, pinned in (
+            (stack_kernels._stack_configs(), stack_kernels._prune_stack, stack_kernels._pinned_stack_config),
+            (residual_kernels._configs(), residual_kernels._prune, residual_kernels._pinned_config),
+        ):
+            if block_n > 1024 and prune is stack_kernels._prune_stack:
+                continue  # the stack kernels take n <= 1024
+            config = pinned(block_n, itemsize)
+            tile = config.kwargs["BLOCK_M"] * block_n
+            assert tile * itemsize <= REGISTER_BYTES_PER_THREAD * 32 * config.num_warps or config.num_warps == 16
+            kept = prune(configs, args)
+            fitting = all(fits_registers(c, c.kwargs["BLOCK_M"] * block_n, itemsize) for c in kept)
+            assert kept and (fitting or [c.kwargs for c in kept] == [config.kwargs])  # else the pinned config
+            if prune is stack_kernels._prune_stack:
+                assert config.kwargs["BLOCK_M"] >= 16 and all(c.kwargs["BLOCK_K"] <= block_n for c in kept)
 
 
 def test_triton_backend_on_cpu_without_interpreter_names_the_device():

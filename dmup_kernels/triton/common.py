@@ -7,8 +7,6 @@ does with NaN: relu's backward selects (``h <= 0 ? 0 : grad``), abs's multiplies
 import triton
 import triton.language as tl
 
-GELU_K0 = 0.7978845608028654  # sqrt(2 / pi)
-GELU_K1 = 0.044715
 
 
 @triton.jit
@@ -25,7 +23,8 @@ def activation(h, ACT: tl.constexpr):
     elif ACT == "abs":
         return tl.abs(h)
     elif ACT == "gelu":
-        return 0.5 * h * (1.0 + tanh(GELU_K0 * (h + GELU_K1 * h * h * h)))
+        # literals, not module constants: compiled kernels only see constexpr globals, which the interpreter mishandles
+        return 0.5 * h * (1.0 + tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))  # 0.797... = sqrt(2/pi)
     elif ACT == "silu":
         return h * tl.sigmoid(h)
     else:
@@ -60,8 +59,8 @@ def chain_activation(grad, h, ACT: tl.constexpr):
         positive, negative = sign_bits(h, ACT)
         return chain_sign_bits(grad, positive, negative, ACT)
     elif ACT == "gelu":
-        t = tanh(GELU_K0 * (h + GELU_K1 * h * h * h))
-        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * GELU_K0 * (1.0 + 3.0 * GELU_K1 * h * h))
+        t = tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h))  # 3 * 0.044715
     elif ACT == "silu":
         sig = tl.sigmoid(h)
         return grad * (sig * (1.0 + h * (1.0 - sig)))

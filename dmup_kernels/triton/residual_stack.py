@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import activation, chain_activation, chain_sign_bits, pack_bits, row_mean, sign_bits, unpack_bits
-from .tuning import input_precision, launch, rows_bucket, tuned
+from .tuning import fits_registers, input_precision, itemsize_of, launch, rows_bucket, tuned, warps_for_tile
 
 DEPTH_FUSED_MAX_WIDTH = 256
 FUSED_BLOCK_MAX_WIDTH = 1024
@@ -83,19 +83,25 @@ def _stack_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
         for m in (16, 32, 64)
         for k in (16, 32, 64)
-        for w in (4, 8)
+        for w in (4, 8, 16)
     ]
 
 
 def _prune_stack(configs: list[triton.Config], args: dict) -> list[triton.Config]:
-    # The row tile and the accumulator live in registers: at most 16 K elements each.
-    fits = [c for c in configs if c.kwargs["BLOCK_M"] * args["BLOCK_N"] <= 16384 and c.kwargs["BLOCK_K"] <= args["BLOCK_N"]]
-    return fits or configs[:1]
+    # The row tile and the accumulator live in registers.
+    itemsize = itemsize_of(args)
+    fits = [
+        c
+        for c in configs
+        if fits_registers(c, c.kwargs["BLOCK_M"] * args["BLOCK_N"], itemsize) and c.kwargs["BLOCK_K"] <= args["BLOCK_N"]
+    ]
+    return fits or [_pinned_stack_config(args["BLOCK_N"], itemsize)]
 
 
-def _pinned_stack_config(block_n: int) -> triton.Config:
+def _pinned_stack_config(block_n: int, itemsize: int) -> triton.Config:
+    block_m = 32 if block_n <= 128 else 16  # tl.dot needs at least 16 rows
     return triton.Config(
-        {"BLOCK_M": 16 if block_n >= 512 else 32, "BLOCK_K": min(block_n, 32)}, num_warps=8 if block_n >= 256 else 4
+        {"BLOCK_M": block_m, "BLOCK_K": min(block_n, 32)}, num_warps=warps_for_tile(block_m * block_n, itemsize)
     )
 
 
@@ -348,7 +354,7 @@ def stack_forward(
         launch(
             stack_forward_kernel,
             lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
-            _pinned_stack_config(block_n),
+            _pinned_stack_config(block_n, x.element_size()),
             _states_at(x, ring, l0),
             weight[l0:l1],
             weight if bias is None else bias[l0:l1],
@@ -405,7 +411,7 @@ def stack_backward(
         launch(
             stack_backward_kernel,
             lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
-            _pinned_stack_config(block_n),
+            _pinned_stack_config(block_n, x.element_size()),
             grad_out if l1 == depth else grad_ring[l1 % grad_ring.shape[0]],
             _states_at(x, states, l0),
             states[l0:],

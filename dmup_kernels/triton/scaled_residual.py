@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import activation, chain_activation, row_mean
-from .tuning import launch, rows_bucket, tuned
+from .tuning import fits_registers, itemsize_of, launch, rows_bucket, tuned, warps_for_tile
 
 ONE_PASS_MAX_WIDTH = 8192
 TWO_PASS_CHUNK = 4096
@@ -31,12 +31,18 @@ def _row_value(a, b, scale, ACT: tl.constexpr, BACKWARD: tl.constexpr):
 
 
 def _configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8) for w in (4, 8)]
+    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8, 16)]
 
 
 def _prune(configs: list[triton.Config], args: dict) -> list[triton.Config]:
-    # Keep a tile of at most 16 K elements; a program per row for very wide rows.
-    return [c for c in configs if c.kwargs["BLOCK_M"] * args["BLOCK_N"] <= 16384] or configs[:1]
+    itemsize = itemsize_of(args)
+    fits = [c for c in configs if fits_registers(c, c.kwargs["BLOCK_M"] * args["BLOCK_N"], itemsize)]
+    return fits or [_pinned_config(args["BLOCK_N"], itemsize)]
+
+
+def _pinned_config(block_n: int, itemsize: int) -> triton.Config:
+    block_m = max(1, min(64, 2048 // block_n))
+    return triton.Config({"BLOCK_M": block_m}, num_warps=warps_for_tile(block_m * block_n, itemsize))
 
 
 @tuned(_configs(), key=["n", "rows_bucket", "BLOCK_N"], prune=_prune)
@@ -96,11 +102,10 @@ def _launch(a: Tensor, b: Tensor, scale: float, activation: str, mean_subtract: 
         return out.reshape(a.shape)
     two_pass = n > ONE_PASS_MAX_WIDTH
     block_n = TWO_PASS_CHUNK if two_pass else max(16, triton.next_power_of_2(n))
-    pinned = triton.Config({"BLOCK_M": max(1, min(64, 4096 // block_n))}, num_warps=4 if block_n <= 2048 else 8)
     launch(
         scaled_residual_kernel,
         lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
-        pinned,
+        _pinned_config(block_n, a2.element_size()),
         a2,
         b2,
         out,

@@ -48,13 +48,36 @@ def launch(kernel, grid: Callable, pinned: triton.Config, *args, **kwargs) -> No
     wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+REGISTER_BYTES_PER_THREAD = 64
+"""Pinned configs give each thread at most this many bytes of one (rows x width) register tile; a kernel
+holds two or three such tiles. More spills registers (checked with tests/triton_aot.py for sm_80/90)."""
+
+
+def warps_for_tile(elements: int, itemsize: int) -> int:
+    """Warps (4 to 16) that keep a tile of ``elements`` within REGISTER_BYTES_PER_THREAD per thread."""
+    threads = -(-elements * itemsize // REGISTER_BYTES_PER_THREAD)
+    return min(16, max(4, triton.next_power_of_2(-(-threads // 32))))
+
+
+def fits_registers(config: triton.Config, tile_elements: int, itemsize: int) -> bool:
+    """An autotuning candidate may use up to twice the pinned budget per thread."""
+    return tile_elements * itemsize <= 2 * REGISTER_BYTES_PER_THREAD * 32 * config.num_warps
+
+
+def itemsize_of(args: dict) -> int:
+    """The element size of the first tensor among a kernel's arguments."""
+    return next(value.element_size() for value in args.values() if isinstance(value, torch.Tensor))
+
+
 def rows_bucket(rows: int) -> int:
     """The autotuning bucket of a row count: the next power of two, at most 2^16."""
     return min(triton.next_power_of_2(max(rows, 1)), 1 << 16)
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision: exact ("ieee") unless float32 matmuls may use TF32, as torch's own setting says."""
+    """tl.dot precision. float32: "tf32x3" (three TF32 tensor-core products, about float32's accuracy; an
+    "ieee" dot runs on the FMA units instead) unless torch allows plain TF32 for float32 matmuls; float64:
+    "ieee"."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "ieee"

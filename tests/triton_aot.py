@@ -1,0 +1,129 @@
+"""Compiles the Triton kernels ahead of time for NVIDIA GPUs (no GPU or driver needed): the compile
+path the interpreter skips (constexpr rules, tl.dot shapes and dtypes, layouts, register allocation).
+
+Run without TRITON_INTERPRET and with DMUP_AUTOTUNE=0 (the launchers then pass the pinned configs):
+
+    DMUP_AUTOTUNE=0 python tests/triton_aot.py sm_90 sm_80
+
+Each launch the Python launchers make for a set of sample problems is recorded instead of run, turned
+into a signature (tensor dtypes, int and float arguments) plus its constexprs, and compiled to a cubin
+for every target. Prints one JSON object per compiled kernel: name, target, constexprs, registers,
+stack (spill) and local bytes, and whether the PTX has 16-byte global loads and stores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dmup_kernels.triton import residual_stack, scaled_residual
+
+# 16-byte global accesses: 4 x 32-bit or 2 x 64-bit vectors, or 16-byte asynchronous copies to shared memory
+WIDE_LOAD = r"ld\.global[\w.:]*\.(v4\.[bf]32|v2\.[bf]64)|cp\.async\.[\w.]*shared\.global \[[^]]*\], \[[^]]*\], 0x10"
+WIDE_STORE = r"st\.global[\w.:]*\.(v4\.[bf]32|v2\.[bf]64)"
+POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.uint8: "*u8"}
+
+
+def recorded_launches() -> list[tuple[object, dict, dict]]:
+    """(kernel, signature, constexprs, attrs, num_warps) of every launch the sample problems make."""
+    launches = []
+
+    def record(kernel, grid, pinned, *args, **kwargs):
+        names = kernel.arg_names
+        constexprs = {**kwargs, **pinned.kwargs}
+        signature, attrs = {}, {}
+        for index, (name, value) in enumerate(zip(names, args)):
+            # what the JIT specializes on: 16-byte aligned pointers and integers divisible by 16
+            if isinstance(value, torch.Tensor):
+                signature[name] = POINTER_TYPES[value.dtype]
+                aligned = value.data_ptr() % 16 == 0
+            elif isinstance(value, float):
+                signature[name], aligned = "fp32", False
+            else:
+                signature[name] = "i64" if abs(value) >= 2**31 else "i32"
+                aligned = value % 16 == 0
+            if aligned:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        signature.update({name: "constexpr" for name in constexprs})
+        launches.append((kernel, signature, constexprs, attrs, pinned.num_warps))
+
+    residual_stack.launch = scaled_residual.launch = record
+    for dtype in (torch.float32, torch.float64):
+        for activation in ("relu", "gelu") if dtype == torch.float64 else ("relu", "abs", "gelu", "silu", "identity"):
+            x = torch.randn(37, 48, dtype=dtype)
+            scaled_residual.scaled_residual_forward(x, x, 0.5, activation, True)
+            scaled_residual.scaled_residual_backward(x, x, 0.5, activation, True)
+    wide = torch.randn(2, 9000)
+    scaled_residual.scaled_residual_forward(wide, wide, 0.5, "gelu", True)  # two passes
+    for width, dtype, activation, block, bias in [
+        (48, torch.float32, "relu", "post", True),
+        (128, torch.float32, "abs", "post", False),
+        (256, torch.float32, "gelu", "post", True),
+        (64, torch.float32, "silu", "pre", True),
+        (512, torch.float32, "relu", "post", False),  # one launch per layer (fused block)
+        (1024, torch.float32, "identity", "pre", False),
+        (64, torch.float64, "abs", "post", True),
+    ]:
+        x = torch.randn(40, width, dtype=dtype)
+        weight = torch.randn(2, width, width, dtype=dtype)
+        b = torch.randn(2, width, dtype=dtype) if bias else None
+        out, states, signs, pre = residual_stack.stack_forward(x, weight, b, 0.5, activation, block, True, True)
+        residual_stack.stack_backward(out, x, states, signs, pre, weight, b, 0.5, activation, block, True)
+    return launches
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack frame and local memory bytes (spills) of a cubin, from cuobjdump
+    (bundled with triton)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as binary:
+        binary.write(cubin)
+        binary.flush()
+        report = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "-res-usage", binary.name], capture_output=True, text=True, check=True
+        ).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", report))
+    return {"registers": int(usage["REG"]), "stack_bytes": int(usage["STACK"]), "local_bytes": int(usage["LOCAL"]),
+            "shared_bytes": int(usage["SHARED"])}  # fmt: skip
+
+
+def main(targets: list[str]) -> None:
+    seen = set()
+    for kernel, signature, constexprs, attrs, num_warps in recorded_launches():
+        key = (kernel.fn.__name__, json.dumps(signature, sort_keys=True), json.dumps(constexprs, sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        for target in targets:
+            arch = int(target.removeprefix("sm_"))
+            compiled = triton.compile(
+                ASTSource(kernel, signature, constexprs, attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": num_warps},
+            )
+            ptx = compiled.asm["ptx"]
+            print(
+                json.dumps(
+                    {
+                        "kernel": kernel.fn.__name__,
+                        "target": target,
+                        "constexprs": constexprs,
+                        "num_warps": num_warps,
+                        **resource_usage(compiled.asm["cubin"]),
+                        "vector_loads": bool(re.search(WIDE_LOAD, ptx)),
+                        "vector_stores": bool(re.search(WIDE_STORE, ptx)),
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["sm_90"])
