@@ -352,7 +352,8 @@ def traffic_line(case: Case, copy_bandwidth: float | None, records: list[dict[st
         nbytes = model_bytes_per_layer(case, Variant(name, "backend"))
         if nbytes is None:
             return None
-        part = f"{name} ({model(case.width)}) {nbytes / 2**20:.3f} MiB"
+        kernel = model(case.width)
+        part = f"{name}{'' if kernel == name else f' ({kernel})'} {nbytes / 2**20:.3f} MiB"
         gbps = by_variant.get(name, {}).get("model_gbps")
         if gbps is not None and copy_bandwidth:
             part += f" = {gbps:.0f} GB/s ({gbps / copy_bandwidth:.0%} of copy)"
