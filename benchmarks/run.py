@@ -192,12 +192,19 @@ def base_record(case: Case, variant: Variant, threads: int) -> dict[str, Any]:
     }
 
 
+def layer_shape(case: Case) -> LayerShape | None:
+    """The traffic model's view of a stack case (None for cases it does not model)."""
+    if case.op != "residual_stack" or case.block != "post":
+        return None
+    return LayerShape(case.width, case.batch, case.activation, case.mean_subtract, case.bias, case.dtype.itemsize)
+
+
 def model_bytes_per_layer(case: Case, variant: Variant) -> int | None:
     """The traffic model's DRAM bytes per layer for the kernel this variant runs (None without a model)."""
-    if case.op != "residual_stack" or case.block != "post" or variant.name not in VARIANT_MODELS:
+    shape = layer_shape(case)
+    if shape is None or variant.name not in VARIANT_MODELS:
         return None
-    shape = LayerShape(case.width, case.batch, case.activation, case.mean_subtract, case.bias, case.dtype.itemsize)
-    return layer_bytes(VARIANT_MODELS[variant.name](case.width), shape, case.mode == "fwd+bwd")
+    return layer_bytes(VARIANT_MODELS[variant.name](shape), shape, case.mode == "fwd+bwd")
 
 
 def run_case(
@@ -352,7 +359,7 @@ def traffic_line(case: Case, copy_bandwidth: float | None, records: list[dict[st
         nbytes = model_bytes_per_layer(case, Variant(name, "backend"))
         if nbytes is None:
             return None
-        kernel = model(case.width)
+        kernel = model(layer_shape(case))
         part = f"{name}{'' if kernel == name else f' ({kernel})'} {nbytes / 2**20:.3f} MiB"
         gbps = by_variant.get(name, {}).get("model_gbps")
         if gbps is not None and copy_bandwidth:

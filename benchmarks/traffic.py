@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, FUSED_BLOCK_MAX_WIDTH, sign_planes
+from dmup_kernels.ops._layout import sign_planes
+from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, uses_fused_kernels
 
 Passes = list[tuple[str, int]]
 
@@ -133,14 +134,14 @@ MODELS = {
 }
 
 
-def triton_path(width: int) -> str:
-    """The kernel the Triton backend runs a stack of this width with."""
-    if width <= DEPTH_FUSED_MAX_WIDTH:
-        return "depth-fused stack"
-    return "fused block" if width <= FUSED_BLOCK_MAX_WIDTH else "GEMM + epilogue"
+def triton_path(shape: LayerShape) -> str:
+    """The kernel the Triton backend runs a stack of this shape with."""
+    if not uses_fused_kernels(shape.width, shape.itemsize):
+        return "GEMM + epilogue"
+    return "depth-fused stack" if shape.width <= DEPTH_FUSED_MAX_WIDTH else "fused block"
 
 
-VARIANT_MODELS = {"eager": lambda width: "eager", "triton": triton_path, "cuda": lambda width: "GEMM + epilogue"}
+VARIANT_MODELS = {"eager": lambda shape: "eager", "triton": triton_path, "cuda": lambda shape: "GEMM + epilogue"}
 """The model of each benchmark variant that has one (torch.compile's fusion and the C++ CPU kernel's cache
 use are not modelled)."""
 

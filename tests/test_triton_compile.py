@@ -1,6 +1,6 @@
 """The Triton kernels compile for sm_80 and sm_90 (tests/triton_aot.py, no GPU needed): the GPU compile
 path the interpreter never takes. Checks that every kernel the launchers use compiles for both targets,
-that the pinned configs of the epilogue kernel, the depth-fused stack (n <= 256) and the dW GEMM spill
+that every launch fits the shared-memory budget, that the pinned configs of the epilogue kernel, the depth-fused stack (n <= 256) and the dW GEMM spill
 no registers, and that loads and stores are 16-byte wide wherever the width allows it."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 
 from dmup_kernels.triton import HAS_TRITON
 from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH
+from dmup_kernels.triton.tuning import SHARED_MEMORY_BUDGET
 
 TARGETS = ("sm_80", "sm_90")
 KERNELS = {"scaled_residual_kernel", "stack_forward_kernel", "stack_backward_kernel", "stack_weight_grad_kernel"}
@@ -40,6 +41,13 @@ def test_every_kernel_compiles_for_every_target(compiled):
         assert {record["kernel"] for record in compiled if record["target"] == target} == KERNELS
     per_target = {target: sum(record["target"] == target for record in compiled) for target in TARGETS}
     assert len(set(per_target.values())) == 1, per_target
+
+
+def test_shared_memory_within_budget(compiled):
+    """The budget (96 KiB) fits every GPU from sm_80 on; a launch over it fails only when loaded on a device."""
+    over = [(r["kernel"], r["target"], r["constexprs"], r["dynamic_shared_bytes"]) for r in compiled
+            if r["dynamic_shared_bytes"] > SHARED_MEMORY_BUDGET]  # fmt: skip
+    assert not over
 
 
 def test_no_register_spills_up_to_the_depth_fused_width(compiled):

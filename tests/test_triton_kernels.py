@@ -196,30 +196,34 @@ def test_interpreter_runs_pinned_configs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_launch_configs_keep_register_tiles_small(dtype):
-    """Pinned configs keep a row tile within the per-thread register budget (16 warps at most); autotuning
-    candidates within twice that, or the pinned config when none fits; tl.dot needs at least 16 rows and K-chunks no wider than the tile."""
+def test_launch_configs_fit_registers_and_shared_memory(dtype):
+    """Pinned configs keep a row tile within the per-thread register budget (16 warps at most) and the
+    stack kernels' operand buffers within the shared-memory budget, or the stack leaves the fused kernels;
+    autotuning candidates fit twice the register budget and the shared budget (else the pinned config
+    alone); tl.dot needs at least 16 rows and K-chunks no wider than the tile."""
     from dmup_kernels.triton import residual_stack as stack_kernels
     from dmup_kernels.triton import scaled_residual as residual_kernels
-    from dmup_kernels.triton.tuning import REGISTER_BYTES_PER_THREAD, fits_registers
+    from dmup_kernels.triton.tuning import REGISTER_BYTES_PER_THREAD, SHARED_MEMORY_BUDGET, fits_registers
 
     itemsize = dtype.itemsize
     for block_n in (16, 64, 128, 256, 512, 1024, 8192):
         args = {"x_ptr": torch.empty(0, dtype=dtype), "BLOCK_N": block_n}
-        for configs, prune, pinned in (
-            (stack_kernels._stack_configs(), stack_kernels._prune_stack, stack_kernels._pinned_stack_config),
-            (residual_kernels._configs(), residual_kernels._prune, residual_kernels._pinned_config),
-        ):
-            if block_n > 1024 and prune is stack_kernels._prune_stack:
-                continue  # the stack kernels take n <= 1024
-            config = pinned(block_n, itemsize)
-            tile = config.kwargs["BLOCK_M"] * block_n
-            assert tile * itemsize <= REGISTER_BYTES_PER_THREAD * 32 * config.num_warps or config.num_warps == 16
-            kept = prune(configs, args)
-            fitting = all(fits_registers(c, c.kwargs["BLOCK_M"] * block_n, itemsize) for c in kept)
-            assert kept and (fitting or [c.kwargs for c in kept] == [config.kwargs])  # else the pinned config
-            if prune is stack_kernels._prune_stack:
-                assert config.kwargs["BLOCK_M"] >= 16 and all(c.kwargs["BLOCK_K"] <= block_n for c in kept)
+        config = residual_kernels._pinned_config(block_n, itemsize)
+        tile = config.kwargs["BLOCK_M"] * block_n
+        assert tile * itemsize <= REGISTER_BYTES_PER_THREAD * 32 * config.num_warps or config.num_warps == 16
+        kept = residual_kernels._prune(residual_kernels._configs(), args)
+        assert kept and all(fits_registers(c, c.kwargs["BLOCK_M"] * block_n, itemsize) for c in kept)
+        if block_n > 1024:
+            continue  # the stack kernels take n <= 1024
+        config = stack_kernels._pinned_stack_config(block_n, itemsize)
+        assert (config is not None) == stack_kernels.uses_fused_kernels(block_n, itemsize)
+        if config is None:
+            assert block_n > stack_kernels.DEPTH_FUSED_MAX_WIDTH  # the depth-fused widths always fit
+            continue
+        assert config.kwargs["BLOCK_M"] >= 16 and config.kwargs["BLOCK_K"] <= block_n
+        assert stack_kernels._stack_shared_bytes(config, block_n, itemsize) <= SHARED_MEMORY_BUDGET
+        kept = stack_kernels._prune_stack(stack_kernels._stack_configs(), args)
+        assert kept and (all(stack_kernels._fits(c, block_n, itemsize) for c in kept) or kept == [config])
 
 
 def test_triton_backend_on_cpu_without_interpreter_names_the_device():

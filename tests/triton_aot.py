@@ -8,6 +8,7 @@ Run without TRITON_INTERPRET and with DMUP_AUTOTUNE=0 (the launchers then pass t
 Each launch the Python launchers make for a set of sample problems is recorded instead of run, turned
 into a signature (tensor dtypes, int and float arguments) plus its constexprs, and compiled to a cubin
 for every target. Prints one JSON object per compiled kernel: name, target, constexprs, registers,
+shared memory,
 stack (spill) and local bytes, and whether the PTX has 16-byte global loads and stores.
 """
 
@@ -33,27 +34,31 @@ POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.uint8: "*
 
 
 def recorded_launches() -> list[tuple[object, dict, dict]]:
-    """(kernel, signature, constexprs, attrs, num_warps) of every launch the sample problems make."""
+    """(kernel, signature, constexprs, attrs, num_warps, num_stages) of every launch the sample problems make."""
     launches = []
 
     def record(kernel, grid, pinned, *args, **kwargs):
-        names = kernel.arg_names
         constexprs = {**kwargs, **pinned.kwargs}
         signature, attrs = {}, {}
-        for index, (name, value) in enumerate(zip(names, args)):
-            # what the JIT specializes on: 16-byte aligned pointers and integers divisible by 16
+        for index, (param, value) in enumerate(zip(kernel.params, args)):
+            # what the JIT specializes on: an annotated type, integers equal to 1 (constants), 16-byte
+            # aligned pointers and integers divisible by 16
+            name = param.name
             if isinstance(value, torch.Tensor):
                 signature[name] = POINTER_TYPES[value.dtype]
                 aligned = value.data_ptr() % 16 == 0
             elif isinstance(value, float):
-                signature[name], aligned = "fp32", False
+                signature[name], aligned = param.annotation_type or "fp32", False
+            elif value == 1 and not param.do_not_specialize:
+                constexprs[name] = 1
+                continue
             else:
                 signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-                aligned = value % 16 == 0
+                aligned = value % 16 == 0 and not param.do_not_specialize
             if aligned:
                 attrs[(index,)] = [["tt.divisibility", 16]]
         signature.update({name: "constexpr" for name in constexprs})
-        launches.append((kernel, signature, constexprs, attrs, pinned.num_warps))
+        launches.append((kernel, signature, constexprs, attrs, pinned.num_warps, pinned.num_stages))
 
     residual_stack.launch = scaled_residual.launch = record
     for dtype in (torch.float32, torch.float64):
@@ -71,12 +76,16 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         (512, torch.float32, "relu", "post", False),  # one launch per layer (fused block)
         (1024, torch.float32, "identity", "pre", False),
         (64, torch.float64, "abs", "post", True),
+        (512, torch.float64, "gelu", "post", True),
     ]:
         x = torch.randn(40, width, dtype=dtype)
         weight = torch.randn(2, width, width, dtype=dtype)
         b = torch.randn(2, width, dtype=dtype) if bias else None
         out, states, signs, pre = residual_stack.stack_forward(x, weight, b, 0.5, activation, block, True, True)
         residual_stack.stack_backward(out, x, states, signs, pre, weight, b, 0.5, activation, block, True)
+    one = torch.randn(1, 32)  # B = 1 and L = 1: arguments equal to 1 become constants
+    out, states, signs, pre = residual_stack.stack_forward(one, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True, True)
+    residual_stack.stack_backward(out, one, states, signs, pre, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True)
     return launches
 
 
@@ -96,7 +105,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 def main(targets: list[str]) -> None:
     seen = set()
-    for kernel, signature, constexprs, attrs, num_warps in recorded_launches():
+    for kernel, signature, constexprs, attrs, num_warps, num_stages in recorded_launches():
         key = (kernel.fn.__name__, json.dumps(signature, sort_keys=True), json.dumps(constexprs, sort_keys=True))
         if key in seen:
             continue
@@ -106,7 +115,7 @@ def main(targets: list[str]) -> None:
             compiled = triton.compile(
                 ASTSource(kernel, signature, constexprs, attrs),
                 target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": num_warps},
+                options={"num_warps": num_warps, "num_stages": num_stages},
             )
             ptx = compiled.asm["ptx"]
             print(
@@ -116,7 +125,9 @@ def main(targets: list[str]) -> None:
                         "target": target,
                         "constexprs": constexprs,
                         "num_warps": num_warps,
+                        "num_stages": num_stages,
                         **resource_usage(compiled.asm["cubin"]),
+                        "dynamic_shared_bytes": compiled.metadata.shared,
                         "vector_loads": bool(re.search(WIDE_LOAD, ptx)),
                         "vector_stores": bool(re.search(WIDE_STORE, ptx)),
                     }

@@ -20,9 +20,10 @@ from .._extension import HAS_CPP
 from ..triton import HAS_TRITON
 from ._autograd import register_autograd
 from ._backend import resolve_backend
+from ._layout import sign_planes
 
 if HAS_TRITON:
-    from ..triton.residual_stack import FUSED_BLOCK_MAX_WIDTH
+    from ..triton.residual_stack import uses_fused_kernels
 
 
 def check_stack_args(
@@ -82,7 +83,7 @@ def residual_stack(
     bias_c = None if bias is None else bias.to(compute)
     params = (x, weight) if bias is None else (x, weight, bias)
     save_for_backward = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
-    if backend == "triton" and x.shape[-1] > FUSED_BLOCK_MAX_WIDTH:
+    if backend == "triton" and not uses_fused_kernels(x.shape[-1], rows.element_size()):
         # Rows too wide for one register tile: a library GEMM per layer, then the Triton epilogue kernel.
         stream = reference.residual_stream(rows, weight_c, bias_c, **settings, epilogue=torch.ops.dmup.triton_scaled_residual)
         out, states = stream[-1], (torch.stack(stream) if return_states else None)
@@ -103,18 +104,13 @@ def residual_stack(
     return y, states.detach().to(x.dtype).reshape(weight.shape[0] + 1, *x.shape)
 
 
-def mask_planes(activation: str, block: str) -> int:
-    """Sign-bit planes the stack saves per element of a "post" block: relu needs [h > 0], abs also [h < 0]."""
-    return {"relu": 1, "abs": 2}.get(activation, 0) if block == "post" else 0
-
-
 if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_stack")
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
         batch, width = x.shape
         kept = weight.shape[0] if save_for_backward else 0
-        mask_shape = (kept, mask_planes(activation, block), width, (batch + 15) // 16)
+        mask_shape = (kept, sign_planes(activation, block), width, (batch + 15) // 16)
         return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
 
     @torch.library.register_fake("dmup::residual_stack_backward")

@@ -56,28 +56,29 @@ def scaled_residual(
     return torch.ops.dmup.scaled_residual(x, branch_out, scale, activation, mean_subtract)
 
 
-if HAS_CPP:
+def register_epilogue_rules(op: str, backward_op: str) -> None:
+    """The fake (shape) and autograd rules of an epilogue op ``op`` (x, branch_out, scale, activation,
+    mean_subtract) -> out, whose gradient with respect to branch_out the op ``backward_op`` (grad_out,
+    branch_out, scale, activation, mean_subtract) computes; the gradient with respect to x is grad_out."""
 
-    @torch.library.register_fake("dmup::scaled_residual")
-    def _(x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
+    def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
         torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    @torch.library.register_fake("dmup::scaled_residual_backward")
-    def _(grad_out: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
-        return torch.empty_like(branch_out, memory_format=torch.contiguous_format)
+    torch.library.register_fake(op)(fake)
+    torch.library.register_fake(backward_op)(fake)
+    compute_backward = getattr(torch.ops.dmup, backward_op.removeprefix("dmup::"))
 
-    def _setup_context(ctx, inputs, output) -> None:
-        _, branch_out, ctx.scale, ctx.activation, ctx.mean_subtract = inputs
+    def setup_context(ctx, inputs, output) -> None:
+        _, branch_out, *ctx.settings = inputs
         ctx.save_for_backward(branch_out)
 
-    def _backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor):
         (branch_out,) = ctx.saved_tensors
-        grad_branch = torch.ops.dmup.scaled_residual_backward(
-            grad_out, branch_out, ctx.scale, ctx.activation, ctx.mean_subtract
-        )
-        return grad_out, grad_branch, None, None, None
+        return grad_out, compute_backward(grad_out, branch_out, *ctx.settings), None, None, None
 
-    register_autograd(
-        "dmup::scaled_residual", _backward, setup_context=_setup_context, backward_op="dmup::scaled_residual_backward"
-    )
+    register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
+
+
+if HAS_CPP:
+    register_epilogue_rules("dmup::scaled_residual", "dmup::scaled_residual_backward")

@@ -15,13 +15,13 @@ the ops are plain custom ops, opaque to torch.compile.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from ..ops._autograd import register_autograd
+from ..ops.scaled_residual import register_epilogue_rules
 from . import INTERPRETED
-from .residual_stack import saves_pre_activation, sign_planes, stack_backward, stack_forward
+from .residual_stack import allocate_stack_gradients, allocate_stack_outputs, stack_backward, stack_forward
 from .scaled_residual import scaled_residual_backward, scaled_residual_forward
 
 _define_op = custom_op if INTERPRETED else triton_op
@@ -39,33 +39,7 @@ def triton_scaled_residual_backward(
     return scaled_residual_backward(grad_out, branch_out, scale, activation, mean_subtract)
 
 
-@triton_scaled_residual.register_fake
-def _(x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@triton_scaled_residual_backward.register_fake
-def _(grad_out: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
-    return torch.empty_like(grad_out, memory_format=torch.contiguous_format)
-
-
-def _setup_scaled_residual(ctx, inputs, output) -> None:
-    _, branch_out, ctx.scale, ctx.activation, ctx.mean_subtract = inputs
-    ctx.save_for_backward(branch_out)
-
-
-def _backward_scaled_residual(ctx, grad_out: Tensor):
-    (branch_out,) = ctx.saved_tensors
-    grad_branch = triton_scaled_residual_backward(grad_out, branch_out, ctx.scale, ctx.activation, ctx.mean_subtract)
-    return grad_out, grad_branch, None, None, None
-
-
-register_autograd(
-    "dmup::triton_scaled_residual",
-    _backward_scaled_residual,
-    setup_context=_setup_scaled_residual,
-    backward_op="dmup::triton_scaled_residual_backward",
-)
+register_epilogue_rules("dmup::triton_scaled_residual", "dmup::triton_scaled_residual_backward")
 
 
 @_define_op("dmup::triton_residual_stack", mutates_args=())
@@ -101,19 +75,12 @@ def triton_residual_stack_backward(
 
 @triton_residual_stack.register_fake
 def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
-    rows, n = x.shape
-    kept = weight.shape[0] if save_for_backward else 0
-    return (
-        torch.empty_like(x),
-        x.new_empty(max(kept - 1, 0), rows, n),
-        x.new_empty(kept, sign_planes(activation, block), rows, (n + 7) // 8, dtype=torch.uint8),
-        x.new_empty(kept if saves_pre_activation(activation, block) else 0, rows, n),
-    )
+    return allocate_stack_outputs(x, weight.shape[0], activation, block, save_for_backward)
 
 
 @triton_residual_stack_backward.register_fake
 def _(grad_out, x, states, signs, pre, weight, bias, scale, activation, block, mean_subtract):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(0 if bias is None else weight.shape[0], weight.shape[1])
+    return allocate_stack_gradients(x, weight, bias)
 
 
 def _setup_stack(ctx, inputs, output) -> None:

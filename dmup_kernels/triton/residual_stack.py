@@ -28,21 +28,55 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import activation, chain_activation, chain_sign_bits, pack_bits, row_mean, sign_bits, unpack_bits
-from .tuning import fits_registers, input_precision, itemsize_of, launch, rows_bucket, tuned, warps_for_tile
+from ..ops._layout import sign_planes
+from .common import (
+    activation,
+    chain_activation,
+    chain_sign_bits,
+    pack_bits,
+    row_mean,
+    sign_bits,
+    unpack_bits,
+)
+from .tuning import (
+    SHARED_MEMORY_BUDGET,
+    fits_registers,
+    input_precision,
+    itemsize_of,
+    launch,
+    rows_bucket,
+    tuned,
+    warps_for_tile,
+)
 
 DEPTH_FUSED_MAX_WIDTH = 256
 FUSED_BLOCK_MAX_WIDTH = 1024
 
 
-def sign_planes(activation: str, block: str) -> int:
-    """Sign-bit planes saved per element (post block only): relu needs [not h <= 0], abs [h > 0] and [h < 0]."""
-    return {"relu": 1, "abs": 2}.get(activation, 0) if block == "post" else 0
-
-
 def saves_pre_activation(activation: str, block: str) -> bool:
     """The post block keeps h for the smooth activations, whose derivative needs its value."""
     return block == "post" and activation in ("gelu", "silu")
+
+
+@triton.jit
+def _row_tile(rows, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_M rows across the full width: row indices (int64), column indices, the row
+    mask, the tile mask, offsets into a (rows, n) matrix, and offsets and mask into (rows, ceil(n/8))
+    sign bytes."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    row_ok = r < rows
+    nbytes = (n + 7) // 8
+    byte = tl.arange(0, BLOCK_N // 8)
+    return (
+        r,
+        c,
+        row_ok,
+        row_ok[:, None] & (c < n)[None, :],
+        r[:, None] * n + c[None, :],
+        r[:, None] * nbytes + byte[None, :],
+        row_ok[:, None] & (byte < nbytes)[None, :],
+    )
 
 
 @triton.jit
@@ -78,35 +112,62 @@ def _matmul_rows(
     return acc
 
 
+FORWARD_FLAGS = ["ACT", "PRE_BLOCK", "MEAN_SUBTRACT", "HAS_BIAS", "PLANES", "SAVE_PRE", "PRECISION"]
+BACKWARD_FLAGS = ["ACT", "PRE_BLOCK", "MEAN_SUBTRACT", "PLANES", "SAVE_PRE", "PRECISION"]
+"""The compile-time flags that, with the shape, key the autotuning (training and inference tune apart)."""
+
+
 def _stack_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=2)
+        triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_warps=w, num_stages=stages)
         for m in (16, 32, 64)
         for k in (16, 32, 64)
         for w in (4, 8, 16)
+        for stages in (1, 2, 3)
     ]
 
 
-def _prune_stack(configs: list[triton.Config], args: dict) -> list[triton.Config]:
-    # The row tile and the accumulator live in registers.
-    itemsize = itemsize_of(args)
-    fits = [
-        c
-        for c in configs
-        if fits_registers(c, c.kwargs["BLOCK_M"] * args["BLOCK_N"], itemsize) and c.kwargs["BLOCK_K"] <= args["BLOCK_N"]
-    ]
-    return fits or [_pinned_stack_config(args["BLOCK_N"], itemsize)]
+def _stack_shared_bytes(config: triton.Config, block_n: int, itemsize: int) -> int:
+    """Shared memory of the K-loop's pipelined operand buffers: an A chunk (BLOCK_M x BLOCK_K) and a W
+    chunk (BLOCK_K x BLOCK_N) per stage in flight (measured with tests/triton_aot.py)."""
+    m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    return max(1, config.num_stages - 1) * (m + block_n) * k * itemsize
 
 
-def _pinned_stack_config(block_n: int, itemsize: int) -> triton.Config:
-    block_m = 32 if block_n <= 128 else 16  # tl.dot needs at least 16 rows
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_K": min(block_n, 32)}, num_warps=warps_for_tile(block_m * block_n, itemsize)
+def _fits(config: triton.Config, block_n: int, itemsize: int) -> bool:
+    return (
+        fits_registers(config, config.kwargs["BLOCK_M"] * block_n, itemsize)
+        and config.kwargs["BLOCK_K"] <= block_n
+        and _stack_shared_bytes(config, block_n, itemsize) <= SHARED_MEMORY_BUDGET
     )
 
 
-@tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N"], prune=_prune_stack)
-@triton.jit
+def _prune_stack(configs: list[triton.Config], args: dict) -> list[triton.Config]:
+    # The row tile and the accumulator live in registers, the pipelined operands in shared memory.
+    itemsize, block_n = itemsize_of(args), args["BLOCK_N"]
+    return [c for c in configs if _fits(c, block_n, itemsize)] or [_pinned_stack_config(block_n, itemsize)]
+
+
+def _pinned_stack_config(block_n: int, itemsize: int) -> triton.Config | None:
+    """The default config of the stack kernels for a padded width; None when no config's operand
+    buffers fit SHARED_MEMORY_BUDGET (the stack then takes the GEMM + epilogue path)."""
+    block_m = 32 if block_n <= 128 else 16  # tl.dot needs at least 16 rows
+    warps = warps_for_tile(block_m * block_n, itemsize)
+    for block_k, stages in ((32, 3), (32, 2), (16, 2), (16, 1)):
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_K": min(block_n, block_k)}, num_warps=warps, num_stages=stages)
+        if _stack_shared_bytes(config, block_n, itemsize) <= SHARED_MEMORY_BUDGET:
+            return config
+    return None
+
+
+def uses_fused_kernels(width: int, itemsize: int) -> bool:
+    """Whether the Triton stack runs rows of this width with the fused kernels; wider rows, or rows
+    whose operand buffers would not fit shared memory, take a library GEMM per layer + the epilogue kernel."""
+    return width <= FUSED_BLOCK_MAX_WIDTH and _pinned_stack_config(_block_n(width), itemsize) is not None
+
+
+@tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N", *FORWARD_FLAGS], prune=_prune_stack)
+@triton.jit(do_not_specialize=["rows_bucket"])
 def stack_forward_kernel(
     x_ptr,  # x_0 of the first layer, (rows, n)
     w_ptr,  # (layers, n, n)
@@ -119,7 +180,7 @@ def stack_forward_kernel(
     n,
     num_layers,
     rows_bucket,  # autotuning key only
-    scale,
+    scale: tl.float64,  # a Python float would be passed as float32
     state_stride,
     ACT: tl.constexpr,
     PRE_BLOCK: tl.constexpr,
@@ -132,32 +193,27 @@ def stack_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_N)
-    row_ok = r < rows
-    col_ok = c < n
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = r[:, None] * n + c[None, :]
+    r, c, row_ok, ok, offs, byte_offs, byte_ok = _row_tile(rows, n, BLOCK_M, BLOCK_N)
     layer_elems = tl.cast(rows, tl.int64) * n
-    nbytes = (n + 7) // 8
-    plane_bytes = tl.cast(rows, tl.int64) * nbytes
-    byte = tl.arange(0, BLOCK_N // 8)
-    byte_offs = r[:, None] * nbytes + byte[None, :]
-    byte_ok = row_ok[:, None] & (byte < nbytes)[None, :]
+    plane_bytes = tl.cast(rows, tl.int64) * ((n + 7) // 8)
 
+    if x_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
+        scale = tl.cast(scale, x_ptr.dtype.element_ty)
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     for layer in range(num_layers):
-        a_ptr = _state_ptr(x_ptr, states_ptr, layer, state_stride)
         if layer > 0:
+            # Stored through states_ptr itself (not the selected pointer below), so that torch.compile's
+            # analysis of the kernel sees x_ptr as read-only.
             tl.debug_barrier()  # the scratch slot may still be read by the previous layer's GEMM
-            tl.store(a_ptr + offs, x, mask=ok)
+            tl.store(states_ptr + tl.cast(layer - 1, tl.int64) * state_stride + offs, x, mask=ok)
             tl.debug_barrier()  # the GEMM below reads what other threads of this program stored
+        a_ptr = _state_ptr(x_ptr, states_ptr, layer, state_stride)
         h = _matmul_rows(
             a_ptr, w_ptr + tl.cast(layer, tl.int64) * n * n, r, row_ok, n,
             True, PRE_BLOCK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         if HAS_BIAS:
-            h += tl.load(bias_ptr + tl.cast(layer, tl.int64) * n + c, mask=col_ok, other=0.0)[None, :]
+            h += tl.load(bias_ptr + tl.cast(layer, tl.int64) * n + c, mask=c < n, other=0.0)[None, :]
         if PRE_BLOCK:
             u = h
         else:
@@ -177,8 +233,8 @@ def stack_forward_kernel(
     tl.store(out_ptr + offs, x, mask=ok)
 
 
-@tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N"], prune=_prune_stack)
-@triton.jit
+@tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N", *BACKWARD_FLAGS], prune=_prune_stack)
+@triton.jit(do_not_specialize=["rows_bucket"])
 def stack_backward_kernel(
     grad_out_ptr,  # dLoss/dx of the last layer, (rows, n)
     x_ptr,  # x_0 of the first layer
@@ -192,7 +248,7 @@ def stack_backward_kernel(
     n,
     num_layers,
     rows_bucket,
-    scale,
+    scale: tl.float64,
     state_stride,
     ACT: tl.constexpr,
     PRE_BLOCK: tl.constexpr,
@@ -204,19 +260,12 @@ def stack_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_N)
-    row_ok = r < rows
-    col_ok = c < n
-    ok = row_ok[:, None] & col_ok[None, :]
-    offs = r[:, None] * n + c[None, :]
+    r, c, row_ok, ok, offs, byte_offs, byte_ok = _row_tile(rows, n, BLOCK_M, BLOCK_N)
     layer_elems = tl.cast(rows, tl.int64) * n
-    nbytes = (n + 7) // 8
-    plane_bytes = tl.cast(rows, tl.int64) * nbytes
-    byte = tl.arange(0, BLOCK_N // 8)
-    byte_offs = r[:, None] * nbytes + byte[None, :]
-    byte_ok = row_ok[:, None] & (byte < nbytes)[None, :]
+    plane_bytes = tl.cast(rows, tl.int64) * ((n + 7) // 8)
 
+    if grad_out_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
+        scale = tl.cast(scale, grad_out_ptr.dtype.element_ty)
     g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0)
     for step in range(num_layers):
         layer = num_layers - 1 - step
@@ -257,8 +306,13 @@ def _weight_grad_configs() -> list[triton.Config]:
     ]
 
 
-@tuned(_weight_grad_configs(), key=["n", "rows_bucket"])
-@triton.jit
+def _pinned_weight_grad_config(n: int) -> triton.Config:
+    block = 64 if n >= 256 else 32
+    return triton.Config({"BLOCK_I": block, "BLOCK_J": block, "BLOCK_R": 32}, num_warps=4, num_stages=3)
+
+
+@tuned(_weight_grad_configs(), key=["n", "rows_bucket", "ACT", "PRE_BLOCK", "HAS_BIAS", "PRECISION"])
+@triton.jit(do_not_specialize=["rows_bucket"])
 def stack_weight_grad_kernel(
     grad_h_ptr,  # (layers, rows, n)
     x_ptr,
@@ -313,9 +367,27 @@ def _layer_groups(n: int, depth: int) -> list[tuple[int, int]]:
     return [(layer, layer + 1) for layer in range(depth)]
 
 
-def _states_at(x: Tensor, states: Tensor, layer: int) -> Tensor:
-    """x_layer as a (rows, n) tensor: the input for layer 0, else a slot of the states."""
-    return x if layer == 0 else states[(layer - 1) % states.shape[0]]
+def allocate_stack_outputs(
+    x: Tensor, depth: int, activation: str, block: str, save_for_backward: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Uninitialised (out, states, signs, pre) of ``stack_forward`` (also its fake rule)."""
+    rows, n = x.shape
+    kept = depth if save_for_backward else 0
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(max(kept - 1, 0), rows, n),
+        x.new_empty(kept, sign_planes(activation, block), rows, (n + 7) // 8, dtype=torch.uint8),
+        x.new_empty(kept if saves_pre_activation(activation, block) else 0, rows, n),
+    )
+
+
+def allocate_stack_gradients(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised (grad_x, grad_weight, grad_bias) of ``stack_backward`` (also its fake rule)."""
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        weight.new_empty(0 if bias is None else weight.shape[0], weight.shape[1]),
+    )
 
 
 def stack_forward(
@@ -337,47 +409,52 @@ def stack_forward(
     bias = None if bias is None else bias.contiguous()
     rows, n = x.shape
     depth = weight.shape[0]
-    planes = sign_planes(activation, block)
-    save_pre = saves_pre_activation(activation, block)
-    kept = depth if save_for_backward else 0
-    out = torch.empty_like(x)
-    states = x.new_empty(max(kept - 1, 0), rows, n)
-    signs = x.new_empty(kept, planes, rows, (n + 7) // 8, dtype=torch.uint8)
-    pre = x.new_empty(kept if save_pre else 0, rows, n)
+    out, states, signs, pre = allocate_stack_outputs(x, depth, activation, block, save_for_backward)
     if rows == 0:
         return out, states, signs, pre
-    # In inference the states are a ring of two slots (x_l is read while x_{l+1} is written by the
-    # next launch); a depth-fused launch reuses one slot in place (state_stride 0).
-    ring = states if save_for_backward else x.new_empty(min(depth - 1, 2), rows, n)
+    # Between per-layer launches in inference, x_l lives in a ring of two slots; a depth-fused launch in
+    # inference keeps it in one scratch slot that every layer overwrites (state_stride 0).
+    groups = _layer_groups(n, depth)
+    if save_for_backward:
+        stream, state_stride = states, states.stride(0)
+    else:
+        stream, state_stride = x.new_empty(min(depth - 1, 1 if len(groups) == 1 else 2), rows, n), 0
     block_n = _block_n(n)
-    for l0, l1 in _layer_groups(n, depth):
+    for l0, l1 in groups:
         launch(
             stack_forward_kernel,
             lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
             _pinned_stack_config(block_n, x.element_size()),
-            _states_at(x, ring, l0),
+            _state_at(x, stream, l0),
             weight[l0:l1],
             weight if bias is None else bias[l0:l1],
-            out if l1 == depth else _states_at(x, ring, l1),
-            ring[l0:] if save_for_backward else ring,
-            signs[l0:l1] if save_for_backward else signs,
-            pre[l0:l1] if save_for_backward else pre,
+            out if l1 == depth else _state_at(x, stream, l1),
+            # a launch of one layer writes no state: pass a tensor that overlaps none of its outputs
+            stream if l1 - l0 > 1 else x.new_empty(0),
+            signs[l0:l1],
+            pre[l0:l1],
             rows,
             n,
             l1 - l0,
             rows_bucket(rows),
             scale,
-            ring.stride(0) if save_for_backward else 0,
+            state_stride,
             ACT=activation,
             PRE_BLOCK=block == "pre",
             MEAN_SUBTRACT=mean_subtract,
             HAS_BIAS=bias is not None,
-            PLANES=planes if save_for_backward else 0,
-            SAVE_PRE=save_pre and save_for_backward,
+            PLANES=signs.shape[1] if save_for_backward else 0,
+            SAVE_PRE=pre.shape[0] > 0,
             PRECISION=input_precision(x.dtype),
             BLOCK_N=block_n,
         )
     return out, states, signs, pre
+
+
+def _state_at(x: Tensor, states: Tensor, layer: int) -> Tensor:
+    """x_layer as a (rows, n) tensor: the input for layer 0, else a slot of the states (a ring when
+    there are fewer slots than layers)."""
+    return x if layer == 0 else states[(layer - 1) % states.shape[0]]
 
 
 def stack_backward(
@@ -397,10 +474,8 @@ def stack_backward(
     grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
     rows, n = x.shape
     depth = weight.shape[0]
-    grad_x = torch.empty_like(x)
+    grad_x, grad_w, grad_b = allocate_stack_gradients(x, weight, bias)
     grad_h = x.new_empty(depth, rows, n)
-    grad_w = torch.empty_like(weight)
-    grad_b = weight.new_empty(0 if bias is None else depth, n)
     if rows == 0:
         return grad_x.zero_(), grad_w.zero_(), grad_b.zero_()
     block_n = _block_n(n)
@@ -413,8 +488,8 @@ def stack_backward(
             lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]),),
             _pinned_stack_config(block_n, x.element_size()),
             grad_out if l1 == depth else grad_ring[l1 % grad_ring.shape[0]],
-            _states_at(x, states, l0),
-            states[l0:],
+            _state_at(x, states, l0),
+            states if l1 - l0 > 1 else x.new_empty(0),  # a launch of one layer reads x_l0 only
             signs[l0:l1],
             pre[l0:l1],
             weight[l0:l1],
@@ -437,7 +512,7 @@ def stack_backward(
     launch(
         stack_weight_grad_kernel,
         lambda meta: (depth, triton.cdiv(n, meta["BLOCK_I"]), triton.cdiv(n, meta["BLOCK_J"])),
-        triton.Config({"BLOCK_I": 64 if n >= 256 else 32, "BLOCK_J": 64 if n >= 256 else 32, "BLOCK_R": 32}, num_warps=4),
+        _pinned_weight_grad_config(n),
         grad_h,
         x,
         states,

@@ -45,8 +45,8 @@ def _pinned_config(block_n: int, itemsize: int) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m}, num_warps=warps_for_tile(block_m * block_n, itemsize))
 
 
-@tuned(_configs(), key=["n", "rows_bucket", "BLOCK_N"], prune=_prune)
-@triton.jit
+@tuned(_configs(), key=["n", "rows_bucket", "BLOCK_N", "ACT", "MEAN_SUBTRACT", "BACKWARD"], prune=_prune)
+@triton.jit(do_not_specialize=["rows_bucket"])
 def scaled_residual_kernel(
     a_ptr,  # x (forward) or grad_out (backward), (rows, n) contiguous
     b_ptr,  # branch_out, (rows, n) contiguous
@@ -54,7 +54,7 @@ def scaled_residual_kernel(
     rows,
     n,
     rows_bucket,  # autotuning key only
-    scale,
+    scale: tl.float64,  # a Python float would be passed as float32
     ACT: tl.constexpr,
     MEAN_SUBTRACT: tl.constexpr,
     BACKWARD: tl.constexpr,
@@ -62,6 +62,8 @@ def scaled_residual_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    if out_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
+        scale = tl.cast(scale, out_ptr.dtype.element_ty)
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
     mean = tl.zeros([BLOCK_M], dtype=out_ptr.dtype.element_ty)

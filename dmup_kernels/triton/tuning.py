@@ -48,6 +48,9 @@ def launch(kernel, grid: Callable, pinned: triton.Config, *args, **kwargs) -> No
     wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+SHARED_MEMORY_BUDGET = 96 * 1024
+"""Shared memory a config may use: what sm_86/sm_89 allow a block (99 KiB), below sm_80's and sm_90's."""
+
 REGISTER_BYTES_PER_THREAD = 64
 """Pinned configs give each thread at most this many bytes of one (rows x width) register tile; a kernel
 holds two or three such tiles. More spills registers (checked with tests/triton_aot.py for sm_80/90)."""
