@@ -17,8 +17,9 @@ storing dh_l (dz_l); then one batched GEMM over all layers gives dW_l = dh_l^T a
 phi(x_l) for pre) and db_l = sum over rows of dh_l.
 
 Launches: for n <= DEPTH_FUSED_MAX_WIDTH the whole stack is one forward launch and two backward
-launches, whatever L is; wider stacks (up to FUSED_BLOCK_MAX_WIDTH) launch the same kernels once per
-layer (the fused block). States x_1..x_{L-1} live in ``states`` (L-1, B, n); x_0 is the input.
+launches, whatever L is; wider stacks (up to FUSED_BLOCK_MAX_WIDTH, while the operand buffers fit
+shared memory: ``uses_fused_kernels``) launch the same kernels once per layer (the fused block).
+States x_1..x_{L-1} live in ``states`` (L-1, B, n); x_0 is the input.
 """
 
 from __future__ import annotations
