@@ -27,50 +27,13 @@ from .scaled_residual import scaled_residual_backward, scaled_residual_forward
 _define_op = custom_op if INTERPRETED else triton_op
 
 
-@_define_op("dmup::triton_scaled_residual", mutates_args=())
-def triton_scaled_residual(x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
-    return scaled_residual_forward(x, branch_out, scale, activation, mean_subtract)
-
-
-@_define_op("dmup::triton_scaled_residual_backward", mutates_args=())
-def triton_scaled_residual_backward(
-    grad_out: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool
-) -> Tensor:
-    return scaled_residual_backward(grad_out, branch_out, scale, activation, mean_subtract)
-
+# The launchers' own signatures are the schemas.
+_define_op("dmup::triton_scaled_residual", mutates_args=())(scaled_residual_forward)
+_define_op("dmup::triton_scaled_residual_backward", mutates_args=())(scaled_residual_backward)
+triton_residual_stack = _define_op("dmup::triton_residual_stack", mutates_args=())(stack_forward)
+triton_residual_stack_backward = _define_op("dmup::triton_residual_stack_backward", mutates_args=())(stack_backward)
 
 register_epilogue_rules("dmup::triton_scaled_residual", "dmup::triton_scaled_residual_backward")
-
-
-@_define_op("dmup::triton_residual_stack", mutates_args=())
-def triton_residual_stack(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: float,
-    activation: str,
-    block: str,
-    mean_subtract: bool,
-    save_for_backward: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return stack_forward(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward)
-
-
-@_define_op("dmup::triton_residual_stack_backward", mutates_args=())
-def triton_residual_stack_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    states: Tensor,
-    signs: Tensor,
-    pre: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    scale: float,
-    activation: str,
-    block: str,
-    mean_subtract: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return stack_backward(grad_out, x, states, signs, pre, weight, bias, scale, activation, block, mean_subtract)
 
 
 @triton_residual_stack.register_fake
