@@ -1,11 +1,13 @@
 # `make bench`: the main job (benchmarks with their parity checks). `make test`: the test suite.
 # Both create .venv with the pinned requirements if it is missing and (re)build the extension.
+# `make test-neon`: the kernel check for Arm NEON, cross-compiled and run under qemu (make test runs
+# it first, and says so when the cross compiler or qemu is missing).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: bench test build clean
+.PHONY: bench test test-neon build clean
 
 $(VENV)/.requirements-installed: requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,8 +18,11 @@ $(VENV)/.requirements-installed: requirements-dev.txt
 build: $(VENV)/.requirements-installed
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
-test: build
+test: build test-neon
 	$(PY) -m pytest $(TEST_ARGS)
+
+test-neon:
+	python3 tests/native/run_check.py neon
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)

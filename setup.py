@@ -1,8 +1,10 @@
 """Builds dmup_kernels and its C++ extension dmup_kernels._C from csrc/.
 
 CPU kernels are always built; the CUDA kernels (csrc/cuda) too when torch has CUDA and CUDA_HOME is
-set. Set DMUP_PORTABLE=1 to build for baseline x86-64 instead of the host CPU (-march=native); the
-AVX-512 stack kernel is chosen at run time either way.
+set. The build is portable: it targets the architecture's baseline, and each instruction set's stack
+kernel (csrc/cpu/residual_stack_<isa>.cpp) sets its own target flags, so one build runs on any CPU of
+its architecture and picks the kernel at run time. DMUP_NATIVE=1 builds everything for the host CPU
+(-march=native) instead.
 """
 
 import glob
@@ -18,7 +20,7 @@ WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
 
 def cxx_flags() -> list[str]:
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
-    if os.environ.get("DMUP_PORTABLE", "0") != "1":
+    if os.environ.get("DMUP_NATIVE", "0") == "1":
         flags.append("-march=native")
     return flags
 

@@ -3,10 +3,50 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+
+#include "cpu/cpu_isa.h"
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(dmup::cpu_isa_name(dmup::active_cpu_isa())); }
+
+PyObject* runnable_cpu_isas(PyObject*, PyObject*) {
+  const auto isas = dmup::runnable_cpu_isas();
+  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(isas.size()));
+  for (size_t i = 0; i < isas.size(); ++i) {
+    PyTuple_SET_ITEM(names, static_cast<Py_ssize_t>(i), PyUnicode_FromString(dmup::cpu_isa_name(isas[i])));
+  }
+  return names;
+}
+
+PyObject* pin_cpu_isa(PyObject*, PyObject* name) {
+  const char* text = PyUnicode_AsUTF8(name);
+  if (text == nullptr) return nullptr;
+  try {
+    dmup::pin_cpu_isa(text);
+  } catch (const std::invalid_argument& error) {
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  } catch (const std::runtime_error& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the float32 CPU kernels run on."},
+    {"runnable_cpu_isas", runnable_cpu_isas, METH_NOARGS, "The instruction sets this CPU runs, best first."},
+    {"pin_cpu_isa", pin_cpu_isa, METH_O, "Runs the float32 CPU kernels on the named instruction set."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // `import dmup_kernels._C` loads this library, which runs the TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -5,7 +5,7 @@ Functional ops (``scaled_residual``, ``residual_stack``), drop-in modules (``Sca
 """
 
 from . import reference
-from ._extension import HAS_CPP
+from ._extension import HAS_CPP, cpu_isa
 from .nn import DepthMuPNet, ReferenceBlock, ResidualStack, ScaledResidual
 from .ops import BACKENDS, residual_stack, scaled_residual
 from .optim import param_groups
@@ -17,6 +17,7 @@ __all__ = [
     "DEPTH_MUP",
     "HAS_CPP",
     "STANDARD",
+    "cpu_isa",
     "DepthMuPNet",
     "DepthParametrization",
     "ReferenceBlock",

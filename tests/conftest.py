@@ -10,6 +10,8 @@
   shows up as NaN. The previous settings are restored after the test.
 - ``num_threads(count)``: a context manager that runs its body with ``count`` torch threads.
 - ``saved_bytes(fn, exclude)``: the bytes autograd saves for backward while ``fn()`` runs.
+- ``cpu_isa``: runs a test once per instruction set this CPU can run (``CPU_ISAS``), with the float32
+  CPU kernels pinned to it. float64 always runs the portable kernel, so a float64 case runs once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.utils.deterministic
 
 import dmup_kernels
+from dmup_kernels._extension import _C, runnable_cpu_isas
 from dmup_kernels.triton import HAS_TRITON, INTERPRETED
 
 needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
@@ -64,8 +67,13 @@ def make_generator(seed: int) -> torch.Generator:
 
 @pytest.fixture(autouse=True)
 def seed(request: pytest.FixtureRequest) -> int:
-    """Seeds torch's global generator with a value derived from the test node id; returns it."""
-    value = seed_for(request.node.nodeid)
+    """Seeds torch's global generator with a value derived from the test node id; returns it. The
+    instruction set a test is pinned to is left out: every ISA sees the same inputs."""
+    nodeid = request.node.nodeid
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    if "cpu_isa" in params:
+        nodeid = nodeid.replace(f"[{params['cpu_isa']}-", "[", 1).replace(f"-{params['cpu_isa']}]", "]", 1)
+    value = seed_for(nodeid)
     torch.manual_seed(value)
     return value
 
@@ -112,3 +120,36 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> 
         out = fn()
     out.sum().backward()
     return sum(storages.values())
+
+
+CPU_ISAS: tuple[str, ...] = runnable_cpu_isas()
+
+
+@pytest.fixture(params=CPU_ISAS or ("none",))
+def cpu_isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Pins the float32 CPU kernels to one runnable instruction set for the test; yields its name."""
+    if _C is None:
+        yield request.param
+        return
+    previous = _C.cpu_isa()
+    _C.pin_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.pin_cpu_isa(previous)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Runs a ``cpu_isa`` test case on one instruction set only where it does not run a float32 CPU
+    kernel: float64 (the same portable kernel everywhere) or a backend other than cpp."""
+
+    def repeated(item: pytest.Item) -> bool:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if params.get("cpu_isa") in (None, "none", *CPU_ISAS[:1]):  # not a cpu_isa test, or its first ISA
+            return False
+        return any(v is torch.float64 for v in params.values()) or params.get("backend", "cpp") != "cpp"
+
+    drop = [item for item in items if repeated(item)]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if not repeated(item)]

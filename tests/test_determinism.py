@@ -1,5 +1,5 @@
 """Determinism of the CPU path: the same inputs give bitwise the same outputs (and gradients) for any
-number of threads, on every call, and in a fresh process. (The fused stack op's gradients across thread
+number of threads, on every call, and in a fresh process, on every instruction set this CPU runs. (The fused stack op's gradients across thread
 counts: test_residual_stack_op.py, test_bitwise_independent_of_threads.)
 
 DepthMuPNet's input and output layers are torch's nn.Linear, whose BLAS GEMMs are not promised to be
@@ -79,7 +79,7 @@ def test_scaled_residual_bitwise_across_threads(spec: ResidualSpec, dtype, seed)
     [(1000, "post", "abs"), (3, "post", "relu"), (200, "pre", "silu")],
     ids=["row-split", "feature-split", "pre"],
 )
-def test_residual_stack_module_bitwise_across_threads(batch, block, activation, seed):
+def test_residual_stack_module_bitwise_across_threads(batch, block, activation, cpu_isa, seed):
     torch.manual_seed(seed)
     module = ResidualStack(96, 17, activation=activation, block=block, bias=True, backend="auto")
     x = torch.randn(batch, 96)
@@ -109,14 +109,14 @@ def test_net_bitwise_call_to_call(seed):
 PROCESS_STACK_SPECS = [
     StackSpec(48, 5, (1000,), "post", True, "relu", True, "contiguous"),  # micro-kernel, row tiles
     StackSpec(96, 17, (3,), "post", False, "abs", False, "transposed"),  # feature split
-    StackSpec(256, 2, (40,), "pre", True, "gelu", True, "contiguous"),  # GEMMs in the BLAS
+    StackSpec(256, 2, (40,), "pre", True, "gelu", True, "contiguous"),  # wide: the tile size varies with threads
 ]
 
 
 def forward_digests(threads: int) -> dict[str, str]:
     """SHA-256 of the forward outputs of residual_stack and scaled_residual (backend "cpp") on fixed inputs,
     computed with ``threads`` threads."""
-    digests = {}
+    digests = {"cpu_isa": dmup_kernels.cpu_isa()}
     with num_threads(threads), torch.no_grad():
         for index, spec in enumerate(PROCESS_STACK_SPECS):
             case = make_stack_case(spec, torch.float32, 1000 + index)
@@ -131,12 +131,13 @@ def forward_digests(threads: int) -> dict[str, str]:
     return digests
 
 
-def test_forward_bitwise_in_a_fresh_process():
-    """Another interpreter (its own allocations, its own thread pool) with 2 threads gives the digests
-    this one computes with 1."""
+def test_forward_bitwise_in_a_fresh_process(cpu_isa):
+    """Another interpreter (its own allocations, its own thread pool), pinned to the same instruction set
+    by DMUP_CPU_ISA, with 2 threads gives the digests this one computes with 1."""
     script = f"import json, sys; sys.path.insert(0, {str(TESTS)!r}); from test_determinism import forward_digests; " \
              "print(json.dumps(forward_digests(2)))"  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, DMUP_CPU_ISA=cpu_isa,
+               PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             cwd=TESTS.parent, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr

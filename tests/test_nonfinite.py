@@ -140,19 +140,9 @@ STACK_RUNS = [
 @pytest.mark.parametrize("place", ["rows", "weight", "bias"])
 @pytest.mark.parametrize("block", ["post", "pre"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_residual_stack(activation, block, place, backend, dtype, batch, seed):
+def test_residual_stack(activation, block, place, backend, dtype, batch, cpu_isa, seed):
     # Mean subtraction spreads one special value over its whole row: on where x and grad_out are
     # poisoned by rows, off where a weight or bias poisons one feature of every row.
     mean_subtract = place == "rows"
     spec = StackSpec(20, 2, (batch,), block, True, activation, mean_subtract, "contiguous")
     check_stack(spec, place, dtype, backend, seed)
-
-
-@needs_cpp
-@pytest.mark.parametrize("place", ["rows", "weight", "bias"])
-@pytest.mark.parametrize("activation", ["relu", "abs", "silu"])
-def test_residual_stack_through_blas(activation, place, seed, monkeypatch):
-    """The same with every GEMM of the stack in the BLAS (DMUP_STACK_GEMM=blas), as from width 256."""
-    monkeypatch.setenv("DMUP_STACK_GEMM", "blas")
-    spec = StackSpec(20, 2, (37,), "post", True, activation, False, "contiguous")
-    check_stack(spec, place, torch.float32, "cpp", seed)

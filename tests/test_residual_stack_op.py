@@ -63,37 +63,14 @@ class OpLog(TorchDispatchMode):
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", OP_STACK_SPECS, ids=[s.id for s in OP_STACK_SPECS])
-def test_matches_reference(spec: StackSpec, dtype, seed):
+def test_matches_reference(spec: StackSpec, dtype, cpu_isa, seed):
     check_stack(make_stack_case(spec, dtype, seed), dtype, "cpp")
-
-
-GEMM_CHOICE_SPECS = [
-    StackSpec(64, 3, (40,), "post", True, "relu", True, "contiguous"),  # micro-kernel by the width rule
-    StackSpec(256, 2, (37,), "pre", True, "gelu", False, "contiguous"),  # BLAS by the width rule
-]
-
-
-@pytest.mark.usefixtures("nan_poison")
-@pytest.mark.parametrize("choice", ["kernel", "blas"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("spec", GEMM_CHOICE_SPECS, ids=[s.id for s in GEMM_CHOICE_SPECS])
-def test_matches_reference_with_either_gemm(spec: StackSpec, dtype, choice, seed, monkeypatch):
-    # DMUP_STACK_GEMM pins the GEMM the stack uses, against the width rule in both directions.
-    monkeypatch.setenv("DMUP_STACK_GEMM", choice)
-    check_stack(make_stack_case(spec, dtype, seed), dtype, "cpp")
-
-
-def test_unknown_gemm_choice_is_rejected(monkeypatch):
-    monkeypatch.setenv("DMUP_STACK_GEMM", "fast")
-    x, weight = torch.randn(3, 4), torch.randn(2, 4, 4)
-    with pytest.raises(ValueError, match="DMUP_STACK_GEMM must be 'auto', 'kernel' or 'blas'"):
-        dmup_kernels.residual_stack(x, weight, scale=0.5, backend="cpp")
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", OP_STACK_LAYOUT_SPECS, ids=[s.id for s in OP_STACK_LAYOUT_SPECS])
-def test_leading_dims_and_strided_x(spec: StackSpec, dtype, seed):
+def test_leading_dims_and_strided_x(spec: StackSpec, dtype, cpu_isa, seed):
     case = make_stack_case(spec, dtype, seed)
     assert case.x.is_contiguous() == (spec.layout == "contiguous")
     check_stack(case, dtype, "cpp")
@@ -265,7 +242,7 @@ THREAD_SPECS = [
     StackSpec(96, 17, (3,), "post", False, "gelu", False, "contiguous"),  # one partial tile
     StackSpec(64, 2, (100,), "pre", True, "silu", True, "contiguous"),
     StackSpec(130, 9, (70,), "post", True, "identity", True, "contiguous"),  # weight grad: one task per layer
-    StackSpec(256, 2, (40,), "post", True, "relu", True, "contiguous"),  # GEMMs through the BLAS
+    StackSpec(256, 2, (40,), "post", True, "relu", True, "contiguous"),  # wide: a tile size that varies with threads
 ]
 
 
@@ -282,7 +259,7 @@ def grads_of(case: StackCase, grad_out: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", THREAD_SPECS, ids=[s.id for s in THREAD_SPECS])
-def test_bitwise_independent_of_threads(spec: StackSpec, dtype, seed):
+def test_bitwise_independent_of_threads(spec: StackSpec, dtype, cpu_isa, seed):
     case = make_stack_case(spec, dtype, seed)
     grad_out = torch.randn(case.x.shape, dtype=dtype)
     with num_threads(1):
@@ -306,7 +283,7 @@ def test_bitwise_independent_of_threads(spec: StackSpec, dtype, seed):
      ("identity", 5, 64, 3)],
 )
 @pytest.mark.parametrize("block", BLOCKS)
-def test_saved_bytes_per_layer(activation, batch, width, depth, block, seed):
+def test_saved_bytes_per_layer(activation, batch, width, depth, block, cpu_isa, seed):
     """Per layer at most B*n*4 (x_l in float32) + planes * (B*n/8 + 2n) bytes, planes = 1 for relu, 2 for
     abs, 0 for smooth activations; 2n bytes per plane is the rounding of each mask row up to whole 16-bit
     words when B is not a multiple of 16. Much less than the eager reference saves."""
@@ -337,11 +314,15 @@ def test_saved_bytes_per_layer(activation, batch, width, depth, block, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("block", BLOCKS)
-def test_saved_state_layout(activation, block, seed):
+def test_saved_state_layout(activation, block, dtype, cpu_isa, seed):
+    """The bits are packed per row the same way whatever the vector width of the ISA (37 rows: a
+    partial word, and vectors that end inside a word)."""
     batch, width, depth = 37, 20, 4
-    x, weight, bias, scale, *_ = op_args(width, batch, depth, torch.float64, True, activation, block, True,
+    tolerance = 1e-13 if dtype == torch.float64 else 1e-6
+    x, weight, bias, scale, *_ = op_args(width, batch, depth, dtype, True, activation, block, True,
                                          requires_grad=False)
     out, saved, mask = torch.ops.dmup.residual_stack(x, weight, bias, scale, activation, block, True, True)
     assert saved.shape == (depth, width, batch) and saved.is_contiguous()
@@ -352,17 +333,17 @@ def test_saved_state_layout(activation, block, seed):
     x_layer = x
     layer_fn = reference.post_block if block == "post" else reference.pre_block
     for layer in range(depth):
-        assert rel_err(saved[layer], x_layer.T) < 1e-13, f"saved[{layer}]"
+        assert rel_err(saved[layer], x_layer.T) < tolerance, f"saved[{layer}]"
         if block == "post" and activation in ("relu", "abs"):
             # ("pre" takes the sign of phi's input from saved x_l itself)
             h = torch.nn.functional.linear(x_layer, weight[layer], bias[layer]).T
-            clear = h.abs() > 1e-9
+            clear = h.abs() > 1e3 * tolerance  # signs that rounding cannot flip
             assert torch.equal(bits[layer, 0][clear], (h > 0)[clear]), f"plane 0, layer {layer}"
             if activation == "abs":
                 assert torch.equal(bits[layer, 1][clear], (h < 0)[clear]), f"plane 1, layer {layer}"
         x_layer = layer_fn(x_layer, weight[layer], bias[layer], scale=scale, activation=activation,
                            mean_subtract=True)
-    assert rel_err(out, x_layer) < 1e-13
+    assert rel_err(out, x_layer) < tolerance
 
 
 # ---------------------------------------------------------------------------------------------------

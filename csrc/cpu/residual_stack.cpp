@@ -2,68 +2,44 @@
 //
 // Forward: one parallel pass over row tiles (each tile walks all L layers). Backward: one parallel
 // pass over row tiles in reverse layer order (grad_x and every dh_l), then one over (layer, output
-// block) tasks for every dW_l and db_l. float32 runs the AVX-512 kernel where the CPU has it, else
-// the portable one; float64 always runs the portable one.
+// block) tasks for every dW_l and db_l. float32 runs the kernel of the instruction set in use
+// (cpu_isa.h); float64 always runs the portable one. Every GEMM is the kernel's own, whose sums run
+// in a fixed order: a BLAS may block its sums by the shape and alignment it is given, which would
+// tie the result to the thread count (the tile size) and to the process (the buffers' addresses).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "../op_args.h"
+#include "cpu_isa.h"
 #include "stack_kernel.h"
 
 namespace dmup {
 
+#if defined(__x86_64__)
 StackKernels<float> stack_kernels_avx512(Activation activation, Block block);
+StackKernels<float> stack_kernels_avx2(Activation activation, Block block);
+#elif defined(__aarch64__)
+StackKernels<float> stack_kernels_neon(Activation activation, Block block);
+#endif
 template <class T>
 StackKernels<T> stack_kernels_portable(Activation activation, Block block);
 
 namespace {
 
-// Width from which the BLAS of the torch build (MKL here) runs the stack's GEMMs faster than the
-// micro-kernel, one single-threaded call per tile and layer. Measured with `python -m
-// benchmarks.gemm_choice` (2 threads, training step): BLAS/kernel time 1.17x at n=64, 1.01-1.07x at
-// n=96..192 (within noise), 0.91x at n=256.
-constexpr int64_t kBlasMinWidth = 256;
-
-// The GEMM of stack_kernel.h through ATen (and so the BLAS). Called from inside the kernel's OpenMP
-// team, where the BLAS runs single-threaded, so each tile's result does not depend on the team size.
-template <class T>
-void blas_gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t asi, int64_t asp, const T* b, int64_t bs, T* c,
-               int64_t cs, bool accumulate) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor lhs = at::from_blob(const_cast<T*>(a), {M, K}, {asi, asp}, options);
-  const at::Tensor rhs = at::from_blob(const_cast<T*>(b), {K, N}, {bs, 1}, options);
-  at::Tensor out = at::from_blob(c, {M, N}, {cs, 1}, options);
-  if (accumulate) {
-    out.addmm_(lhs, rhs);
-  } else {
-    at::mm_out(out, lhs, rhs);
-  }
-}
-
-// DMUP_STACK_GEMM=kernel|blas pins the choice (for measuring it); unset or "auto" uses the width rule.
-template <class T>
-GemmFn<T> choose_gemm(int64_t width) {
-  const char* value = std::getenv("DMUP_STACK_GEMM");  // read per call, so a benchmark can switch it
-  const std::string pinned = value ? value : "auto";
-  TORCH_CHECK_VALUE(pinned == "auto" || pinned == "kernel" || pinned == "blas",
-                    "DMUP_STACK_GEMM must be 'auto', 'kernel' or 'blas'; got '", pinned, "'");
-  const bool blas = pinned == "blas" || (pinned == "auto" && width >= kBlasMinWidth);
-  return blas ? &blas_gemm<T> : nullptr;
-}
-
 template <class T>
 StackKernels<T> select_kernels(Activation activation, Block block) {
   if constexpr (std::is_same_v<T, float>) {
-    static const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                   __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    if (has_avx512) return stack_kernels_avx512(activation, block);
+    switch (active_cpu_isa()) {
+#if defined(__x86_64__)
+      case CpuIsa::Avx512: return stack_kernels_avx512(activation, block);
+      case CpuIsa::Avx2: return stack_kernels_avx2(activation, block);
+#elif defined(__aarch64__)
+      case CpuIsa::Neon: return stack_kernels_neon(activation, block);
+#endif
+      default: break;
+    }
   }
   return stack_kernels_portable<T>(activation, block);
 }
@@ -81,8 +57,7 @@ StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, cons
                          parse_activation(activation),
                          parse_block(block),
                          mean_subtract,
-                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T)),
-                         choose_gemm<T>(width)};
+                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,

@@ -1,5 +1,6 @@
 // The stack kernel instantiated for float32 on AVX-512. Only this file is compiled for AVX-512, so
-// the extension loads on any x86-64 CPU; residual_stack.cpp calls it after a CPUID check.
+// the extension loads on any x86-64 CPU; cpu_isa.cpp picks it after a CPUID check.
+#if defined(__x86_64__)
 #include <immintrin.h>
 #include <omp.h>
 
@@ -8,7 +9,6 @@
 #include <cstdint>
 #include <memory>
 #include <type_traits>
-#include <vector>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
@@ -27,3 +27,4 @@ StackKernels<float> stack_kernels_avx512(Activation activation, Block block) {
 }  // namespace dmup
 
 #pragma GCC pop_options
+#endif

@@ -1,10 +1,10 @@
-// The stack kernel instantiated with width-1 "vectors": the float64 path, and the float32 path on
-// CPUs without AVX-512.
+// The stack kernel instantiated with width-1 "vectors": the float64 path on every CPU, and the
+// float32 path on x86 CPUs without AVX2 + FMA (or when pinned with DMUP_CPU_ISA=portable).
 //
 // GCC 12's loop vectorizer turns the scalar register tile of stack_impl::gemm_tile into code that
 // reads one row of A past its end (a segfault when A ends at a page boundary; seen at -O3 with
 // -march=native), so loop vectorization is off for this file. These loops run on scalars by
-// design; the vectorised path is residual_stack_avx512.cpp.
+// design; the vectorised paths are residual_stack_{avx2,avx512,neon}.cpp.
 #pragma GCC optimize("no-tree-loop-vectorize")
 
 #include "simd_scalar.h"

@@ -1,16 +1,24 @@
-// SIMD traits for float32 on AVX-512: 16 lanes per vector, lane masks as __mmask16.
+// SIMD traits for float32 on AVX-512 (32 vector registers): 16 lanes per vector, lane masks as
+// __mmask16.
 //
 // Include only after `#pragma GCC target("avx512f,...")` (see residual_stack_avx512.cpp). Every
-// traits type provides: T, Vec, Mask, W (lanes); zero, broadcast, load/store (W lanes), load_n /
-// store_n (first n lanes, the rest read as 0), fma(a, b, c) = a*b + c, store_bits / load_bits (one
-// bit per row, rows aligned to W), sum (of the lanes, in a fixed order), transpose (of W vectors
-// of W lanes), and for Vec the arithmetic operators, <, <= and > giving a Mask, ! of a Mask,
-// select(mask, a, b), exp and tanh, so that the templates of activations.h apply to it.
+// traits type provides:
+// - T, Vec, Mask, W (lanes);
+// - kTileRows[NJ - 1]: the register tile of the GEMM, rows of A per tile of NJ vectors of C columns,
+//   for NJ up to kTileVectors (see stack_impl::gemm);
+// - zero, broadcast, load/store (W lanes), load_n / store_n (first n lanes, the rest read as 0),
+//   fma(a, b, c) = a*b + c, sum (of the lanes, in a fixed order), transpose (of W vectors of W lanes);
+// - bits(Mask) (lane i -> bit i) and mask(bits), its inverse;
+// - min, max, round, ldexp for simd_math.h;
+// - for Vec the arithmetic operators, <, <= and > giving a Mask, ! of a Mask, select(mask, a, b),
+//   exp and tanh, so that the templates of activations.h apply to it.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+
+#include "simd_math.h"
 
 namespace dmup {
 namespace avx512 {
@@ -39,39 +47,15 @@ inline Mask operator>(Vec a, Vec b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_
 inline Mask operator!(Mask m) { return {_knot_mask16(m.bits)}; }
 inline Vec select(Mask m, Vec a, Vec b) { return _mm512_mask_blend_ps(m.bits, b.v, a.v); }
 
-// e^x: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes
-// coefficients, about 1 ulp), and 2^k by scalef. Inputs are clamped to [-104, 89], just past where
-// e^x rounds to 0 (below -103.97) and overflows (above 88.72), so that scalef gives exactly 0 and inf
-// there, as std::exp does: silu(-inf) = -inf * 0 is then NaN, as in torch. MIN/MAX return their
-// second operand when one is NaN, so x goes second and NaN propagates.
-inline Vec exp(Vec x) {
-  __m512 t = _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v);
-  t = _mm512_min_ps(_mm512_set1_ps(89.0f), t);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), t);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, k);
-}
-
-// tanh(x) = 1 - 2 / (e^{2x} + 1): exact limits at +-inf, absolute error ~1e-7 near 0.
-inline Vec tanh(Vec x) {
-  const Vec one(1.0f);
-  return one - Vec(2.0f) / (exp(x + x) + one);
-}
-
 struct Simd {
   using T = float;
   using Vec = avx512::Vec;
   using Mask = avx512::Mask;
   static constexpr int W = 16;
+  // 4 vectors x 4 rows = 16 accumulators (18 for 3 x 6): enough to cover the FMA latency on two
+  // ports, with the B vectors and the broadcast A element still in registers.
+  static constexpr int kTileVectors = 4;
+  static constexpr int kTileRows[kTileVectors] = {16, 8, 6, 4};
 
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec broadcast(float s) { return _mm512_set1_ps(s); }
@@ -107,9 +91,17 @@ struct Simd {
       rows[i + m] = _mm512_permutex2var_ps(a, high, b);
     }
   }
-  static void store_bits(uint16_t* words, int64_t row, Mask m) { words[row / 16] = m.bits; }
-  static Mask load_bits(const uint16_t* words, int64_t row) { return {static_cast<__mmask16>(words[row / 16])}; }
+  static uint32_t bits(Mask m) { return m.bits; }
+  static Mask mask(uint32_t bits) { return {static_cast<__mmask16>(bits)}; }
+  // MIN/MAX return their second operand when one is NaN.
+  static Vec min(Vec a, Vec b) { return _mm512_min_ps(a.v, b.v); }
+  static Vec max(Vec a, Vec b) { return _mm512_max_ps(a.v, b.v); }
+  static Vec round(Vec x) { return _mm512_roundscale_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static Vec ldexp(Vec p, Vec k) { return _mm512_scalef_ps(p.v, k.v); }
 };
+
+inline Vec exp(Vec x) { return exp_approx<Simd>(x); }
+inline Vec tanh(Vec x) { return tanh_approx<Simd>(x); }
 
 }  // namespace avx512
 }  // namespace dmup

@@ -12,6 +12,9 @@ struct ScalarSimd {
   using Vec = Scalar;
   using Mask = bool;
   static constexpr int W = 1;
+  // Scalars in the 16 registers of x86-64 SSE (or Arm's 32): 12 accumulators, as on AVX2.
+  static constexpr int kTileVectors = 3;
+  static constexpr int kTileRows[kTileVectors] = {12, 6, 4};
 
   static Vec zero() { return T(0); }
   static Vec broadcast(T v) { return v; }
@@ -22,11 +25,8 @@ struct ScalarSimd {
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
   static T sum(Vec v) { return v; }
   static void transpose(Vec*) {}
-  // One bit per row in 16-bit words; words start zeroed, and a word is only written by one tile.
-  static void store_bits(uint16_t* words, int64_t row, Mask m) {
-    if (m) words[row / 16] = static_cast<uint16_t>(words[row / 16] | (1u << (row % 16)));
-  }
-  static Mask load_bits(const uint16_t* words, int64_t row) { return (words[row / 16] >> (row % 16)) & 1u; }
+  static uint32_t bits(Mask m) { return m ? 1u : 0u; }
+  static Mask mask(uint32_t bits) { return (bits & 1u) != 0; }
 };
 
 }  // namespace dmup

@@ -1,5 +1,6 @@
-// Depth-fused residual stack on the CPU (SPEC 2.4), written once over a SIMD traits type V
-// (simd_scalar.h, simd_avx512.h). No torch headers: the torch glue is residual_stack.cpp.
+// Depth-fused residual stack on the CPU, written once over a SIMD traits type V (simd_scalar.h,
+// simd_avx2.h, simd_avx512.h, simd_neon.h). No torch headers: the torch glue is residual_stack.cpp,
+// and tests/native/stack_kernel_check.cpp runs this core on its own (also for Arm, under qemu).
 //
 // Math, per layer l (block "post"; "pre" moves phi onto the input, see below):
 //   h = x W_l^T + b_l;  u = phi(h);  v = MS(u);  x <- x + s v          (MS: minus the row mean)
@@ -12,15 +13,23 @@
 // A tile keeps its slice of the residual stream in a local feature-major buffer X[k][r] (stride
 // Rp = R rounded up to W lanes) and walks all L layers. Feature-major means every GEMM reads W in
 // its stored (out, in) layout as broadcast scalars and vectorises over rows, the mean over the
-// width is a sum of vectors, and relu/abs masks come out as 16-bit words per vector:
+// width is a sum of vectors, and relu/abs masks come out as W bits per vector, packed into 16-bit
+// words the same way for every W (W divides 16, and a tile starts on a word):
 //   saved  (L, n, B)             x_l, feature-major, the state kept for backward
 //   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: relu [h > 0 or NaN]; abs
 //                                    [h > 0] (plane 0), [h < 0] (plane 1)
 //   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
 // Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
 // threads share each tile, splitting its features (see Team). Every output element of a row depends
-// only on that row, summed in a fixed order, so results are bitwise independent of the tiling, of
-// the split and of the number of threads.
+// only on that row, summed in a fixed order (every GEMM sums over its K in order, whatever its
+// register tile), and every dW / db element sums the rows in fixed chunks, so results are bitwise
+// independent of the tiling, of the split and of the number of threads.
+//
+// Each ISA's translation unit compiles this header with its own target flags. An inline function or
+// template instance compiled in two such units is one symbol, and the linker may keep the copy with
+// the other ISA's instructions (an illegal instruction on a CPU without them). So the kernel code is
+// in an unnamed namespace (a private copy per unit), buffers are plain arrays rather than
+// std::vector<T> (whose code would be shared), and what is outside is loop-free arithmetic.
 #pragma once
 
 #include <omp.h>
@@ -28,7 +37,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
-#include <vector>
 
 #include "../activations.h"
 
@@ -48,12 +56,6 @@ inline int64_t mask_offset(int64_t layer, int64_t plane, int64_t feature, int64_
 // (L, n, n) weight and grad_weight: the first element of one output row of one layer.
 inline int64_t weight_offset(int64_t layer, int64_t row, int64_t width) { return (layer * width + row) * width; }
 
-// C (M x N, row stride cs) (+)= A (M x K, element (i, p) at a[i*asi + p*asp]) * Bm (K x N, row
-// stride bs, unit column stride); what stack_impl::gemm computes, as a replaceable function.
-template <class T>
-using GemmFn = void (*)(int64_t M, int64_t N, int64_t K, const T* a, int64_t asi, int64_t asp, const T* b, int64_t bs,
-                        T* c, int64_t cs, bool accumulate);
-
 template <class T>
 struct StackProblem {
   int64_t batch, width, depth;
@@ -64,7 +66,6 @@ struct StackProblem {
   Block block;
   bool mean_subtract;
   int64_t tile_rows;  // R: multiple of 16
-  GemmFn<T> blas_gemm;  // runs every GEMM when set (a BLAS beats the micro-kernel at large widths)
 };
 
 template <class T>
@@ -95,14 +96,18 @@ inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
   return depth * ((width + rows - 1) / rows);
 }
 
+// Bytes the four local (n x R) buffers of a row tile may take: half of the smallest per-core L2
+// this kernel is tuned for (512 KiB on AMD Zen 3; Zen 4 has 1 MiB, Intel server cores 1-2 MiB), so
+// the streamed weights and the saved state have the other half.
+constexpr int64_t kTileBufferBytes = 256 * 1024;
+
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
-// tile's four local (n x R) buffers stay within about half of a 1.25 MiB L2.
-// When one thread's share is above the cap, the tiles are made as even as possible, a whole number
-// per thread, so no thread waits on another's extra tile.
+// tile's buffers fit kTileBufferBytes. When one thread's share is above the cap, the tiles are made
+// as even as possible, a whole number per thread, so no thread waits on another's extra tile.
 inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, int64_t bytes_per_element) {
   threads = std::max<int64_t>(threads, 1);
   const int64_t per_thread = std::max<int64_t>(1, (batch + threads - 1) / threads);
-  const int64_t cap = std::max<int64_t>(16, (640 * 1024) / (4 * bytes_per_element * width) / 16 * 16);
+  const int64_t cap = std::max<int64_t>(16, kTileBufferBytes / (4 * bytes_per_element * width) / 16 * 16);
   const int64_t tiles_per_thread = (per_thread + cap - 1) / cap;
   const int64_t rows = (per_thread + tiles_per_thread - 1) / tiles_per_thread;
   return std::max<int64_t>(16, (rows + 15) / 16 * 16);
@@ -118,6 +123,7 @@ struct StackKernels {
 };
 
 namespace stack_impl {
+namespace {
 
 // C[i][j] (+)= sum_p A(i, p) * Bm[p][j] for i < MI, j < NJ*W, with A(i, p) = a[i*asi + p*asp] broadcast
 // and Bm rows read as full vectors (the caller pads them). Only the first `last` lanes of the last
@@ -170,9 +176,19 @@ inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi,
   for (; i < M; ++i) gemm_tile<V, 1, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
 }
 
+// One panel of nj <= NJ vectors of C columns, in the register tile the traits give for nj.
+template <class V, int NJ>
+inline void gemm_panel(int nj, int64_t M, int64_t K, const typename V::T* a, int64_t asi, int64_t asp,
+                       const typename V::T* b, int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
+  if constexpr (NJ > 1) {
+    if (nj < NJ) return gemm_panel<V, NJ - 1>(nj, M, K, a, asi, asp, b, bs, c, cs, accumulate, last);
+  }
+  gemm_rows<V, V::kTileRows[NJ - 1], NJ>(M, K, a, asi, asp, b, bs, c, cs, accumulate, last);
+}
+
 // C (M x N, row stride cs) (+)= A (M x K, strides asi/asp) * Bm (K x N, row stride bs >= N rounded
-// up to W). Register tiles of MI x NJ = 16..18 accumulators: enough to hide the FMA latency on two
-// ports, few enough rows that widths 32..256 split into whole tiles.
+// up to W). C is cut into panels of V::kTileVectors vectors, each computed in register tiles of
+// V::kTileRows[NJ - 1] rows x NJ vectors (the traits type says why that tile fits its registers).
 template <class V>
 void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
           int64_t bs, typename V::T* c, int64_t cs, bool accumulate) {
@@ -187,17 +203,10 @@ void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, 
     return;
   }
   const int64_t vectors = (N + V::W - 1) / V::W;
-  for (int64_t j0 = 0; j0 < vectors; j0 += 4) {
-    const int64_t nj = std::min<int64_t>(4, vectors - j0);
+  for (int64_t j0 = 0; j0 < vectors; j0 += V::kTileVectors) {
+    const int nj = static_cast<int>(std::min<int64_t>(V::kTileVectors, vectors - j0));
     const int last = static_cast<int>(std::min<int64_t>(V::W, N - (j0 + nj - 1) * V::W));
-    const auto* bj = b + j0 * V::W;
-    auto* cj = c + j0 * V::W;
-    switch (nj) {
-      case 4: gemm_rows<V, 4, 4>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
-      case 3: gemm_rows<V, 6, 3>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
-      case 2: gemm_rows<V, 8, 2>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
-      default: gemm_rows<V, 16, 1>(M, K, a, asi, asp, bj, bs, cj, cs, accumulate, last); break;
-    }
+    gemm_panel<V, V::kTileVectors>(nj, M, K, a, asi, asp, b + j0 * V::W, bs, c + j0 * V::W, cs, accumulate, last);
   }
 }
 
@@ -228,6 +237,23 @@ inline void transpose_out(T* dst, int64_t width, const T* src, int64_t stride, i
   for (int64_t r = 0; r < count; ++r) {
     for (int64_t k = k0; k < k1; ++k) dst[r * width + k] = src[k * stride + r];
   }
+}
+
+// One bit per row in the 16-bit words of a mask plane: the W lanes of `m` for rows [row, row + W),
+// row a multiple of W. The first vector of a word overwrites it and the others add their bits, so
+// the result does not depend on what the word held.
+template <class V>
+inline void store_bits(uint16_t* words, int64_t row, typename V::Mask m) {
+  static_assert(16 % V::W == 0, "a vector's bits must not straddle two words");
+  const int shift = static_cast<int>(row % 16);
+  const uint32_t bits = V::bits(m) << shift;
+  uint16_t& word = words[row / 16];
+  word = static_cast<uint16_t>(shift == 0 ? bits : word | bits);
+}
+
+template <class V>
+inline typename V::Mask load_bits(const uint16_t* words, int64_t row) {
+  return V::mask((words[row / 16] >> (row % 16)) & ((1u << V::W) - 1u));
 }
 
 // How the threads of one OpenMP team share the work. With at least as many row tiles as threads,
@@ -261,12 +287,12 @@ struct Stack {
   // A tile's four (n x Rp) planes, shared by a feature-split team, private to a thread otherwise.
   struct Planes {
     int64_t padded;
-    std::vector<T> data;
+    std::unique_ptr<T[]> data;
     T *stream, *branch, *aux, *input;
     Planes(int64_t width, int64_t tile_rows) : padded((tile_rows + V::W - 1) / V::W * V::W) {
       const int64_t plane = width * padded;
-      data.assign(4 * plane, T(0));
-      stream = data.data();
+      data.reset(new T[4 * plane]());
+      stream = data.get();
       branch = stream + plane;
       aux = branch + plane;
       input = aux + plane;
@@ -286,14 +312,9 @@ struct Stack {
       const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
       std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p.width, p.tile_rows));
       Planes& planes = shared ? *shared : *own;
-      std::vector<T> row(planes.padded);
-      body(team, planes, row.data());
+      std::unique_ptr<T[]> row(new T[planes.padded]());
+      body(team, planes, row.get());
     }
-  }
-
-  static void layer_gemm(const StackProblem<T>& p, int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t asi,
-                         int64_t asp, const T* b, int64_t bs, T* c, int64_t cs, bool accumulate) {
-    (p.blas_gemm ? p.blas_gemm : &gemm<V>)(rows, cols, depth, a, asi, asp, b, bs, c, cs, accumulate);
   }
 
   // The bit of plane 0. For relu it is where the gradient passes: h > 0, and also where h is NaN, as
@@ -307,8 +328,8 @@ struct Stack {
   // A proxy with the sign of h, rebuilt from the saved bits (1, -1 or 0; relu's NaN reads as 1): enough
   // for relu's and abs's backward.
   static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
-    const Vec pos = select(V::load_bits(plane_pos, row), Vec(1), Vec(0));
-    if constexpr (kPlanes == 2) return select(V::load_bits(plane_neg, row), Vec(-1), pos);
+    const Vec pos = select(load_bits<V>(plane_pos, row), Vec(1), Vec(0));
+    if constexpr (kPlanes == 2) return select(load_bits<V>(plane_neg, row), Vec(-1), pos);
     return pos;
   }
 
@@ -353,7 +374,7 @@ struct Stack {
             gemm_in = s.input;
           }
           team.sync();  // the GEMM reads every feature of its input
-          layer_gemm(p, o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
+          gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
           // Branch epilogue: bias, then phi (post) with its sign bits.
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
@@ -363,8 +384,8 @@ struct Stack {
             for (int64_t r = 0; r < live; r += V::W) {
               Vec h = V::load(h_row + r) + bias;
               if constexpr (kPost) {
-                if constexpr (kPlanes >= 1) if (save) V::store_bits(pos, b0 + r, positive_bit(h));
-                if constexpr (kPlanes == 2) if (save) V::store_bits(neg, b0 + r, h < Vec(0));
+                if constexpr (kPlanes >= 1) if (save) store_bits<V>(pos, b0 + r, positive_bit(h));
+                if constexpr (kPlanes == 2) if (save) store_bits<V>(neg, b0 + r, h < Vec(0));
                 h = Phi::value(h);
               }
               V::store(h_row + r, h);
@@ -407,7 +428,7 @@ struct Stack {
             load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
           }
           team.sync();  // the row mean reads all of g; the recomputation all of x_l
-          if constexpr (kRecompute) layer_gemm(p, o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+          if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
           row_mean(p, s.stream, Rp, live, p.scale, row);
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
@@ -426,9 +447,9 @@ struct Stack {
           team.sync();  // g += dh W reads dh of every feature, and overwrites g the row mean read
           const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
           if constexpr (kPost || kIdentity) {
-            layer_gemm(p, o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
+            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
           } else {
-            layer_gemm(p, o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
+            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
             for (int64_t k = o0; k < o1; ++k) {
               for (int64_t r = 0; r < live; r += V::W) {
                 const int64_t i = k * Rp + r;
@@ -455,7 +476,7 @@ struct Stack {
     const int64_t tasks = weight_grad_tasks(p.depth, n);
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<T> packed(kChunk * n_padded, T(0));
+      std::unique_ptr<T[]> packed(new T[kChunk * n_padded]());
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < tasks; ++task) {
         const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
@@ -476,10 +497,10 @@ struct Stack {
               }
               V::transpose(block);
 #pragma GCC unroll 16
-              for (int q = 0; q < V::W; ++q) V::store(packed.data() + (r0 + q) * n_padded + k0, block[q]);
+              for (int q = 0; q < V::W; ++q) V::store(packed.get() + (r0 + q) * n_padded + k0, block[q]);
             }
           }
-          layer_gemm(p, rows_out, n, count, dh + o0 * B + c0, B, 1, packed.data(), n_padded,
+          gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.get(), n_padded,
                   buf.grad_weight + weight_offset(l, o0, n), n, c0 > 0);
         }
         if (buf.grad_bias) {
@@ -502,6 +523,7 @@ StackKernels<typename V::T> kernels_for(Block block) {
           &Stack<V, A, Block::Pre>::backward_weights};
 }
 
+}  // namespace
 }  // namespace stack_impl
 
 // The kernels of instruction set V for one activation and block form.

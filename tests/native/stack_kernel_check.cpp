@@ -1,0 +1,378 @@
+// Torch-free check of the CPU stack kernel core (csrc/cpu/stack_kernel.h) on one instruction set,
+// chosen when compiling: -DDMUP_CHECK_ISA=avx512, avx2, neon or portable (see the Makefile's
+// test-neon target and tests/test_stack_kernel_native.py). It checks, against its own float64
+// scalar reference:
+// - exp and tanh of the ISA's vectors against std::exp / std::tanh over the float range (a sample of
+//   every bit pattern), +-0, +-inf, NaN and the overflow and underflow edges;
+// - the stack's output and gradients for every activation, block, mean subtraction and bias setting,
+//   on odd widths and row counts, with float32 outputs poisoned with NaN before the kernel runs;
+// - that the results are bitwise the same for 1, 2 and 3 threads;
+// - that +-inf and NaN in the input give non-finite results exactly where the reference has them.
+// It prints one line per failure and "N passed, M failed", and exits non-zero on any failure.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#define DMUP_STRINGIFY2(x) #x
+#define DMUP_STRINGIFY(x) DMUP_STRINGIFY2(x)
+
+#if defined(DMUP_CHECK_AVX512)
+#include "cpu/simd_avx512.h"
+using Simd = dmup::avx512::Simd;
+#elif defined(DMUP_CHECK_AVX2)
+#include "cpu/simd_avx2.h"
+using Simd = dmup::avx2::Simd;
+#elif defined(DMUP_CHECK_NEON)
+#include "cpu/simd_neon.h"
+using Simd = dmup::neon::Simd;
+#else
+#include "cpu/simd_scalar.h"
+using Simd = dmup::ScalarSimd<float>;
+#endif
+#include "cpu/stack_kernel.h"
+
+namespace {
+
+using dmup::Activation;
+using dmup::Block;
+
+int passed = 0, failed = 0;
+
+void expect(bool ok, const std::string& what) {
+  if (ok) {
+    ++passed;
+  } else {
+    ++failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+const char* name_of(Activation a) {
+  static const char* names[] = {"identity", "relu", "abs", "gelu", "silu"};
+  return names[static_cast<int>(a)];
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp and tanh of the ISA's vectors
+// ---------------------------------------------------------------------------------------------
+
+template <class F>
+void apply_lanes(const std::vector<float>& in, std::vector<float>& out, F&& f) {
+  out.resize(in.size());
+  for (size_t i = 0; i < in.size(); i += Simd::W) {
+    float lanes[Simd::W];
+    for (int j = 0; j < Simd::W; ++j) lanes[j] = i + j < in.size() ? in[i + j] : 0.0f;
+    Simd::store(lanes, f(Simd::load(lanes)));
+    for (int j = 0; j < Simd::W && i + j < in.size(); ++j) out[i + j] = lanes[j];
+  }
+}
+
+float ulp_of(float y) {
+  const float a = std::fabs(y);
+  return std::nextafter(a, std::numeric_limits<float>::infinity()) - a;
+}
+
+// The error bounds: exp within 2 ulp of the correctly rounded result (exact where that is 0 or
+// inf); tanh within 2^-22 absolute (it is 1 - 2 / (e^{2x} + 1), which cancels near 0).
+constexpr double kExpUlps = 2.0;
+constexpr double kTanhAbs = 2.384185791015625e-07;
+
+void check_exp_tanh() {
+  std::vector<float> inputs = {0.0f, -0.0f, 1.0f, -1.0f, 88.72f, 88.7228f, 88.73f, 89.0f, 100.0f, -87.3f,
+                               -103.9f, -103.97f, -103.98f, -104.0f, -120.0f, 1e-30f, -1e-30f, 1e-45f,
+                               std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+                               std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+  for (uint64_t bits = 0; bits < (uint64_t(1) << 32); bits += 4099) {  // ~1M patterns, every exponent
+    uint32_t b = static_cast<uint32_t>(bits);
+    float x;
+    std::memcpy(&x, &b, sizeof x);
+    inputs.push_back(x);
+  }
+  std::vector<float> ours_exp, ours_tanh;
+  using std::exp;
+  using std::tanh;
+  apply_lanes(inputs, ours_exp, [](Simd::Vec v) { return exp(v); });
+  apply_lanes(inputs, ours_tanh, [](Simd::Vec v) { return tanh(v); });
+  double worst_exp = 0, worst_tanh = 0;
+  int bad_exp = 0, bad_tanh = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const float x = inputs[i];
+    const float e = static_cast<float>(std::exp(static_cast<double>(x)));
+    const float t = static_cast<float>(std::tanh(static_cast<double>(x)));
+    const float ye = ours_exp[i], yt = ours_tanh[i];
+    bool ok_e, ok_t;
+    if (std::isnan(x)) {
+      ok_e = std::isnan(ye);
+      ok_t = std::isnan(yt);
+    } else {
+      if (std::isinf(e) || e == 0.0f) {
+        ok_e = ye == e;
+      } else {
+        const double err = std::fabs(static_cast<double>(ye) - e) / ulp_of(e);
+        worst_exp = std::max(worst_exp, err);
+        ok_e = err <= kExpUlps;
+      }
+      const double err_t = std::fabs(static_cast<double>(yt) - t);
+      worst_tanh = std::max(worst_tanh, err_t);
+      ok_t = err_t <= kTanhAbs && (!std::isinf(x) || yt == t);
+    }
+    if (!ok_e && bad_exp++ < 5) std::printf("  exp(%.9g) = %.9g, std::exp %.9g\n", x, ye, e);
+    if (!ok_t && bad_tanh++ < 5) std::printf("  tanh(%.9g) = %.9g, std::tanh %.9g\n", x, yt, t);
+  }
+  std::printf("exp: worst %.2f ulp; tanh: worst %.3g absolute; over %zu inputs\n", worst_exp, worst_tanh,
+              inputs.size());
+  expect(bad_exp == 0, "exp within " + std::to_string(kExpUlps) + " ulp of std::exp (" +
+                           std::to_string(bad_exp) + " inputs off)");
+  expect(bad_tanh == 0, "tanh within 2^-22 of std::tanh (" + std::to_string(bad_tanh) + " inputs off)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// float64 reference of the stack
+// ---------------------------------------------------------------------------------------------
+
+double phi(Activation a, double h) {
+  switch (a) {
+    case Activation::Identity: return h;
+    case Activation::Relu: return h < 0 ? 0.0 : h;
+    case Activation::Abs: return std::fabs(h);
+    case Activation::Gelu: return 0.5 * h * (1 + std::tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)));
+    case Activation::Silu: return h / (1 + std::exp(-h));
+  }
+  return 0;
+}
+
+// g * phi'(h), with torch's conventions at NaN: relu passes g (threshold_backward), abs gives g * 0.
+double phi_backward(Activation a, double h, double g) {
+  switch (a) {
+    case Activation::Identity: return g;
+    case Activation::Relu: return h <= 0 ? 0.0 : g;
+    case Activation::Abs: return g * (h > 0 ? 1.0 : h < 0 ? -1.0 : 0.0);
+    case Activation::Gelu: {
+      const double k = 0.7978845608028654, c = 0.044715, t = std::tanh(k * (h + c * h * h * h));
+      return g * (0.5 * (1 + t) + 0.5 * h * (1 - t * t) * k * (1 + 3 * c * h * h));
+    }
+    case Activation::Silu: {
+      const double s = 1 / (1 + std::exp(-h));
+      return g * s * (1 + h * (1 - s));
+    }
+  }
+  return 0;
+}
+
+struct Config {
+  int64_t width, batch, depth;
+  Activation activation;
+  Block block;
+  bool mean_subtract, bias;
+  std::string name() const {
+    return std::string(name_of(activation)) + (block == Block::Post ? "-post" : "-pre") +
+           (mean_subtract ? "-ms" : "") + (bias ? "-bias" : "") + " n=" + std::to_string(width) +
+           " B=" + std::to_string(batch) + " L=" + std::to_string(depth);
+  }
+};
+
+struct Result {
+  std::vector<float> out, grad_x, grad_weight, grad_bias;
+};
+
+// Row-major x (B, n), weight (L, n, n), bias (L, n); returns out and the gradients for grad_out.
+Result reference(const Config& c, const std::vector<float>& x0, const std::vector<float>& weight,
+                 const std::vector<float>& bias, double scale, const std::vector<float>& grad_out) {
+  const int64_t n = c.width, B = c.batch, L = c.depth;
+  const bool post = c.block == Block::Post;
+  std::vector<double> x(x0.begin(), x0.end());
+  std::vector<std::vector<double>> xs(L), hs(L);
+  std::vector<double> h(B * n), v(B * n);
+  for (int64_t l = 0; l < L; ++l) {
+    xs[l] = x;
+    for (int64_t r = 0; r < B; ++r) {
+      for (int64_t o = 0; o < n; ++o) {
+        double sum = c.bias ? bias[l * n + o] : 0.0;
+        for (int64_t k = 0; k < n; ++k) {
+          const double in = post ? x[r * n + k] : phi(c.activation, x[r * n + k]);
+          sum += in * weight[(l * n + o) * n + k];
+        }
+        h[r * n + o] = sum;
+        v[r * n + o] = post ? phi(c.activation, sum) : sum;
+      }
+      double mean = 0;
+      if (c.mean_subtract) {
+        for (int64_t o = 0; o < n; ++o) mean += v[r * n + o];
+        mean /= n;
+      }
+      for (int64_t o = 0; o < n; ++o) x[r * n + o] += scale * (v[r * n + o] - mean);
+    }
+    hs[l] = h;
+  }
+  Result result;
+  result.out.assign(x.begin(), x.end());
+  std::vector<double> g(grad_out.begin(), grad_out.end()), dh(B * n);
+  std::vector<double> dw(L * n * n, 0.0), db(L * n, 0.0);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    for (int64_t r = 0; r < B; ++r) {
+      double mean = 0;
+      if (c.mean_subtract) {
+        for (int64_t o = 0; o < n; ++o) mean += scale * g[r * n + o];
+        mean /= n;
+      }
+      for (int64_t o = 0; o < n; ++o) {
+        const double du = scale * g[r * n + o] - mean;
+        dh[r * n + o] = post ? phi_backward(c.activation, hs[l][r * n + o], du) : du;
+      }
+    }
+    for (int64_t o = 0; o < n; ++o) {
+      for (int64_t r = 0; r < B; ++r) db[l * n + o] += dh[r * n + o];
+      for (int64_t k = 0; k < n; ++k) {
+        double sum = 0;
+        for (int64_t r = 0; r < B; ++r) {
+          const double in = post ? xs[l][r * n + k] : phi(c.activation, xs[l][r * n + k]);
+          sum += dh[r * n + o] * in;
+        }
+        dw[(l * n + o) * n + k] = sum;
+      }
+    }
+    for (int64_t r = 0; r < B; ++r) {
+      for (int64_t k = 0; k < n; ++k) {
+        double da = 0;
+        for (int64_t o = 0; o < n; ++o) da += dh[r * n + o] * weight[(l * n + o) * n + k];
+        g[r * n + k] += post ? da : phi_backward(c.activation, xs[l][r * n + k], da);
+      }
+    }
+  }
+  result.grad_x.assign(g.begin(), g.end());
+  result.grad_weight.assign(dw.begin(), dw.end());
+  if (c.bias) result.grad_bias.assign(db.begin(), db.end());
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the kernel
+// ---------------------------------------------------------------------------------------------
+
+Result run_kernel(const Config& c, const std::vector<float>& x, const std::vector<float>& weight,
+                  const std::vector<float>& bias, float scale, const std::vector<float>& grad_out, int threads) {
+  const int64_t n = c.width, B = c.batch, L = c.depth;
+  const auto kernels = dmup::make_stack_kernels<Simd>(c.activation, c.block);
+  const dmup::StackProblem<float> problem{B,         n, L, weight.data(), c.bias ? bias.data() : nullptr, scale,
+                                          c.activation, c.block, c.mean_subtract,
+                                          dmup::stack_tile_rows(B, n, threads, sizeof(float))};
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int planes = dmup::mask_planes(c.activation, c.block);
+  Result result;
+  result.out.assign(B * n, nan);
+  std::vector<float> saved(L * n * B, nan), grad_h(L * n * B, nan);
+  std::vector<uint16_t> mask(L * planes * n * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
+  kernels.forward(problem, {x.data(), result.out.data(), saved.data(), mask.data()}, threads);
+  result.grad_x.assign(B * n, nan);
+  result.grad_weight.assign(L * n * n, nan);
+  result.grad_bias.assign(c.bias ? L * n : 0, nan);
+  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),
+                                                  saved.data(),
+                                                  mask.data(),
+                                                  result.grad_x.data(),
+                                                  grad_h.data(),
+                                                  result.grad_weight.data(),
+                                                  c.bias ? result.grad_bias.data() : nullptr};
+  kernels.backward_rows(problem, buffers, threads);
+  kernels.backward_weights(problem, buffers, threads);
+  return result;
+}
+
+// ||ours - ref|| / ||ref|| over the elements where the reference is finite; the non-finite ones must
+// match exactly (NaN for NaN, the same infinity).
+double compare(const std::vector<float>& ours, const std::vector<float>& ref, bool* classes_match) {
+  double diff = 0, norm = 0;
+  *classes_match = ours.size() == ref.size();
+  for (size_t i = 0; i < ours.size() && *classes_match; ++i) {
+    if (std::isnan(ref[i]) || std::isinf(ref[i])) {
+      *classes_match = std::isnan(ref[i]) ? std::isnan(ours[i]) : ours[i] == ref[i];
+    } else if (!std::isfinite(ours[i])) {
+      *classes_match = false;
+    } else {
+      diff += (double(ours[i]) - ref[i]) * (double(ours[i]) - ref[i]);
+      norm += double(ref[i]) * ref[i];
+    }
+  }
+  return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+constexpr double kTolerance = 1e-5;  // float32 against float64 at these depths
+
+void check_stack(const Config& c, std::mt19937& rng, bool poison) {
+  const int64_t n = c.width, B = c.batch, L = c.depth;
+  std::normal_distribution<float> normal;
+  std::vector<float> x(B * n), weight(L * n * n), bias(L * n), grad_out(B * n);
+  for (auto& v : x) v = normal(rng);
+  for (auto& v : weight) v = normal(rng) / std::sqrt(float(n));
+  for (auto& v : bias) v = 0.1f * normal(rng);
+  for (auto& v : grad_out) v = normal(rng);
+  if (poison) {  // one special value in each of three rows (fewer where the batch is small)
+    const float specials[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity()};
+    for (int i = 0; i < 3; ++i) x[(i * 5 % B) * n + (i * 3 % n)] = specials[i];
+  }
+  const float scale = 0.7f / std::sqrt(float(L));
+  const Result ref = reference(c, x, weight, bias, scale, grad_out);
+  const Result one = run_kernel(c, x, weight, bias, scale, grad_out, 1);
+  const std::string name = c.name() + (poison ? " (inf/NaN input)" : "");
+  const char* labels[] = {"output", "grad x", "grad weight", "grad bias"};
+  const std::vector<float>* ours[] = {&one.out, &one.grad_x, &one.grad_weight, &one.grad_bias};
+  const std::vector<float>* refs[] = {&ref.out, &ref.grad_x, &ref.grad_weight, &ref.grad_bias};
+  for (int i = 0; i < 4; ++i) {
+    bool classes_match;
+    const double err = compare(*ours[i], *refs[i], &classes_match);
+    char line[64];
+    std::snprintf(line, sizeof line, ": rel err %.2e", err);
+    expect(classes_match && err < kTolerance, name + " " + labels[i] + line +
+                                                  (classes_match ? "" : ", non-finite elements differ"));
+  }
+  for (int threads : {2, 3}) {
+    const Result other = run_kernel(c, x, weight, bias, scale, grad_out, threads);
+    const std::vector<float>* theirs[] = {&other.out, &other.grad_x, &other.grad_weight, &other.grad_bias};
+    for (int i = 0; i < 4; ++i) {
+      expect(bitwise_equal(*ours[i], *theirs[i]),
+             name + " " + labels[i] + ": 1 thread != " + std::to_string(threads) + " threads");
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::printf("stack kernel check, ISA %s (%d lanes)\n", DMUP_STRINGIFY(DMUP_CHECK_ISA), Simd::W);
+  check_exp_tanh();
+  // (n, B, L): odd widths and row counts, one row, one layer, rows fewer than threads x 16 (the
+  // threads then share a tile by features), and rows that are not a multiple of the lanes.
+  const int64_t shapes[][3] = {{7, 5, 3}, {20, 37, 2}, {1, 1, 1}, {33, 17, 4}, {48, 64, 3}, {96, 3, 2}, {13, 100, 2}};
+  const Activation activations[] = {Activation::Identity, Activation::Relu, Activation::Abs, Activation::Gelu,
+                                    Activation::Silu};
+  std::mt19937 rng(1234);
+  int index = 0;
+  for (Activation a : activations) {
+    for (Block block : {Block::Post, Block::Pre}) {
+      for (bool ms : {false, true}) {
+        for (bool bias : {false, true}) {
+          for (int s = 0; s < 2; ++s, ++index) {  // two shapes per setting, cycling through the list
+            const auto& shape = shapes[index % (sizeof shapes / sizeof shapes[0])];
+            check_stack({shape[0], shape[1], shape[2], a, block, ms, bias}, rng, false);
+          }
+          check_stack({20, 37, 2, a, block, ms, bias}, rng, true);
+        }
+      }
+    }
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
