@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import dmup_kernels
+from dmup_kernels._extension import runnable_cpu_isas
 
 from .cases import Case, Problem
 from .variants import eager_module
@@ -357,6 +358,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
         "platform": platform.platform(),
         "device": str(device),
         "dmup_kernels_cpp": dmup_kernels.HAS_CPP,
+        "dmup_cpu_isa": dmup_kernels.cpu_isa(),
+        "dmup_runnable_cpu_isas": list(runnable_cpu_isas()),
         "dmup_kernels_backends": list(dmup_kernels.BACKENDS),
         "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

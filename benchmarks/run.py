@@ -207,6 +207,12 @@ def model_bytes_per_layer(case: Case, variant: Variant) -> int | None:
     return layer_bytes(VARIANT_MODELS[variant.name](shape), shape, case.mode == "fwd+bwd")
 
 
+def pinned_step(variant: Variant, module: torch.nn.Module, inputs: Any, mode: str) -> None:
+    """One timed call of ``variant`` (with its CPU instruction set pinned, if it has one)."""
+    with variant.pinned():
+        step(module, inputs, mode)
+
+
 def run_case(
     case: Case, variants: list[Variant], timing: dict[str, Any], device: torch.device
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -229,7 +235,8 @@ def run_case(
         record = records[variant.name] = base_record(case, variant, threads)
         try:
             module = variant.build(case, problem.params, device)
-            first_ms, inputs, parity = first_call_with_parity(module, problem, reference, device)
+            with variant.pinned():
+                first_ms, inputs, parity = first_call_with_parity(module, problem, reference, device)
             record.update(
                 first_call_ms=first_ms,
                 rel_err=parity.max_error,
@@ -243,7 +250,7 @@ def run_case(
         except Exception as error:  # noqa: BLE001 - reported in the table and the exit status
             record.update(error=f"{type(error).__name__}: {error}", parity_ok=False)
             continue
-        calls[variant.name] = functools.partial(step, module, inputs, case.mode)
+        calls[variant.name] = functools.partial(pinned_step, variant, module, inputs, case.mode)
         if device.type == "cuda" and case.mode == "fwd" and case.batch * case.width <= CUDA_GRAPH_MAX_ELEMENTS:
             try:
                 calls[variant.name] = cuda_graphed(calls[variant.name])
@@ -376,6 +383,8 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
         f"threads {machine['threads']}",
         f"software: torch {machine['torch']}, python {machine['python']}, dmup_kernels C++ "
         f"{'built' if machine['dmup_kernels_cpp'] else 'NOT built'}, commit {str(machine['git_commit'])[:12]}",
+        f"dmup_kernels CPU instruction set: {machine['dmup_cpu_isa']} for cpp (this CPU runs "
+        f"{', '.join(machine['dmup_runnable_cpu_isas']) or 'none'}); float64 runs the portable kernel",
         f"ceiling: {sgemm['size']}x{sgemm['size']} float32 matmul {sgemm['median_gflops']:.1f} GFLOP/s "
         f"(median; best {sgemm['best_gflops']:.1f})"
         + (f"; copy bandwidth {machine['copy_gbps']:.0f} GB/s" if machine.get("copy_gbps") else ""),

@@ -4,18 +4,23 @@ dmup_kernels backend.
 Every variant builds an ``nn.Module`` for a case whose forward takes the case's inputs
 (``x`` for a stack; ``x, branch_out`` for scaled_residual) and whose parameters hold copies of the
 case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANTS``; it is skipped
-wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device).
+wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device). "cpp-avx2"
+is the cpp backend pinned to AVX2: timed on machines whose default is another instruction set
+(AVX-512), so that one run shows both.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
 import dmup_kernels
 from dmup_kernels import DEPTH_MUP
+from dmup_kernels._extension import _C, runnable_cpu_isas
 from dmup_kernels.ops import resolve_backend
 
 from .cases import Case
@@ -77,20 +82,41 @@ def backend_module(
 class Variant:
     """A timed peer. kind "eager": the reference module; "compile": ``torch.compile`` of that same
     module (default options, ``dynamic=False``; dynamo's caches are reset first so each case compiles
-    from scratch); "backend": ``dmup_kernels`` with ``backend=name``."""
+    from scratch); "backend": ``dmup_kernels`` with ``backend=backend or name``, its float32 CPU
+    kernels pinned to ``cpu_isa`` when that is set (run its calls inside ``pinned()``)."""
 
     name: str
     kind: str
+    backend: str | None = None
+    cpu_isa: str | None = None
 
     def unavailable(self, device: torch.device | str = "cpu") -> str | None:
         """Why this variant cannot run on ``device`` here, or None if it can."""
         if self.kind != "backend":
             return None
         try:
-            resolve_backend(self.name, torch.device(device))
+            resolve_backend(self.backend or self.name, torch.device(device))
         except (RuntimeError, ValueError) as error:
             return str(error)
+        if self.cpu_isa is not None:
+            if self.cpu_isa not in runnable_cpu_isas():
+                return f"this CPU does not run {self.cpu_isa}"
+            if self.cpu_isa == dmup_kernels.cpu_isa():
+                return f"{self.cpu_isa} is this machine's default: the cpp row times it"
         return None
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """The variant's CPU instruction set in force (nothing to do without one)."""
+        if self.cpu_isa is None:
+            yield
+            return
+        previous = _C.cpu_isa()
+        _C.pin_cpu_isa(self.cpu_isa)
+        try:
+            yield
+        finally:
+            _C.pin_cpu_isa(previous)
 
     def build(self, case: Case, params: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:
         if self.kind == "eager":
@@ -99,7 +125,7 @@ class Variant:
             torch._dynamo.reset()
             return torch.compile(eager_module(case, params, device), dynamic=False)
         if self.kind == "backend":
-            return backend_module(case, params, self.name, device)
+            return backend_module(case, params, self.backend or self.name, device)
         raise ValueError(f"unknown variant kind {self.kind!r}")
 
 
@@ -107,6 +133,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("eager", "eager"),
     Variant("compile", "compile"),
     Variant("cpp", "backend"),
+    Variant("cpp-avx2", "backend", backend="cpp", cpu_isa="avx2"),
     Variant("triton", "backend"),
     Variant("cuda", "backend"),
 )

@@ -68,12 +68,16 @@ inline void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, co
 }
 
 // residual_stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved (L, n, B)
-// and mask (L, planes, n, ceil(B/16)) int16, zeroed (the portable CPU kernel only sets bits). Without
-// save_for_backward (inference) saved and mask have 0 layers.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(const at::Tensor& x, int64_t depth,
-                                                                          int planes, bool save_for_backward) {
+// allocated by `empty` (a device may have a better allocation for large state), and mask (L, planes,
+// n, ceil(B/16)) int16, zeroed (the CUDA kernels only set bits). Without save_for_backward
+// (inference) saved and mask have 0 layers.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(
+    const at::Tensor& x, int64_t depth, int planes, bool save_for_backward,
+    at::Tensor (*empty)(at::IntArrayRef, at::TensorOptions) = [](at::IntArrayRef sizes, at::TensorOptions options) {
+      return at::empty(sizes, options);
+    }) {
   const int64_t batch = x.size(0), width = x.size(1), kept = save_for_backward ? depth : 0;
-  return {at::empty({batch, width}, x.options()), at::empty({kept, width, batch}, x.options()),
+  return {at::empty({batch, width}, x.options()), empty({kept, width, batch}, x.options()),
           at::zeros({kept, planes, width, mask_words(batch)}, x.options().dtype(at::kShort))};
 }
 

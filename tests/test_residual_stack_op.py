@@ -351,6 +351,29 @@ def test_saved_state_layout(activation, block, dtype, cpu_isa, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------
+# large buffers: the saved state, dh and dW from 2 MiB on come from a pool and are recycled
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_recycled_large_buffers(cpu_isa, seed):
+    """A stack whose saved state, dh and dW each pass 2 MiB, run three times: every run matches the
+    reference and the first bitwise, so a recycled buffer (NaN-filled again in this mode) is rewritten
+    whole. The second case has another shape of the same byte size, so it reuses the first's buffers."""
+    spec = StackSpec(64, 20, (600,), "post", True, "relu", True, "contiguous")  # 3 MiB of saved state
+    assert spec.depth * spec.width * spec.batch_shape[0] * 4 > 2 << 20
+    case = make_stack_case(spec, torch.float32, seed)
+    grad_out = torch.randn(case.x.shape)
+    first = grads_of(case, grad_out)
+    for _ in range(2):
+        for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), first, grads_of(case, grad_out)):
+            assert torch.equal(a, b), f"{name} differs on a recycled buffer"
+    check_stack(case, torch.float32, "cpp")
+    same_bytes = StackSpec(64, 20, (600,), "pre", False, "gelu", False, "contiguous")
+    check_stack(make_stack_case(same_bytes, torch.float32, seed + 1), torch.float32, "cpp")
+
+
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("activation", ["relu", "abs", "silu"])
 def test_inference_saves_nothing(activation, seed):
