@@ -229,6 +229,8 @@ def run_case(
         reason = variant.unavailable(device)
         if reason is None and variant.kind == "compile" and not case.compile:
             reason = "compile not timed on this case in this run (see --help, --compile-all)"
+        if reason is None and variant.cpu_isa is not None and case.targets is None:
+            reason = f"{variant.cpu_isa} is timed on the target table only"
         if reason is not None:
             skipped[variant.name] = reason
             continue

@@ -129,6 +129,15 @@ at::Tensor empty_large(at::IntArrayRef sizes, at::TensorOptions options) {
   return result;
 }
 
+// The per-core L2 size, as the C library reads it from the CPU (CPUID on x86).
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return reported > 0 ? static_cast<int64_t>(reported) : kDefaultL2Bytes;
+  }();
+  return bytes;
+}
+
 template <class T>
 StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              double scale, c10::string_view activation, c10::string_view block, bool mean_subtract) {
@@ -142,7 +151,7 @@ StackProblem<T> make_problem(const at::Tensor& x, const at::Tensor& weight, cons
                          parse_activation(activation),
                          parse_block(block),
                          mean_subtract,
-                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T))};
+                         stack_tile_rows(batch, width, at::get_num_threads(), sizeof(T), l2_bytes())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,

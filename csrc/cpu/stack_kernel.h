@@ -96,18 +96,19 @@ inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
   return depth * ((width + rows - 1) / rows);
 }
 
-// Bytes the four local (n x R) buffers of a row tile may take: half of the smallest per-core L2
-// this kernel is tuned for (512 KiB on AMD Zen 3; Zen 4 has 1 MiB, Intel server cores 1-2 MiB), so
-// the streamed weights and the saved state have the other half.
-constexpr int64_t kTileBufferBytes = 256 * 1024;
+// The per-core L2 size assumed where the machine reports none: AMD Zen 3's 512 KiB (Zen 4 has
+// 1 MiB, Intel server cores 1-2 MiB). residual_stack.cpp asks the machine (sysconf).
+constexpr int64_t kDefaultL2Bytes = 512 * 1024;
 
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
-// tile's buffers fit kTileBufferBytes. When one thread's share is above the cap, the tiles are made
+// tile's four local (n x R) buffers take at most half of the L2, leaving the other half to the
+// streamed weights and the saved state. When one thread's share is above the cap, the tiles are made
 // as even as possible, a whole number per thread, so no thread waits on another's extra tile.
-inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, int64_t bytes_per_element) {
+inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, int64_t bytes_per_element,
+                               int64_t l2_bytes = kDefaultL2Bytes) {
   threads = std::max<int64_t>(threads, 1);
   const int64_t per_thread = std::max<int64_t>(1, (batch + threads - 1) / threads);
-  const int64_t cap = std::max<int64_t>(16, kTileBufferBytes / (4 * bytes_per_element * width) / 16 * 16);
+  const int64_t cap = std::max<int64_t>(16, l2_bytes / 2 / (4 * bytes_per_element * width) / 16 * 16);
   const int64_t tiles_per_thread = (per_thread + cap - 1) / cap;
   const int64_t rows = (per_thread + tiles_per_thread - 1) / tiles_per_thread;
   return std::max<int64_t>(16, (rows + 15) / 16 * 16);
