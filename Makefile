@@ -1,13 +1,13 @@
 # `make bench`: the main job (benchmarks with their parity checks). `make test`: the test suite.
 # Both create .venv with the pinned requirements if it is missing and (re)build the extension.
-# `make test-neon`: the kernel check for Arm NEON, cross-compiled and run under qemu (make test runs
-# it first, and says so when the cross compiler or qemu is missing).
+# `make lint`: ruff and clang-format. `make test-neon`: the kernel check for Arm NEON, cross-compiled
+# and run under qemu (make test runs it first, and says so when the cross compiler or qemu is missing).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: bench test test-neon build clean
+.PHONY: bench test test-neon lint build clean
 
 $(VENV)/.requirements-installed: requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,12 @@ test: build test-neon
 
 test-neon:
 	python3 tests/native/run_check.py neon
+
+# ruff (lint and format) for Python, clang-format for C++ and CUDA; configured in pyproject.toml and .clang-format.
+lint: $(VENV)/.requirements-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'tests/native/*.cpp')
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
