@@ -85,10 +85,10 @@ __global__ void __launch_bounds__(kLayerThreads)
     const T hb = live ? branch_at(h, bias, j, batch, b) : T(0);
     if (live) x_next[j * batch + b] = x[j * batch + b] + scale * (Phi::value(hb) - mean);
     if constexpr (kPlanes >= 1) {
-      if (mask) store_vote(mask + j * words, words, b, live && hb > T(0));
+      if (mask) store_vote(mask + j * words, words, b, live && positive_sign_bit<A>(hb));
     }
     if constexpr (kPlanes == 2) {
-      if (mask) store_vote(mask + (n + j) * words, words, b, live && hb < T(0));
+      if (mask) store_vote(mask + (n + j) * words, words, b, live && negative_sign_bit(hb));
     }
   }
 }
