@@ -33,6 +33,8 @@ def extension():
         extra_link_args=["-fopenmp"],
     )
     if WITH_CUDA:
+        # Per op, <op>.cu (kernels) and <op>_ops.cpp (torch glue): the build names each object file
+        # by its source's stem, so a .cu and a .cpp of the same stem would overwrite one object.
         sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
         flags = {"cxx": cxx_flags(), "nvcc": ["-O3", "-std=c++17"]}
         return CUDAExtension(sources=sources, extra_compile_args=flags, **kwargs)

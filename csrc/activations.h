@@ -1,10 +1,11 @@
 // Activation functions phi and their backward g * phi'(h), written once for every backend, with
-// the block forms and the layout of the sign bits a stack saves for its backward.
+// the block forms and the sign bits a stack saves for its backward (their rule and layout).
 //
 // Each formula is a template over the number type T, so the same text serves float and double on
 // the host, float on a CUDA device, and the SIMD vector types of the CPU stack kernel. T needs
-// + - *, comparisons (<, >), `select(cond, a, b)` and `tanh(T)` / `exp(T)` found by argument-
-// dependent lookup (std:: for built-in types). No torch headers: nvcc compiles this on its own.
+// + - *, comparisons (<, <=, >) whose results take !, `select(cond, a, b)` and `tanh(T)` / `exp(T)`
+// found by argument-dependent lookup (std:: for built-in types). No torch headers: nvcc compiles
+// this on its own.
 #pragma once
 
 #include <cmath>
@@ -21,14 +22,15 @@ namespace dmup {
 
 enum class Activation : int32_t { Identity = 0, Relu = 1, Abs = 2, Gelu = 3, Silu = 4 };
 
-// The residual block forms of SPEC 2.2: phi after the GEMM ("post") or before it ("pre").
+// The residual block forms: x + s * MS(phi(W x + b)), phi after the GEMM ("post"), or
+// x + s * MS(W phi(x) + b), phi before it ("pre"); MS subtracts the row mean when asked for.
 enum class Block : int32_t { Post = 0, Pre = 1 };
 
 // The stack's saved sign bits, the same on every device: per layer, `planes` planes of (n, words)
-// 16-bit words, bit r % 16 of word r / 16 of feature j holding row r: [h > 0] (plane 0), [h < 0]
-// (plane 1). A "post" block saves relu's [h > 0], and abs's [h < 0] too; smooth activations save
-// nothing and recompute h in the backward. "pre" blocks save none: phi's argument there is x_l,
-// which is saved anyway.
+// 16-bit words, bit r % 16 of word r / 16 of feature j holding row r's bit of h (the branch after
+// the GEMM and bias): positive_sign_bit (plane 0) and, for abs, negative_sign_bit (plane 1), below.
+// Smooth activations save nothing and recompute h in the backward. "pre" blocks save none: phi's
+// argument there is x_l, which is saved anyway.
 DMUP_HOST_DEVICE constexpr int mask_planes(Activation a, Block block) {
   return block != Block::Post ? 0 : a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0;
 }
@@ -96,6 +98,26 @@ struct Act<Activation::Silu> {
     return g * (sg * (T(1) + h * (T(1) - sg)));
   }
 };
+
+// The sign bits relu's and abs's backward read instead of h, chosen so that the backward matches
+// torch's at NaN too. Plane 0, for relu: where the gradient passes, not h <= 0, so also at NaN
+// (threshold_backward zeroes the gradient only where h <= 0); for abs: h > 0, so a NaN h (neither
+// bit set) reads back as sign 0, as torch.sign(NaN). Plane 1, abs only: h < 0. For built-in T these
+// are bool, for the CPU's SIMD vectors their lane masks. dmup_kernels/triton/common.py (sign_bits)
+// follows the same rule.
+template <Activation A, class T>
+DMUP_HOST_DEVICE auto positive_sign_bit(T h) {
+  static_assert(A == Activation::Relu || A == Activation::Abs, "only relu and abs save sign bits");
+  if constexpr (A == Activation::Relu) {
+    return !(h <= T(0));
+  } else {
+    return h > T(0);
+  }
+}
+template <class T>
+DMUP_HOST_DEVICE auto negative_sign_bit(T h) {
+  return h < T(0);
+}
 
 template <Activation A>
 using ActivationTag = std::integral_constant<Activation, A>;

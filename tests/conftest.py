@@ -1,10 +1,10 @@
-"""Shared fixtures and helpers of the test suite (SPEC 4, numerical parity protocol).
+"""Shared fixtures and helpers of the test suite.
 
 - ``rel_err(out, ref)``: ||out - ref|| / ||ref|| in float64 (absolute norm when ||ref|| = 0).
 - ``seed`` (autouse): a fresh seed per test case, derived from the pytest node id, applied to the
   global torch generator; tests that need their own stream build one with ``make_generator(seed)``.
 - TRITON_INTERPRET=1 is set before dmup_kernels is imported, so backend="triton" runs on CPU tensors;
-  ``needs_cpp`` / ``needs_triton`` skip a test where that backend cannot run.
+  ``needs_cpp`` / ``needs_triton`` / ``needs_cuda`` skip a test where that backend cannot run.
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
   shows up as NaN. The previous settings are restored after the test.
@@ -30,10 +30,23 @@ import torch.utils.deterministic
 
 import dmup_kernels
 from dmup_kernels._extension import _C, runnable_cpu_isas
+from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
 from dmup_kernels.triton import HAS_TRITON, INTERPRETED
 
 needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and INTERPRETED), reason="needs triton and TRITON_INTERPRET=1")
+
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device: the CUDA kernels run only on a GPU"
+    if not HAS_CUDA_KERNELS:
+        return "dmup_kernels._C was built without its CUDA kernels (it needs a CUDA torch and CUDA_HOME)"
+    return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+needs_cuda = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
 
 # Deterministic mode (nan_poison) lets cuBLAS run only with a fixed workspace configuration, which
 # cuBLAS reads when CUDA starts: set before any test touches a GPU.

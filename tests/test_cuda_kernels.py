@@ -1,5 +1,5 @@
-"""backend="cuda", the CUDA C++ kernels (csrc/cuda), against the float64 eager reference on the CPU
-(SPEC 4): residual_stack's output and every gradient; its saved state against the CPU op's (one fake
+"""backend="cuda", the CUDA C++ kernels (csrc/cuda), against the float64 eager reference on the CPU:
+residual_stack's output and every gradient; its saved state against the CPU op's (one fake
 rule and one backward contract serve both devices); scaled_residual. Needs a GPU and dmup_kernels._C
 built with its CUDA kernels; skipped otherwise (tests/test_cuda_sources.py still compile-checks them).
 
@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import rel_err
+from conftest import needs_cuda, rel_err
 from dmup_kernels import ResidualStack, reference
-from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -32,19 +31,7 @@ from sample_inputs import (
 )
 
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device: the CUDA kernels run only on a GPU"
-    if not HAS_CUDA_KERNELS:
-        return "dmup_kernels._C was built without its CUDA kernels (it needs a CUDA torch and CUDA_HOME)"
-    return None
-
-
-SKIP_REASON = _skip_reason()
-pytestmark = [
-    pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON)),
-    pytest.mark.usefixtures("nan_poison"),
-]
+pytestmark = [needs_cuda, pytest.mark.usefixtures("nan_poison")]
 
 DEVICE = "cuda"
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}

@@ -1,6 +1,7 @@
 """The CUDA sources build without a GPU or a CUDA torch. CI has neither, so this is how it checks
 csrc/cuda on every run:
 
+- each op's kernels are csrc/cuda/<op>.cu and its torch glue csrc/cuda/<op>_ops.cpp;
 - every .cu file compiles with nvcc on its own (no torch headers), for sm_80 and sm_90, with the
   defines a CUDAExtension build adds, and with no warning;
 - the torch glue (csrc/cuda/*.cpp, built for real only by a CUDA torch, see setup.py) passes a
@@ -30,6 +31,13 @@ TORCH_INCLUDES = cpp_extension.include_paths()
 def test_there_are_cuda_sources():
     assert CUDA_SOURCES, f"no .cu files under {CSRC / 'cuda'}"
     assert GLUE_SOURCES, f"no .cpp files under {CSRC / 'cuda'}"
+
+
+def test_each_op_has_its_kernels_and_glue():
+    """<op>.cu beside <op>_ops.cpp: which op lives where, and no two sources share an object file name."""
+    kernels = {s.stem for s in CUDA_SOURCES}
+    glue = {s.stem.removesuffix("_ops") for s in GLUE_SOURCES if s.stem.endswith("_ops")}
+    assert kernels == glue and len(glue) == len(GLUE_SOURCES), (sorted(kernels), [s.name for s in GLUE_SOURCES])
 
 
 def nvcc_command(source: Path, output: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """NaN and +-inf in the inputs, weights, biases or the incoming gradient propagate as in the eager reference:
 no masking, no crash. The output and every gradient have NaN, +inf and -inf at exactly the positions of the
-float64 reference's, and agree with it elsewhere (SPEC 4 tolerances), on backends "reference", "cpp" and
-"triton" (through the interpreter).
+float64 reference's, and agree with it elsewhere (relative error below 1e-12 in float64, 1e-5 in float32), on
+backends "reference", "cpp", "triton" (through the interpreter) and "cuda" (on a GPU, with the CUDA build).
 
 torch's rules that the kernels follow: relu's backward is threshold_backward (0 where h <= 0, the incoming
 gradient elsewhere, so also where h is NaN); abs's is g * sign(h) with sign(NaN) = 0; silu(-inf) and
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import needs_cpp, needs_triton, rel_err
+from conftest import needs_cpp, needs_cuda, needs_triton, rel_err
 from dmup_kernels import reference
 from sample_inputs import ACTIVATIONS, ResidualSpec, StackSpec, make_residual_case, make_stack_case
 
@@ -33,6 +33,8 @@ BACKEND_DTYPES = [
     pytest.param("reference", torch.float32, id="reference-f32"),
     pytest.param("triton", torch.float64, marks=needs_triton, id="triton-f64"),
     pytest.param("triton", torch.float32, marks=needs_triton, id="triton-f32"),
+    pytest.param("cuda", torch.float64, marks=needs_cuda, id="cuda-f64"),
+    pytest.param("cuda", torch.float32, marks=needs_cuda, id="cuda-f32"),
 ]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 NAN, INF = math.nan, math.inf
@@ -44,6 +46,11 @@ ROWS_0_TO_2 = [((0, 3), NAN), ((1, 5), INF), ((2, 7), -INF)]
 ROWS_3_TO_5 = [((3, 0), -INF), ((4, 8), NAN), ((5, 2), INF)]
 WEIGHT_POISON = [((1, 4, 6), NAN), ((1, 9, 2), INF), ((1, 0, 11), -INF)]
 BIAS_POISON = [((1, 4), -INF), ((1, 9), NAN), ((1, 0), INF)]
+
+
+def device_of(backend: str) -> str:
+    """The device of a backend's tensors: the GPU for "cuda"; the others run on CPU tensors."""
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 def poison(tensor: torch.Tensor, entries) -> None:
@@ -79,14 +86,14 @@ def test_scaled_residual(activation, mean_subtract, backend, dtype, seed):
     poison(case.branch_out, ROWS_3_TO_5)
     poison(grad_out, [((row + 6, col), value) for (row, col), value in ROWS_0_TO_2])
 
-    def run(x, branch_out, grad, **backend_kwarg):
-        x, branch_out = x.detach().clone().requires_grad_(), branch_out.detach().clone().requires_grad_()
+    def run(x, branch_out, grad, device="cpu", **backend_kwarg):
+        x, branch_out = (t.detach().clone().to(device).requires_grad_() for t in (x, branch_out))
         fn = dmup_kernels.scaled_residual if backend_kwarg else reference.scaled_residual
         out = fn(x, branch_out, case.scale, activation, mean_subtract, **backend_kwarg)
-        out.backward(grad)
-        return out.detach(), x.grad, branch_out.grad
+        out.backward(grad.to(device))
+        return out.detach().cpu(), x.grad.cpu(), branch_out.grad.cpu()
 
-    got = run(case.x, case.branch_out, grad_out, backend=backend)
+    got = run(case.x, case.branch_out, grad_out, device_of(backend), backend=backend)
     expected = run(case.x.double(), case.branch_out.double(), grad_out.double())
     assert any(not torch.isfinite(e).all() for e in expected)  # the poison reached the result
     for name, g, e in zip(("output", "grad x", "grad branch_out"), got, expected):
@@ -98,16 +105,16 @@ def test_scaled_residual(activation, mean_subtract, backend, dtype, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
-def stack_gradients(case, grad_out: torch.Tensor, dtype: torch.dtype, **backend_kwarg):
-    """Output and gradients (x, weight, bias): the public function with ``backend_kwarg``, else the
-    reference in ``dtype``."""
-    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (case.x, case.weight, case.bias)]
+def stack_gradients(case, grad_out: torch.Tensor, dtype: torch.dtype, device="cpu", **backend_kwarg):
+    """Output and gradients (x, weight, bias), on the CPU: the public function with ``backend_kwarg``
+    on ``device``, else the reference in ``dtype``."""
+    leaves = [t.detach().to(device, dtype).clone().requires_grad_() for t in (case.x, case.weight, case.bias)]
     kwargs = dict(scale=case.scale, activation=case.spec.activation, block=case.spec.block,
                   mean_subtract=case.spec.mean_subtract)  # fmt: skip
     fn = dmup_kernels.residual_stack if backend_kwarg else reference.residual_stack
     out = fn(*leaves, **kwargs, **backend_kwarg)
-    out.backward(grad_out.to(dtype))
-    return [out.detach()] + [leaf.grad for leaf in leaves]
+    out.backward(grad_out.to(device, dtype))
+    return [out.detach().cpu()] + [leaf.grad.cpu() for leaf in leaves]
 
 
 def check_stack(spec: StackSpec, place: str, dtype: torch.dtype, backend: str, seed: int) -> None:
@@ -118,7 +125,7 @@ def check_stack(spec: StackSpec, place: str, dtype: torch.dtype, backend: str, s
         poison(grad_out, ROWS_3_TO_5)
     else:
         poison(getattr(case, place), {"weight": WEIGHT_POISON, "bias": BIAS_POISON}[place])
-    got = stack_gradients(case, grad_out, dtype, backend=backend)
+    got = stack_gradients(case, grad_out, dtype, device_of(backend), backend=backend)
     expected = stack_gradients(case, grad_out, torch.float64)
     assert any(not torch.isfinite(e).all() for e in expected)
     for name, g, e in zip(("output", "grad x", "grad weight", "grad bias"), got, expected):
@@ -133,6 +140,8 @@ STACK_RUNS = [
     pytest.param("reference", torch.float32, 37, id="reference-f32-B37"),
     pytest.param("triton", torch.float64, 37, marks=needs_triton, id="triton-f64-B37"),
     pytest.param("triton", torch.float32, 37, marks=needs_triton, id="triton-f32-B37"),
+    pytest.param("cuda", torch.float64, 37, marks=needs_cuda, id="cuda-f64-B37"),
+    pytest.param("cuda", torch.float32, 37, marks=needs_cuda, id="cuda-f32-B37"),
 ]
 
 

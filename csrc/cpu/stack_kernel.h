@@ -16,8 +16,8 @@
 // width is a sum of vectors, and relu/abs masks come out as W bits per vector, packed into 16-bit
 // words the same way for every W (W divides 16, and a tile starts on a word):
 //   saved  (L, n, B)             x_l, feature-major, the state kept for backward
-//   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: relu [h > 0 or NaN]; abs
-//                                    [h > 0] (plane 0), [h < 0] (plane 1)
+//   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: the sign bits of h
+//                                    (activations.h, positive_sign_bit and negative_sign_bit)
 //   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
 // Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
 // threads share each tile, splitting its features (see Team). Every output element of a row depends
@@ -318,14 +318,6 @@ struct Stack {
     }
   }
 
-  // The bit of plane 0. For relu it is where the gradient passes: h > 0, and also where h is NaN, as
-  // in torch's relu backward (threshold_backward zeroes it only where h <= 0). For abs it is h > 0, so
-  // that a NaN h (neither bit set) reads back as sign 0, as torch.sign(NaN) in abs's backward.
-  static typename V::Mask positive_bit(Vec h) {
-    if constexpr (A == Activation::Relu) return !(h <= Vec(0));
-    return h > Vec(0);
-  }
-
   // A proxy with the sign of h, rebuilt from the saved bits (1, -1 or 0; relu's NaN reads as 1): enough
   // for relu's and abs's backward.
   static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
@@ -385,8 +377,8 @@ struct Stack {
             for (int64_t r = 0; r < live; r += V::W) {
               Vec h = V::load(h_row + r) + bias;
               if constexpr (kPost) {
-                if constexpr (kPlanes >= 1) if (save) store_bits<V>(pos, b0 + r, positive_bit(h));
-                if constexpr (kPlanes == 2) if (save) store_bits<V>(neg, b0 + r, h < Vec(0));
+                if constexpr (kPlanes >= 1) if (save) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(h));
+                if constexpr (kPlanes == 2) if (save) store_bits<V>(neg, b0 + r, negative_sign_bit(h));
                 h = Phi::value(h);
               }
               V::store(h_row + r, h);

@@ -1,7 +1,7 @@
-// Host launchers of the CUDA kernels (residual_kernels.cu, stack_kernels.cu): plain pointers and a
-// stream, no torch headers, so nvcc builds the kernels on its own and the torch glue (ops_cuda.cpp)
-// only calls these. Each returns the launch's error (cudaGetLastError), cudaSuccess when there is
-// nothing to do.
+// Host launchers of the CUDA kernels, one section per op: plain pointers and a stream, no torch
+// headers, so nvcc builds each op's kernels (<op>.cu) on its own and the op's torch glue
+// (<op>_ops.cpp) only calls these. Each returns the launch's error (cudaGetLastError), cudaSuccess
+// when there is nothing to do.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -15,8 +15,11 @@
 namespace dmup {
 namespace cuda {
 
-// out[r] = x[r] + scale * MS(phi(branch[r])) for `rows` rows of width n; MS subtracts the row mean
-// when mean_subtract. T: float, double, __half, __nv_bfloat16.
+// scaled_residual.cu: one kernel per direction over rows of width n, T: float, double, __half,
+// __nv_bfloat16.
+
+// out[r] = x[r] + scale * MS(phi(branch[r])) for `rows` rows; MS subtracts the row mean when
+// mean_subtract.
 template <class T>
 cudaError_t launch_scaled_residual(const T* x, const T* branch, T* out, int64_t rows, int64_t n, double scale,
                                    Activation activation, bool mean_subtract, cudaStream_t stream);
@@ -27,7 +30,7 @@ cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, 
                                             int64_t n, double scale, Activation activation, bool mean_subtract,
                                             cudaStream_t stream);
 
-// The per-layer kernels of the stack (stack_kernels.cu), T: float, double. Planes are feature-major:
+// residual_stack.cu: the per-layer kernels of the stack, T: float, double. Planes are feature-major:
 // element (j, b) of an (n, batch) plane is feature j of batch row b, at j * batch + b. `activation`
 // is phi on the branch after the GEMM (identity for a "pre" block); bias is the layer's n values or
 // nullptr.

@@ -34,7 +34,8 @@ def activation(h, ACT: tl.constexpr):
 @triton.jit
 def sign_bits(h, ACT: tl.constexpr):
     """The sign planes phi' needs: relu [not h <= 0] (torch passes the gradient where h is NaN),
-    abs [h > 0] and [h < 0] (torch's sgn(NaN) is 0)."""
+    abs [h > 0] and [h < 0] (torch's sgn(NaN) is 0). Mirrors ``positive_sign_bit`` and
+    ``negative_sign_bit`` in csrc/activations.h, the rule the C++ kernels follow."""
     if ACT == "relu":
         positive = (h <= 0) == 0
     else:

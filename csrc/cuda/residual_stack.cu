@@ -1,5 +1,6 @@
-// CUDA kernels of the residual stack (SPEC 2.2-2.4): the work of each layer between the GEMMs that
-// the torch glue (ops_cuda.cpp) runs with cuBLAS.
+// CUDA kernels of dmup::residual_stack, L residual blocks x <- x + s * MS(phi(W_l x + b_l)) ("post";
+// "pre" applies phi to x before the GEMM): the work of each layer between the GEMMs that the torch
+// glue (residual_stack_ops.cpp) runs with cuBLAS.
 //
 // Planes are feature-major, as on the CPU (stack_kernel.h): element (j, b) of an (n, batch) plane
 // is feature j of batch row b. So each layer's GEMM h = W_l x_l reads W_l in its stored layout,
@@ -84,10 +85,10 @@ __global__ void __launch_bounds__(kLayerThreads)
     const T hb = live ? branch_at(h, bias, j, batch, b) : T(0);
     if (live) x_next[j * batch + b] = x[j * batch + b] + scale * (Phi::value(hb) - mean);
     if constexpr (kPlanes >= 1) {
-      if (mask) store_vote(mask + j * words, words, b, live && hb > T(0));
+      if (mask) store_vote(mask + j * words, words, b, live && positive_sign_bit<A>(hb));
     }
     if constexpr (kPlanes == 2) {
-      if (mask) store_vote(mask + (n + j) * words, words, b, live && hb < T(0));
+      if (mask) store_vote(mask + (n + j) * words, words, b, live && negative_sign_bit(hb));
     }
   }
 }

@@ -1,7 +1,9 @@
-// CUDA kernels of the dmup ops, registered under the CUDA dispatch key. Built only when torch has
-// CUDA (setup.py); the kernels themselves are in residual_kernels.cu and stack_kernels.cu, behind
-// launchers.h, and the stack's GEMMs are cuBLAS calls through ATen. Everything runs on the current
-// CUDA stream.
+// CUDA implementation of dmup::residual_stack and its backward, registered under the CUDA dispatch
+// key. Built only when torch has CUDA (setup.py). The stack is a loop over the layers on the host,
+// on the current CUDA stream: per layer one cuBLAS GEMM (through ATen) and one fused kernel of
+// residual_stack.cu (bias, phi, sign bits, mean subtraction, scale, residual add), in its
+// feature-major layout, which is also the layout of the state the CPU op saves: the stream of layer
+// l is an (n, B) plane, saved[l] itself when saving.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -12,74 +14,11 @@
 #include <torch/library.h>
 
 #include "../op_args.h"
+#include "check_launch.h"
 #include "launchers.h"
 
 namespace dmup {
 namespace {
-
-void check_launch(cudaError_t error, const char* op) {
-  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
-}
-
-// The CUDA type of a torch scalar type of the same layout (c10::Half is __half, c10::BFloat16 is
-// __nv_bfloat16).
-template <class T>
-struct DeviceScalar {
-  using type = T;
-};
-template <>
-struct DeviceScalar<c10::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceScalar<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-// scaled_residual's forward and backward are the same row-wise launch over a pair of tensors.
-template <class Launch>
-at::Tensor launch_rows(const at::Tensor& a, const at::Tensor& b, const char* op, Launch&& launch) {
-  const c10::cuda::CUDAGuard guard(a.device());
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  at::Tensor out = at::empty_like(ac);
-  const int64_t n = ac.size(-1);
-  const int64_t rows = n == 0 ? 0 : ac.numel() / n;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ac.scalar_type(), "dmup_cuda_rows", [&] {
-    using T = typename DeviceScalar<scalar_t>::type;
-    check_launch(launch(reinterpret_cast<const T*>(ac.const_data_ptr<scalar_t>()),
-                        reinterpret_cast<const T*>(bc.const_data_ptr<scalar_t>()),
-                        reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>()), rows, n,
-                        c10::cuda::getCurrentCUDAStream().stream()),
-                 op);
-  });
-  return out;
-}
-
-at::Tensor scaled_residual_cuda(const at::Tensor& x, const at::Tensor& branch_out, double scale,
-                                c10::string_view activation, bool mean_subtract) {
-  check_pair(x, "x", branch_out, "branch_out");
-  const Activation act = parse_activation(activation);
-  return launch_rows(x, branch_out, "dmup::scaled_residual",
-                     [&](const auto* xp, const auto* bp, auto* out, int64_t rows, int64_t n, cudaStream_t stream) {
-                       return cuda::launch_scaled_residual(xp, bp, out, rows, n, scale, act, mean_subtract, stream);
-                     });
-}
-
-at::Tensor scaled_residual_backward_cuda(const at::Tensor& grad_out, const at::Tensor& branch_out, double scale,
-                                         c10::string_view activation, bool mean_subtract) {
-  check_pair(branch_out, "branch_out", grad_out, "grad_out");
-  const Activation act = parse_activation(activation);
-  return launch_rows(grad_out, branch_out, "dmup::scaled_residual_backward",
-                     [&](const auto* gp, const auto* bp, auto* out, int64_t rows, int64_t n, cudaStream_t stream) {
-                       return cuda::launch_scaled_residual_backward(gp, bp, out, rows, n, scale, act, mean_subtract,
-                                                                    stream);
-                     });
-}
-
-// The stack (SPEC 2.4) as a loop over the layers on the host: per layer one cuBLAS GEMM and one
-// fused kernel (bias, phi, sign bits, mean subtraction, scale, residual add), in the feature-major
-// layout of stack_kernels.cu, which is also the layout of the state the CPU op saves: the stream
-// of layer l is an (n, B) plane, saved[l] itself when saving.
 
 // What the block form and the activation make of each layer.
 struct StackForm {
@@ -208,8 +147,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dmup, CUDA, m) {
-  m.impl("scaled_residual", &scaled_residual_cuda);
-  m.impl("scaled_residual_backward", &scaled_residual_backward_cuda);
   m.impl("residual_stack", &residual_stack_cuda);
   m.impl("residual_stack_backward", &residual_stack_backward_cuda);
 }

@@ -1,6 +1,8 @@
-// CUDA kernels of dmup::scaled_residual, the residual epilogue (SPEC 2.2-2.3) on rows of width n:
+// CUDA kernels of dmup::scaled_residual, the epilogue of one residual block on rows of width n (the
+// glue is scaled_residual_ops.cpp):
 //   forward   out = x + s * MS(phi(b))
 //   backward  grad_branch = phi'(b) * MS(s * g)
+// (MS subtracts the row mean when mean_subtract, and is its own adjoint.)
 // One thread block per row: the row mean is a block reduction (warp shuffles, then one value per
 // warp through shared memory), then a second pass over the row, which is still in L1/L2. Half types
 // are computed in float (Acc) and rounded once on store, as on the CPU; offsets are int64 so rows * n
