@@ -3,7 +3,9 @@
 - ``rel_err(out, ref)``: ||out - ref|| / ||ref|| in float64 (absolute norm when ||ref|| = 0).
 - ``seed`` (autouse): a fresh seed per test case, derived from the pytest node id, applied to the
   global torch generator; tests that need their own stream build one with ``make_generator(seed)``.
-- TRITON_INTERPRET=1 is set before dmup_kernels is imported, so backend="triton" runs on CPU tensors;
+- TRITON_INTERPRET=1 is set before dmup_kernels is imported (unless set otherwise), so backend="triton"
+  runs on CPU tensors; with TRITON_INTERPRET=0 on a GPU (make gpu-check) it runs on CUDA tensors.
+  ``TRITON_DEVICE`` says which; the ``triton_device`` fixture parametrizes a test over it;
   ``needs_cpp`` / ``needs_triton`` / ``needs_cuda`` skip a test where that backend cannot run.
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
@@ -34,7 +36,19 @@ from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
 from dmup_kernels.triton import HAS_TRITON, INTERPRETED
 
 needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and INTERPRETED), reason="needs triton and TRITON_INTERPRET=1")
+TRITON_DEVICE: str | None = None
+"""Where the Triton kernels run in this process: "cpu" under the interpreter, "cuda" on a GPU without it."""
+if HAS_TRITON:
+    TRITON_DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
+needs_triton = pytest.mark.skipif(
+    TRITON_DEVICE is None, reason="needs triton, and TRITON_INTERPRET=1 or a GPU with TRITON_INTERPRET=0"
+)
+
+
+@pytest.fixture(params=[TRITON_DEVICE or "none"])
+def triton_device(request: pytest.FixtureRequest) -> str:
+    """The device of the tensors a Triton test runs on (see TRITON_DEVICE)."""
+    return request.param
 
 
 def _cuda_skip_reason() -> str | None:

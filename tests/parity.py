@@ -1,4 +1,4 @@
-"""Parity checks shared by the op tests (SPEC 4): run one backend and the float64 eager reference on the
+"""Parity checks shared by the op tests: run one backend and the float64 eager reference on the
 same case and compare every output and gradient by relative error.
 
 One piece of code per check, so that every backend ("cpp", "triton", "cuda") is held to the same rule.
@@ -40,7 +40,7 @@ def run_residual_reference(case: ResidualCase, grad_out: Tensor) -> tuple[Tensor
 
 def check_residual(case: ResidualCase, dtype: torch.dtype, backend: str) -> None:
     """Every output and gradient of ``backend`` within TOLERANCE[dtype] of the float64 reference."""
-    grad_out = torch.randn(case.x.shape, dtype=dtype)
+    grad_out = torch.randn(case.x.shape, dtype=dtype).to(case.x.device)
     out, dx, db = run_residual(case, grad_out, backend)
     ref_out, ref_dx, ref_db = run_residual_reference(case, grad_out)
     assert out.shape == case.x.shape and out.dtype == dtype
@@ -86,7 +86,7 @@ def run_stack_reference(case: StackCase, grad_out: Tensor, dtype: torch.dtype = 
 
 def check_stack(case: StackCase, dtype: torch.dtype, backend: str) -> None:
     """Output and every gradient of ``backend`` within TOLERANCE[dtype] of the float64 reference."""
-    grad_out = torch.randn(case.x.shape, dtype=dtype)
+    grad_out = torch.randn(case.x.shape, dtype=dtype).to(case.x.device)
     got = run_stack(case, grad_out, backend)
     ref = run_stack_reference(case, grad_out)
     tol = TOLERANCE[dtype]

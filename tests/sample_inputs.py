@@ -12,6 +12,7 @@ Layouts: "contiguous"; "transposed" (a transposed view, last dim has stride != 1
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -89,6 +90,11 @@ class ResidualCase:
 
     def args(self) -> tuple:
         return (self.x, self.branch_out, self.scale, self.activation, self.mean_subtract)
+
+    def to(self, device: str) -> ResidualCase:
+        """The case on ``device``, its tensors fresh leaves that keep their layout and requires_grad."""
+        x, branch_out = (t.detach().to(device).requires_grad_(t.requires_grad) for t in (self.x, self.branch_out))
+        return dataclasses.replace(self, x=x, branch_out=branch_out)
 
 
 RESIDUAL_SHAPES: tuple[tuple[int, ...], ...] = (
@@ -208,6 +214,11 @@ class StackCase:
     @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.spec.depth)
+
+    def to(self, device: str) -> StackCase:
+        """The case on ``device`` (layouts kept)."""
+        bias = None if self.bias is None else self.bias.to(device)
+        return dataclasses.replace(self, x=self.x.to(device), weight=self.weight.to(device), bias=bias)
 
 
 def make_stack_case(spec: StackSpec, dtype: torch.dtype, seed: int, *, in_features: int | None = None) -> StackCase:

@@ -1,7 +1,9 @@
 """The Triton kernels compile for sm_80 and sm_90 (tests/triton_aot.py, no GPU needed): the GPU compile
-path the interpreter never takes. Checks that every kernel the launchers use compiles for both targets,
-that every launch fits the shared-memory budget, that the pinned configs of the epilogue kernel, the depth-fused stack (n <= 256) and the dW GEMM spill
-no registers, and that loads and stores are 16-byte wide wherever the width allows it."""
+path the interpreter never takes. Checks that every kernel the launchers use compiles for both targets in
+every dtype (bfloat16 and float16 with every activation), that every launch fits the shared-memory
+budget and the stack kernels' shared-memory estimate, that the pinned configs of the epilogue kernel,
+the depth-fused stack (n <= 256) and the dW GEMM spill no registers, and that loads and stores are
+16-byte wide wherever the width allows it. The compile takes about 4 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ from pathlib import Path
 import pytest
 
 from dmup_kernels.triton import HAS_TRITON
-from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH
+import triton
+
+from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, _stack_shared_bytes
 from dmup_kernels.triton.tuning import SHARED_MEMORY_BUDGET
 
 TARGETS = ("sm_80", "sm_90")
 KERNELS = {"scaled_residual_kernel", "stack_forward_kernel", "stack_backward_kernel", "stack_weight_grad_kernel"}
+ACTIVATIONS = {"relu", "abs", "gelu", "silu", "identity"}
+ITEMSIZE = {"*fp64": 8, "*fp32": 4, "*bf16": 2, "*fp16": 2}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +49,23 @@ def test_every_kernel_compiles_for_every_target(compiled):
     assert len(set(per_target.values())) == 1, per_target
 
 
+def test_every_kernel_compiles_in_half_precision_with_every_activation(compiled):
+    for pointer in ("*bf16", "*fp16"):
+        half = [r for r in compiled if pointer in r["signature"].values()]
+        covered = {(r["kernel"], r["constexprs"]["ACT"]) for r in half if "ACT" in r["constexprs"]}
+        assert covered == {(kernel, act) for kernel in KERNELS for act in ACTIVATIONS}, pointer
+
+
+def test_stack_shared_memory_estimate_bounds_the_compiled_size(compiled):
+    for r in compiled:
+        if r["kernel"] in ("stack_forward_kernel", "stack_backward_kernel"):
+            config = triton.Config({"BLOCK_M": r["constexprs"]["BLOCK_M"], "BLOCK_K": r["constexprs"]["BLOCK_K"]},
+                                   num_warps=r["num_warps"], num_stages=r["num_stages"])  # fmt: skip
+            itemsize = ITEMSIZE[next(t for t in r["signature"].values() if t in ITEMSIZE)]
+            arch = int(r["target"].removeprefix("sm_"))
+            assert _stack_shared_bytes(config, r["constexprs"]["BLOCK_N"], itemsize, arch) >= r["dynamic_shared_bytes"], r
+
+
 def test_shared_memory_within_budget(compiled):
     """The budget (96 KiB) fits every GPU from sm_80 on; a launch over it fails only when loaded on a device."""
     over = [(r["kernel"], r["target"], r["constexprs"], r["dynamic_shared_bytes"]) for r in compiled
@@ -62,6 +85,5 @@ def test_sixteen_byte_global_accesses(compiled):
     """Rows whose width is a multiple of 16 are loaded and stored 16 bytes at a time (the two-pass epilogue
     sample has n = 9000, which is not)."""
     aligned = [r for r in compiled if not r["constexprs"].get("TWO_PASS", False)]
-    assert len(aligned) == len(compiled) - len(TARGETS)
     narrow = [(r["kernel"], r["target"], r["constexprs"]) for r in aligned if not (r["vector_loads"] and r["vector_stores"])]
     assert not narrow

@@ -1,8 +1,9 @@
-"""The Triton kernels (issue 4) on CPU tensors through the Triton interpreter, against the float64 eager
-reference (SPEC 4): kernel 1 (scaled_residual, one and two passes), kernels 2 and 3 (fused block and
+"""The Triton kernels against the float64 eager reference, on CPU tensors through the Triton interpreter or
+on CUDA tensors (TRITON_INTERPRET=0 on a GPU, make gpu-check): kernel 1 (scaled_residual, one and two passes), kernels 2 and 3 (fused block and
 depth-fused stack, forward and every gradient), their saved state, op registrations, modules,
 launch configurations and the traffic model. NaN/Inf propagation and bad input are tested for every
-backend in test_nonfinite.py and test_bad_input.py. float32 and float64 only: the interpreter has no bfloat16.
+backend in test_nonfinite.py and test_bad_input.py. float32 and float64, and float16 for the kernels
+themselves (the interpreter has no bfloat16; tests/test_triton_compile.py compiles it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import needs_triton, rel_err
+from conftest import INTERPRETED, needs_triton, rel_err
 from dmup_kernels import ResidualStack, ScaledResidual, reference
 from parity import check_residual, check_stack, stack_kwargs
 from sample_inputs import (
@@ -52,21 +53,22 @@ RESIDUAL_TEST_SPECS = RESIDUAL_SPECS + WIDE_RESIDUAL_SPECS
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", RESIDUAL_TEST_SPECS, ids=[s.id for s in RESIDUAL_TEST_SPECS])
-def test_scaled_residual_matches_reference(spec: ResidualSpec, dtype, seed):
-    check_residual(make_residual_case(spec, dtype, seed, requires_grad=True), dtype, "triton")
+def test_scaled_residual_matches_reference(spec: ResidualSpec, dtype, triton_device, seed):
+    check_residual(make_residual_case(spec, dtype, seed, requires_grad=True).to(triton_device), dtype, "triton")
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", TRITON_STACK_SPECS, ids=[s.id for s in TRITON_STACK_SPECS])
-def test_stack_matches_reference(spec: StackSpec, dtype, seed):
-    check_stack(make_stack_case(spec, dtype, seed), dtype, "triton")
+def test_stack_matches_reference(spec: StackSpec, dtype, triton_device, seed):
+    check_stack(make_stack_case(spec, dtype, seed).to(triton_device), dtype, "triton")
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("block", BLOCKS)
-def test_return_states_match_reference_stream(block, seed):
-    case = make_stack_case(StackSpec(48, 3, (2, 5), block, True, "abs", True, "contiguous"), torch.float64, seed)
+def test_return_states_match_reference_stream(block, triton_device, seed):
+    spec = StackSpec(48, 3, (2, 5), block, True, "abs", True, "contiguous")
+    case = make_stack_case(spec, torch.float64, seed).to(triton_device)
     out, states = dmup_kernels.residual_stack(
         case.x, case.weight, case.bias, backend="triton", return_states=True, **stack_kwargs(case)
     )
@@ -76,14 +78,14 @@ def test_return_states_match_reference_stream(block, seed):
     assert torch.equal(states[-1], out)
 
 
-def test_modules_match_reference(seed):
-    stack = ResidualStack(32, 3, activation="gelu", bias=True, backend="triton", dtype=torch.float64)
+def test_modules_match_reference(triton_device, seed):
+    stack = ResidualStack(32, 3, activation="gelu", bias=True, backend="triton", dtype=torch.float64, device=triton_device)
     with torch.no_grad():
         stack.bias.normal_()
-    x = torch.randn(4, 32, dtype=torch.float64)
+    x = torch.randn(4, 32, dtype=torch.float64, device=triton_device)
     expected = reference.residual_stack(x, stack.weight, stack.bias, scale=stack.scale, activation="gelu")
     assert rel_err(stack(x), expected) < 1e-13
-    branch = torch.nn.Linear(32, 32, dtype=torch.float64)
+    branch = torch.nn.Linear(32, 32, dtype=torch.float64, device=triton_device)
     block = ScaledResidual(branch, 0.25, "silu", mean_subtract=True, backend="triton")
     assert rel_err(block(x), reference.scaled_residual(x, branch(x), 0.25, "silu", True)) < 1e-13
 
@@ -97,20 +99,20 @@ def test_auto_backend_stays_cpp_on_cpu():
 # ---------------------------------------------------------------------------------------------------
 
 
-def _stack_op_inputs(activation: str, block: str, seed: int, rows: int = 13, width: int = 21, depth: int = 3):
+def _stack_op_inputs(activation: str, block: str, seed: int, device: str, rows: int = 13, width: int = 21, depth: int = 3):
     generator = torch.Generator().manual_seed(seed)
     x = random_tensor((rows, width), torch.float64, generator)
     weight = random_tensor((depth, width, width), torch.float64, generator) / math.sqrt(width)
     bias = 0.1 * random_tensor((depth, width), torch.float64, generator)
-    return x, weight, bias
+    return x.to(device), weight.to(device), bias.to(device)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("block", BLOCKS)
-def test_saved_state_layout(activation, block, seed):
+def test_saved_state_layout(activation, block, triton_device, seed):
     """states = x_1..x_{L-1}; signs = bits packed little-endian per row (post block only): relu
     [not h <= 0], abs [h > 0] and [h < 0]; pre = h for gelu and silu in the post block."""
-    x, weight, bias = _stack_op_inputs(activation, block, seed)
+    x, weight, bias = _stack_op_inputs(activation, block, seed, triton_device)
     out, states, signs, pre = torch.ops.dmup.triton_residual_stack(x, weight, bias, 0.5, activation, block, True, True)
     stream = reference.residual_stream(x, weight, bias, scale=0.5, activation=activation, block=block)
     assert rel_err(out, stream[-1]) < 1e-13
@@ -120,8 +122,8 @@ def test_saved_state_layout(activation, block, seed):
     assert signs.dtype == torch.uint8 and signs.shape == (3, planes, 13, 3)
     sign_planes = ([~(h <= 0)] if activation == "relu" else [h > 0, h < 0])[:planes]
     for plane, bits in enumerate(sign_planes):
-        expected = np.packbits(bits.numpy(), axis=-1, bitorder="little")
-        assert np.array_equal(signs[:, plane].numpy(), expected), f"plane {plane}"
+        expected = np.packbits(bits.cpu().numpy(), axis=-1, bitorder="little")
+        assert np.array_equal(signs[:, plane].cpu().numpy(), expected), f"plane {plane}"
     if block == "post" and activation in ("gelu", "silu"):
         assert rel_err(pre, h) < 1e-13
     else:
@@ -129,8 +131,8 @@ def test_saved_state_layout(activation, block, seed):
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_inference_saves_nothing(activation, seed):
-    x, weight, bias = _stack_op_inputs(activation, "post", seed, depth=4)
+def test_inference_saves_nothing(activation, triton_device, seed):
+    x, weight, bias = _stack_op_inputs(activation, "post", seed, triton_device, depth=4)
     out, states, signs, pre = torch.ops.dmup.triton_residual_stack(x, weight, bias, 0.5, activation, "post", True, False)
     assert states.shape[0] == signs.shape[0] == pre.shape[0] == 0
     expected = reference.residual_stack(x, weight, bias, scale=0.5, activation=activation)
@@ -147,26 +149,26 @@ def test_inference_saves_nothing(activation, seed):
 
 @pytest.mark.parametrize(("activation", "block"), [("relu", "post"), ("abs", "post"), ("silu", "post"), ("gelu", "pre")])
 @pytest.mark.parametrize("save", [True, False])
-def test_opcheck_stack(activation, block, save, seed):
-    x, weight, bias = _stack_op_inputs(activation, block, seed, rows=5, width=7, depth=2)
+def test_opcheck_stack(activation, block, save, triton_device, seed):
+    x, weight, bias = _stack_op_inputs(activation, block, seed, triton_device, rows=5, width=7, depth=2)
     torch.library.opcheck(
         torch.ops.dmup.triton_residual_stack.default, (x, weight, bias, 0.5, activation, block, True, save)
     )
 
 
-def test_opcheck_stack_backward_and_scaled_residual(seed):
-    x, weight, bias = _stack_op_inputs("abs", "post", seed, rows=5, width=7, depth=2)
+def test_opcheck_stack_backward_and_scaled_residual(triton_device, seed):
+    x, weight, bias = _stack_op_inputs("abs", "post", seed, triton_device, rows=5, width=7, depth=2)
     _, states, signs, pre = torch.ops.dmup.triton_residual_stack(x, weight, bias, 0.5, "abs", "post", True, True)
     args = (torch.randn_like(x), x, states, signs, pre, weight, bias, 0.5, "abs", "post", True)
     torch.library.opcheck(torch.ops.dmup.triton_residual_stack_backward.default, args)
     torch.library.opcheck(torch.ops.dmup.triton_scaled_residual.default, (x, torch.randn_like(x), 0.5, "gelu", True))
 
 
-def test_gradcheck(seed):
+def test_gradcheck(triton_device, seed):
     generator = torch.Generator().manual_seed(seed)
-    x = random_tensor((3, 6), torch.float64, generator).requires_grad_()
-    weight = (random_tensor((2, 6, 6), torch.float64, generator) / 3).requires_grad_()
-    bias = (0.1 * random_tensor((2, 6), torch.float64, generator)).requires_grad_()
+    x = random_tensor((3, 6), torch.float64, generator).to(triton_device).requires_grad_()
+    weight = (random_tensor((2, 6, 6), torch.float64, generator) / 3).to(triton_device).requires_grad_()
+    bias = (0.1 * random_tensor((2, 6), torch.float64, generator)).to(triton_device).requires_grad_()
 
     def stack(x, weight, bias):
         return dmup_kernels.residual_stack(x, weight, bias, scale=0.7, activation="silu", backend="triton")
@@ -174,8 +176,8 @@ def test_gradcheck(seed):
     assert torch.autograd.gradcheck(stack, (x, weight, bias), fast_mode=True)
 
 
-def test_backward_after_inference_forward_raises(seed):
-    x, weight, bias = _stack_op_inputs("relu", "post", seed)
+def test_backward_after_inference_forward_raises(triton_device, seed):
+    x, weight, bias = _stack_op_inputs("relu", "post", seed, triton_device)
     weight.requires_grad_()
     out, *_ = torch.ops.dmup.triton_residual_stack(x, weight, bias, 0.5, "relu", "post", True, False)
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
@@ -187,6 +189,7 @@ def test_backward_after_inference_forward_raises(seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the kernels are compiled and autotuned")
 def test_interpreter_runs_pinned_configs():
     from dmup_kernels.triton import residual_stack as stack_kernels
     from dmup_kernels.triton import tuning
@@ -240,15 +243,122 @@ def test_triton_backend_on_cpu_without_interpreter_names_the_device():
 
 
 @pytest.mark.parametrize("activation", ["relu", "abs", "silu", "identity"])
-def test_traffic_model_counts_the_state_the_stack_saves(activation, seed):
+def test_traffic_model_counts_the_state_the_stack_saves(activation, triton_device, seed):
     """benchmarks.traffic's depth-fused stack writes x_l and the phi' state once per layer: the bytes the
     op really keeps for backward, per layer."""
     from benchmarks.traffic import LayerShape
 
     depth = 4
-    x, weight, bias = _stack_op_inputs(activation, "post", seed, rows=9, width=21, depth=depth)
+    x, weight, bias = _stack_op_inputs(activation, "post", seed, triton_device, rows=9, width=21, depth=depth)
     x, weight = x.float(), weight.float()
     _, states, signs, pre = torch.ops.dmup.triton_residual_stack(x, weight, None, 0.5, activation, "post", True, True)
     kept = x.nbytes + states.nbytes + signs.nbytes + pre.nbytes  # x_0 is the op's input, kept by autograd
     shape = LayerShape(21, 9, activation)
     assert kept == depth * (shape.act + shape.signs + shape.pre_activation)
+
+
+# ---------------------------------------------------------------------------------------------------
+# half precision: float32 arithmetic inside the kernels, results in the tensors' dtype
+# ---------------------------------------------------------------------------------------------------
+
+HALF_DTYPES = [torch.float16] if INTERPRETED else [torch.float16, torch.bfloat16]
+HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+"""A few roundings of the output to the dtype (float32 arithmetic inside adds nothing visible)."""
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # gelu's tanh at 20: exp(2z) = inf, tanh = 1
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("width", [48, 9000], ids=["one-pass", "two-pass"])
+def test_half_precision_epilogue(width, activation, dtype, triton_device, seed):
+    """Rows of 9000 values near 20: their sum (about 180000) overflows float16, the float32 total does not."""
+    from dmup_kernels.triton.scaled_residual import scaled_residual_backward, scaled_residual_forward
+
+    x = (20 + 3 * torch.randn(3, width)).to(triton_device, dtype)
+    branch = (20 + 3 * torch.randn(3, width)).to(triton_device, dtype)
+    out = scaled_residual_forward(x, branch, 0.37, activation, True)
+    grad = scaled_residual_backward(x, branch, 0.37, activation, True)
+    x64, branch64 = x.double().requires_grad_(), branch.double().requires_grad_()
+    expected = reference.scaled_residual(x64, branch64, 0.37, activation, True)
+    (expected_grad,) = torch.autograd.grad(expected, branch64, x64.detach())
+    assert out.dtype == grad.dtype == dtype
+    assert rel_err(out, expected) < HALF_TOLERANCE[dtype]
+    assert rel_err(grad, expected_grad) < HALF_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize(("activation", "block"), [("relu", "post"), ("abs", "post"), ("gelu", "post"), ("silu", "pre")])
+def test_half_precision_stack_kernels(activation, block, dtype, triton_device, seed):
+    """The stack kernels on half tensors: output and gradients against the float64 reference from the
+    same (rounded) inputs."""
+    from dmup_kernels.triton.residual_stack import stack_backward, stack_forward
+
+    x, weight, bias = (t.to(dtype) for t in _stack_op_inputs(activation, block, seed, triton_device, rows=19, width=32))
+    grad_out = torch.randn_like(x)
+    out, states, signs, pre = stack_forward(x, weight, bias, 0.5, activation, block, True, True)
+    grads = stack_backward(grad_out, x, states, signs, pre, weight, bias, 0.5, activation, block, True)
+    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
+    expected = reference.residual_stack(*leaves, scale=0.5, activation=activation, block=block)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
+    for name, got, want in zip(("output", "grad x", "grad weight", "grad bias"), (out, *grads), (expected, *expected_grads)):
+        assert got.dtype == dtype, name
+        assert rel_err(got, want) < 2 * HALF_TOLERANCE[dtype], name
+
+
+# ---------------------------------------------------------------------------------------------------
+# routing: fused kernels or a GEMM per layer, by the program count against the SM count
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "itemsize", "sms", "fused"),
+    [
+        (64, 1024, 4, None, True),  # no SM count: CPU tensors under the interpreter
+        (64, 256, 4, 132, True),  # a layer's weights (256 KiB) are small: fused with 4 programs
+        (64, 256, 8, 132, False),  # float64, 512 KiB per layer: 4 programs on 132 SMs
+        (64 * 16, 256, 8, 132, False),  # 64 programs of 16 rows: under half of 132 SMs
+        (66 * 16, 256, 8, 132, True),  # 66 programs: half of them
+        (64 * 16, 256, 8, 108, True),  # 64 programs on an A100's 108 SMs
+        (1024, 1024, 4, 132, False),  # 64 programs of 16 rows
+        (1024, 1024, 4, 108, True),  # the same on 108 SMs
+        (8192, 512, 4, 132, True),
+    ],
+)
+def test_fused_kernels_need_programs_for_half_the_sms(rows, width, itemsize, sms, fused):
+    from dmup_kernels.triton.residual_stack import fills_the_gpu
+
+    assert fills_the_gpu(rows, width, itemsize, sms) is fused
+
+
+@pytest.mark.parametrize("sms", [None, 132])
+def test_routing_follows_the_sm_count(sms, monkeypatch, triton_device, seed):
+    """With a GPU's SM count (faked here) a few float64 rows take a GEMM per layer + the epilogue kernel;
+    both routes give the reference's result."""
+    stack_op = sys.modules["dmup_kernels.ops.residual_stack"]  # the package exports a function of that name
+    calls = []
+    monkeypatch.setattr(stack_op, "sm_count", lambda device: sms)
+    for op in ("triton_residual_stack", "triton_scaled_residual"):
+        monkeypatch.setattr(torch.ops.dmup, op, _counting(getattr(torch.ops.dmup, op), op, calls))
+    x, weight, bias = _stack_op_inputs("gelu", "post", seed, triton_device, rows=40, width=200, depth=3)
+    out = dmup_kernels.residual_stack(x, weight, bias, scale=0.5, activation="gelu", backend="triton")
+    assert rel_err(out, reference.residual_stack(x, weight, bias, scale=0.5, activation="gelu")) < 1e-13
+    assert set(calls) == ({"triton_residual_stack"} if sms is None else {"triton_scaled_residual"})
+
+
+def _counting(op, name: str, calls: list[str]):
+    def run(*args, **kwargs):
+        calls.append(name)
+        return op(*args, **kwargs)
+
+    return run
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device(seed):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (the launch's device guard)."""
+    x, weight, bias = _stack_op_inputs("relu", "post", seed, "cuda:1")
+    with torch.cuda.device(0):
+        out = dmup_kernels.residual_stack(x, weight, bias, scale=0.5, backend="triton")
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda:1")
+    assert rel_err(out, reference.residual_stack(x, weight, bias, scale=0.5)) < 1e-13

@@ -15,6 +15,8 @@ stack (spill) and local bytes, and whether the PTX has 16-byte global loads and 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +32,11 @@ from dmup_kernels.triton import residual_stack, scaled_residual
 # 16-byte global accesses: 4 x 32-bit or 2 x 64-bit vectors, or 16-byte asynchronous copies to shared memory
 WIDE_LOAD = r"ld\.global[\w.:]*\.(v4\.[bf]32|v2\.[bf]64)|cp\.async\.[\w.]*shared\.global \[[^]]*\], \[[^]]*\], 0x10"
 WIDE_STORE = r"st\.global[\w.:]*\.(v4\.[bf]32|v2\.[bf]64)"
-POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.uint8: "*u8"}
+POINTER_TYPES = {
+    torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
+}  # fmt: skip
+ACTIVATIONS = ("relu", "abs", "gelu", "silu", "identity")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def recorded_launches() -> list[tuple[object, dict, dict]]:
@@ -61,13 +67,19 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         launches.append((kernel, signature, constexprs, attrs, pinned.num_warps, pinned.num_stages))
 
     residual_stack.launch = scaled_residual.launch = record
-    for dtype in (torch.float32, torch.float64):
-        for activation in ("relu", "gelu") if dtype == torch.float64 else ("relu", "abs", "gelu", "silu", "identity"):
+    for dtype in (torch.float32, torch.float64, *HALF_DTYPES):
+        for activation in ("relu", "gelu") if dtype == torch.float64 else ACTIVATIONS:
             x = torch.randn(37, 48, dtype=dtype)
             scaled_residual.scaled_residual_forward(x, x, 0.5, activation, True)
             scaled_residual.scaled_residual_backward(x, x, 0.5, activation, True)
-    wide = torch.randn(2, 9000)
-    scaled_residual.scaled_residual_forward(wide, wide, 0.5, "gelu", True)  # two passes
+    for dtype in (torch.float32, *HALF_DTYPES):
+        wide = torch.randn(2, 9000, dtype=dtype)
+        scaled_residual.scaled_residual_forward(wide, wide, 0.5, "gelu", True)  # two passes
+    # Half precision: every activation through every stack kernel (post block: sign bits or h saved;
+    # pre block: phi on the GEMM operand), depth-fused and one fused-block width.
+    half_stacks = [(64, dtype, activation, "post", activation != "identity") for dtype in HALF_DTYPES for activation in ACTIVATIONS]
+    half_stacks += [(64, dtype, activation, "pre", True) for dtype in HALF_DTYPES for activation in ("gelu", "silu")]
+    half_stacks += [(512, dtype, "silu", "post", True) for dtype in HALF_DTYPES]
     for width, dtype, activation, block, bias in [
         (48, torch.float32, "relu", "post", True),
         (128, torch.float32, "abs", "post", False),
@@ -77,6 +89,7 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         (1024, torch.float32, "identity", "pre", False),
         (64, torch.float64, "abs", "post", True),
         (512, torch.float64, "gelu", "post", True),
+        *half_stacks,
     ]:
         x = torch.randn(40, width, dtype=dtype)
         weight = torch.randn(2, width, width, dtype=dtype)
@@ -103,37 +116,50 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
             "shared_bytes": int(usage["SHARED"])}  # fmt: skip
 
 
+def compile_one(job: tuple) -> str:
+    """One kernel compiled for one target, as a JSON line."""
+    (kernel, signature, constexprs, attrs, num_warps, num_stages), target = job
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs),
+        target=GPUTarget("cuda", int(target.removeprefix("sm_")), 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    return json.dumps(
+        {
+            "kernel": kernel.fn.__name__,
+            "target": target,
+            "constexprs": constexprs,
+            "signature": {name: kind for name, kind in signature.items() if kind != "constexpr"},
+            "num_warps": num_warps,
+            "num_stages": num_stages,
+            **resource_usage(compiled.asm["cubin"]),
+            "dynamic_shared_bytes": compiled.metadata.shared,
+            "vector_loads": bool(re.search(WIDE_LOAD, ptx)),
+            "vector_stores": bool(re.search(WIDE_STORE, ptx)),
+        }
+    )
+
+
+JOBS: list[tuple] = []
+
+
+def _compile_job(index: int) -> str:
+    return compile_one(JOBS[index])
+
+
 def main(targets: list[str]) -> None:
-    seen = set()
-    for kernel, signature, constexprs, attrs, num_warps, num_stages in recorded_launches():
+    """Compiles every distinct launch for every target, one process per core (forked workers inherit
+    JOBS: kernels do not pickle)."""
+    unique = {}
+    for launch in recorded_launches():
+        kernel, signature, constexprs = launch[:3]
         key = (kernel.fn.__name__, json.dumps(signature, sort_keys=True), json.dumps(constexprs, sort_keys=True))
-        if key in seen:
-            continue
-        seen.add(key)
-        for target in targets:
-            arch = int(target.removeprefix("sm_"))
-            compiled = triton.compile(
-                ASTSource(kernel, signature, constexprs, attrs),
-                target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": num_warps, "num_stages": num_stages},
-            )
-            ptx = compiled.asm["ptx"]
-            print(
-                json.dumps(
-                    {
-                        "kernel": kernel.fn.__name__,
-                        "target": target,
-                        "constexprs": constexprs,
-                        "num_warps": num_warps,
-                        "num_stages": num_stages,
-                        **resource_usage(compiled.asm["cubin"]),
-                        "dynamic_shared_bytes": compiled.metadata.shared,
-                        "vector_loads": bool(re.search(WIDE_LOAD, ptx)),
-                        "vector_stores": bool(re.search(WIDE_STORE, ptx)),
-                    }
-                ),
-                flush=True,
-            )
+        unique.setdefault(key, launch)
+    JOBS.extend((launch, target) for launch in unique.values() for target in targets)
+    with multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        for line in pool.imap(_compile_job, range(len(JOBS))):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

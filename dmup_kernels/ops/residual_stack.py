@@ -1,4 +1,4 @@
-"""residual_stack: L residual blocks of one form applied in sequence (SPEC 2.2)."""
+"""residual_stack: L residual blocks of one form applied in sequence."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ._backend import resolve_backend
 from ._layout import sign_planes
 
 if HAS_TRITON:
-    from ..triton.residual_stack import uses_fused_kernels
+    from ..triton.residual_stack import fills_the_gpu, sm_count, uses_fused_kernels
 
 
 def check_stack_args(
@@ -83,8 +83,13 @@ def residual_stack(
     bias_c = None if bias is None else bias.to(compute)
     params = (x, weight) if bias is None else (x, weight, bias)
     save_for_backward = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
-    if backend == "triton" and not uses_fused_kernels(x.shape[-1], rows.element_size()):
-        # Rows too wide for one register tile: a library GEMM per layer, then the Triton epilogue kernel.
+    fused = backend == "triton" and (
+        uses_fused_kernels(x.shape[-1], rows.element_size())
+        and fills_the_gpu(rows.shape[0], x.shape[-1], rows.element_size(), sm_count(x.device))
+    )
+    if backend == "triton" and not fused:
+        # Rows too wide for one register tile, or too few of them to occupy the GPU: a library GEMM per
+        # layer, then the Triton epilogue kernel.
         stream = reference.residual_stream(rows, weight_c, bias_c, **settings, epilogue=torch.ops.dmup.triton_scaled_residual)
         out, states = stream[-1], (torch.stack(stream) if return_states else None)
     elif backend == "triton":

@@ -1,4 +1,4 @@
-"""Triton kernels for CUDA tensors (SPEC 2.2-2.4); on the CPU they run through the Triton interpreter.
+"""Triton kernels for CUDA tensors; on the CPU they run through the Triton interpreter.
 
 The interpreter is chosen when the kernels are defined, so TRITON_INTERPRET=1 must be set before
 dmup_kernels is imported.

@@ -8,6 +8,15 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def widen(v):
+    """v in the type the kernels compute in: float32 for float16/bfloat16 (tl.exp and tl.sigmoid take no
+    bfloat16, and sums over a row in half precision lose the mean or overflow), else v itself. The
+    kernels store their results in the tensors' own dtype (tl.store casts to the pointer's type)."""
+    if v.dtype == tl.float16 or v.dtype == tl.bfloat16:
+        v = v.to(tl.float32)
+    return v
+
 
 @triton.jit
 def tanh(z):

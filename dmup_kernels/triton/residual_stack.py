@@ -1,4 +1,4 @@
-"""Kernels 2 and 3: the fused block and the depth-fused stack (SPEC 2.2-2.4), and their backward.
+"""Kernels 2 and 3: the fused block and the depth-fused stack, and their backward.
 
 Forward, per layer l (post block; the pre block applies phi to the GEMM operand as it loads it and
 none to h):
@@ -38,6 +38,7 @@ from .common import (
     row_mean,
     sign_bits,
     unpack_bits,
+    widen,
 )
 from .tuning import (
     SHARED_MEMORY_BUDGET,
@@ -99,12 +100,12 @@ def _matmul_rows(
     """(BLOCK_M, BLOCK_N) tile of A @ W^T (TRANSPOSE_W) or A @ W, A the rows ``r`` of a (rows, n) matrix
     in K-chunks (phi applied on load when PHI_ON_A), W (n, n) row-major."""
     c = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=a_ptr.dtype.element_ty)
+    acc = widen(tl.zeros([BLOCK_M, BLOCK_N], dtype=a_ptr.dtype.element_ty))
     for k0 in range(0, n, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + r[:, None] * n + k[None, :], mask=row_ok[:, None] & (k < n)[None, :], other=0.0)
         if PHI_ON_A:
-            a = activation(a, ACT)
+            a = activation(widen(a), ACT).to(a_ptr.dtype.element_ty)  # tl.dot takes half operands as they are
         if TRANSPOSE_W:  # W^T[k, c] = W[c, k]
             w = tl.load(w_ptr + c[None, :] * n + k[:, None], mask=(k < n)[:, None] & (c < n)[None, :], other=0.0)
         else:
@@ -128,25 +129,35 @@ def _stack_configs() -> list[triton.Config]:
     ]
 
 
-def _stack_shared_bytes(config: triton.Config, block_n: int, itemsize: int) -> int:
-    """Shared memory of the K-loop's pipelined operand buffers: an A chunk (BLOCK_M x BLOCK_K) and a W
-    chunk (BLOCK_K x BLOCK_N) per stage in flight (measured with tests/triton_aot.py)."""
+def _stack_shared_bytes(config: triton.Config, block_n: int, itemsize: int, arch: int = 90) -> int:
+    """An upper bound on the shared memory of the stack kernels on GPUs of compute capability ``arch``
+    (80 for sm_80; the sm_90 bound, the larger, when the device is unknown).
+
+    Rule (compiled sizes from tests/triton_aot.py): the K-loop pipelines an A chunk (BLOCK_M x BLOCK_K)
+    and a W chunk (BLOCK_K x BLOCK_N) per stage. With mma.sync (sm_80, and sm_90 below 64 rows) that is
+    num_stages - 1 chunk pairs in flight. From 64 rows on, sm_90 runs tl.dot as wgmma: num_stages pairs,
+    plus the float32 accumulator tile (BLOCK_M x BLOCK_N) staged through shared memory for the row-wise
+    epilogue; 64 rows x 256 columns then take 64-72 KiB where sm_80 takes 16-40 KiB."""
     m, k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    if arch >= 90 and m >= 64:
+        return config.num_stages * (m + block_n) * k * itemsize + m * block_n * 4
     return max(1, config.num_stages - 1) * (m + block_n) * k * itemsize
 
 
-def _fits(config: triton.Config, block_n: int, itemsize: int) -> bool:
+def _fits(config: triton.Config, block_n: int, itemsize: int, arch: int = 90) -> bool:
     return (
         fits_registers(config, config.kwargs["BLOCK_M"] * block_n, itemsize)
         and config.kwargs["BLOCK_K"] <= block_n
-        and _stack_shared_bytes(config, block_n, itemsize) <= SHARED_MEMORY_BUDGET
+        and _stack_shared_bytes(config, block_n, itemsize, arch) <= SHARED_MEMORY_BUDGET
     )
 
 
 def _prune_stack(configs: list[triton.Config], args: dict) -> list[triton.Config]:
     # The row tile and the accumulator live in registers, the pipelined operands in shared memory.
     itemsize, block_n = itemsize_of(args), args["BLOCK_N"]
-    return [c for c in configs if _fits(c, block_n, itemsize)] or [_pinned_stack_config(block_n, itemsize)]
+    device = next(value.device for value in args.values() if isinstance(value, torch.Tensor))
+    arch = 90 if device.type != "cuda" else 10 * torch.cuda.get_device_capability(device)[0]
+    return [c for c in configs if _fits(c, block_n, itemsize, arch)] or [_pinned_stack_config(block_n, itemsize)]
 
 
 def _pinned_stack_config(block_n: int, itemsize: int) -> triton.Config | None:
@@ -165,6 +176,37 @@ def uses_fused_kernels(width: int, itemsize: int) -> bool:
     """Whether the Triton stack runs rows of this width with the fused kernels; wider rows, or rows
     whose operand buffers would not fit shared memory, take a library GEMM per layer + the epilogue kernel."""
     return width <= FUSED_BLOCK_MAX_WIDTH and _pinned_stack_config(_block_n(width), itemsize) is not None
+
+
+FUSED_MIN_SM_FILL = 0.5
+"""The fused kernels need programs for at least this share of the SMs, unless a layer's weights are small
+(FUSED_SMALL_LAYER_BYTES); see ``fills_the_gpu``. An estimate, to be checked on each GPU by make gpu-check."""
+
+FUSED_SMALL_LAYER_BYTES = 256 * 1024
+"""Weights of one layer (n * n * itemsize) that one SM streams in about the time of the two launches
+(GEMM + epilogue) a layer costs on the per-layer path: n = 256 in float32."""
+
+
+def fills_the_gpu(rows: int, width: int, itemsize: int, sm_count: int | None) -> bool:
+    """Whether the fused kernels beat a library GEMM per layer + the epilogue kernel, by occupancy.
+
+    The fused kernels run cdiv(rows, BLOCK_M) programs, each taking its rows through every layer in
+    turn while it streams each layer's whole weight matrix: a layer costs one tile's time however many
+    SMs idle. A GEMM per layer spreads each layer over all SMs, at the price of two launches and a round
+    trip of x_l through memory. Rule: fused when the programs keep at least FUSED_MIN_SM_FILL of the SMs
+    busy, or when a layer's weights (n * n * itemsize) are at most FUSED_SMALL_LAYER_BYTES, since then one
+    tile takes less time than the launches it saves. BLOCK_M is the pinned config's (autotuning may pick
+    a larger one). With no SM count (CPU tensors under the interpreter) always fused.
+    """
+    if sm_count is None or width * width * itemsize <= FUSED_SMALL_LAYER_BYTES:
+        return True
+    block_m = _pinned_stack_config(_block_n(width), itemsize).kwargs["BLOCK_M"]
+    return triton.cdiv(rows, block_m) >= FUSED_MIN_SM_FILL * sm_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """The streaming multiprocessors of a CUDA device; None for other devices."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 @tuned(_stack_configs(), key=["n", "rows_bucket", "BLOCK_N", *FORWARD_FLAGS], prune=_prune_stack)
@@ -198,9 +240,10 @@ def stack_forward_kernel(
     layer_elems = tl.cast(rows, tl.int64) * n
     plane_bytes = tl.cast(rows, tl.int64) * ((n + 7) // 8)
 
+    # float32 arithmetic for half-precision tensors, scale included (see common.widen)
     if x_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
-        scale = tl.cast(scale, x_ptr.dtype.element_ty)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        scale = tl.cast(scale, tl.float32)
+    x = widen(tl.load(x_ptr + offs, mask=ok, other=0.0))
     for layer in range(num_layers):
         if layer > 0:
             # Stored through states_ptr itself (not the selected pointer below), so that torch.compile's
@@ -214,7 +257,7 @@ def stack_forward_kernel(
             True, PRE_BLOCK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
         )  # fmt: skip
         if HAS_BIAS:
-            h += tl.load(bias_ptr + tl.cast(layer, tl.int64) * n + c, mask=c < n, other=0.0)[None, :]
+            h += widen(tl.load(bias_ptr + tl.cast(layer, tl.int64) * n + c, mask=c < n, other=0.0))[None, :]
         if PRE_BLOCK:
             u = h
         else:
@@ -266,8 +309,8 @@ def stack_backward_kernel(
     plane_bytes = tl.cast(rows, tl.int64) * ((n + 7) // 8)
 
     if grad_out_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
-        scale = tl.cast(scale, grad_out_ptr.dtype.element_ty)
-    g = tl.load(grad_out_ptr + offs, mask=ok, other=0.0)
+        scale = tl.cast(scale, tl.float32)
+    g = widen(tl.load(grad_out_ptr + offs, mask=ok, other=0.0))
     for step in range(num_layers):
         layer = num_layers - 1 - step
         dv = scale * g
@@ -283,7 +326,7 @@ def stack_backward_kernel(
                 negative = unpack_bits(tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
             dh = chain_sign_bits(dv, positive, negative, ACT)
         elif SAVE_PRE:
-            dh = chain_activation(dv, tl.load(pre_ptr + layer * layer_elems + offs, mask=ok, other=0.0), ACT)
+            dh = chain_activation(dv, widen(tl.load(pre_ptr + layer * layer_elems + offs, mask=ok, other=0.0)), ACT)
         else:
             dh = dv
         dh = tl.where(ok, dh, 0.0)
@@ -292,7 +335,7 @@ def stack_backward_kernel(
         tl.debug_barrier()  # the GEMM reads dh rows stored by other threads of this program
         back = _matmul_rows(grad_h, w_ptr + tl.cast(layer, tl.int64) * n * n, r, row_ok, n, False, False, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         if PRE_BLOCK:
-            x = tl.load(_state_ptr(x_ptr, states_ptr, layer, state_stride) + offs, mask=ok, other=0.0)
+            x = widen(tl.load(_state_ptr(x_ptr, states_ptr, layer, state_stride) + offs, mask=ok, other=0.0))
             back = chain_activation(back, x, ACT)
         g = g + tl.where(ok, back, 0.0)
     tl.store(grad_x_ptr + offs, g, mask=ok)
@@ -339,18 +382,18 @@ def stack_weight_grad_kernel(
     j = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     grad_h = grad_h_ptr + tl.cast(layer, tl.int64) * rows * n
     a_ptr = _state_ptr(x_ptr, states_ptr, layer, state_stride)
-    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=grad_w_ptr.dtype.element_ty)
-    bias_acc = tl.zeros([BLOCK_I], dtype=grad_w_ptr.dtype.element_ty)
+    acc = widen(tl.zeros([BLOCK_I, BLOCK_J], dtype=grad_w_ptr.dtype.element_ty))
+    bias_acc = widen(tl.zeros([BLOCK_I], dtype=grad_w_ptr.dtype.element_ty))
     for r0 in range(0, rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = r < rows
         dh_t = tl.load(grad_h + r[None, :] * n + i[:, None], mask=row_ok[None, :] & (i < n)[:, None], other=0.0)
         a = tl.load(a_ptr + r[:, None] * n + j[None, :], mask=row_ok[:, None] & (j < n)[None, :], other=0.0)
         if PRE_BLOCK:
-            a = activation(a, ACT)
+            a = activation(widen(a), ACT).to(a_ptr.dtype.element_ty)
         acc = tl.dot(dh_t, a, acc, input_precision=PRECISION)
         if HAS_BIAS:
-            bias_acc += tl.sum(dh_t, axis=1)
+            bias_acc += tl.sum(widen(dh_t), axis=1)
     layer_w = grad_w_ptr + tl.cast(layer, tl.int64) * n * n
     tl.store(layer_w + i[:, None] * n + j[None, :], acc, mask=(i < n)[:, None] & (j < n)[None, :])
     if HAS_BIAS and tl.program_id(2) == 0:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import activation, chain_activation, row_mean
+from .common import activation, chain_activation, row_mean, widen
 from .tuning import fits_registers, itemsize_of, launch, rows_bucket, tuned, warps_for_tile
 
 ONE_PASS_MAX_WIDTH = 8192
@@ -62,27 +62,28 @@ def scaled_residual_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    # float32 arithmetic for half-precision tensors, scale included (see common.widen)
     if out_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
-        scale = tl.cast(scale, out_ptr.dtype.element_ty)
+        scale = tl.cast(scale, tl.float32)
     r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
-    mean = tl.zeros([BLOCK_M], dtype=out_ptr.dtype.element_ty)
+    mean = widen(tl.zeros([BLOCK_M], dtype=out_ptr.dtype.element_ty))
     if MEAN_SUBTRACT and TWO_PASS:
-        total = tl.zeros([BLOCK_M], dtype=out_ptr.dtype.element_ty)
+        total = widen(tl.zeros([BLOCK_M], dtype=out_ptr.dtype.element_ty))
         for c0 in range(0, n, BLOCK_N):
             c = c0 + tl.arange(0, BLOCK_N)
             ok = row_ok[:, None] & (c < n)[None, :]
             offs = r[:, None] * n + c[None, :]
-            a = tl.load(a_ptr + offs, mask=ok, other=0.0)
-            b = tl.load(b_ptr + offs, mask=ok, other=0.0)
+            a = widen(tl.load(a_ptr + offs, mask=ok, other=0.0))
+            b = widen(tl.load(b_ptr + offs, mask=ok, other=0.0))
             total += tl.sum(tl.where(ok, _row_value(a, b, scale, ACT, BACKWARD), 0.0), axis=1)
         mean = total / n
     for c0 in range(0, n, BLOCK_N):  # one iteration unless TWO_PASS
         c = c0 + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (c < n)[None, :]
         offs = r[:, None] * n + c[None, :]
-        a = tl.load(a_ptr + offs, mask=ok, other=0.0)
-        b = tl.load(b_ptr + offs, mask=ok, other=0.0)
+        a = widen(tl.load(a_ptr + offs, mask=ok, other=0.0))
+        b = widen(tl.load(b_ptr + offs, mask=ok, other=0.0))
         value = tl.where(ok, _row_value(a, b, scale, ACT, BACKWARD), 0.0)
         if MEAN_SUBTRACT and not TWO_PASS:
             mean = row_mean(value, n)

@@ -8,6 +8,7 @@ Both settings are read once, when dmup_kernels is imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable
 
@@ -41,11 +42,18 @@ def tuned(configs: list[triton.Config], key: list[str], prune: Callable | None =
 
 
 def launch(kernel, grid: Callable, pinned: triton.Config, *args, **kwargs) -> None:
-    """Launches ``kernel`` on the current stream, through ``wrap_triton`` so torch.compile can trace it;
-    with the pinned config when not autotuning."""
+    """Launches ``kernel`` through ``wrap_triton`` (so torch.compile can trace it), with the pinned config
+    when not autotuning, on the device of its first tensor argument and that device's current stream.
+
+    Triton launches (and autotunes) on the *current* CUDA device: without the guard, tensors on cuda:1
+    while cuda:0 is current would run on the wrong device and stream. Every Triton op launches through
+    here, and their other allocations name the tensors' device, so the guard covers the op bodies. CPU
+    tensors under the interpreter need none."""
     if not AUTOTUNE:
         kwargs = {**kwargs, **pinned.kwargs, "num_warps": pinned.num_warps, "num_stages": pinned.num_stages}
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    device = next(value.device for value in args if isinstance(value, torch.Tensor))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 SHARED_MEMORY_BUDGET = 96 * 1024
@@ -56,15 +64,20 @@ REGISTER_BYTES_PER_THREAD = 64
 holds two or three such tiles. More spills registers (checked with tests/triton_aot.py for sm_80/90)."""
 
 
+def _register_bytes(elements: int, itemsize: int) -> int:
+    """Bytes of a register tile of tensors of ``itemsize``: the kernels hold half-precision values as float32."""
+    return elements * max(itemsize, 4)
+
+
 def warps_for_tile(elements: int, itemsize: int) -> int:
     """Warps (4 to 16) that keep a tile of ``elements`` within REGISTER_BYTES_PER_THREAD per thread."""
-    threads = -(-elements * itemsize // REGISTER_BYTES_PER_THREAD)
+    threads = -(-_register_bytes(elements, itemsize) // REGISTER_BYTES_PER_THREAD)
     return min(16, max(4, triton.next_power_of_2(-(-threads // 32))))
 
 
 def fits_registers(config: triton.Config, tile_elements: int, itemsize: int) -> bool:
     """An autotuning candidate may use up to twice the pinned budget per thread."""
-    return tile_elements * itemsize <= 2 * REGISTER_BYTES_PER_THREAD * 32 * config.num_warps
+    return _register_bytes(tile_elements, itemsize) <= 2 * REGISTER_BYTES_PER_THREAD * 32 * config.num_warps
 
 
 def itemsize_of(args: dict) -> int:
