@@ -1,5 +1,5 @@
-"""The Triton kernels (issue 4) on CPU tensors through the Triton interpreter, against the float64 eager
-reference (SPEC 4): kernel 1 (scaled_residual, one and two passes), kernels 2 and 3 (fused block and
+"""The Triton kernels on CPU tensors through the Triton interpreter, against the float64 eager
+reference (docs/design.md §5): kernel 1 (scaled_residual, one and two passes), kernels 2 and 3 (fused block and
 depth-fused stack, forward and every gradient), their saved state, op registrations, modules,
 launch configurations and the traffic model. NaN/Inf propagation and bad input are tested for every
 backend in test_nonfinite.py and test_bad_input.py. float32 and float64 only: the interpreter has no bfloat16.
