@@ -1,4 +1,4 @@
-"""Benchmarks of dmup_kernels (SPEC 5): never part of the test suite, never asserted.
+"""Benchmarks of dmup_kernels (docs/design.md §6): never part of the test suite, never asserted.
 
 - ``cases.py``: the shapes (one ``Case`` per op/shape/mode) and their random inputs.
 - ``variants.py``: the peers timed side by side (eager, torch.compile, each dmup backend).

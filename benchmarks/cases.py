@@ -2,11 +2,12 @@
 
 Shared by the runner (``run.py``) and the pytest-benchmark tests (``test_bench_ops.py``).
 
-Sets of cases (issues 2 and 3):
+Sets of cases:
 - ``scaled_residual`` epilogue at a few (B, n), forward and forward+backward.
 - depth sweep: ``ResidualStack`` at depths 64..1024 for (n, B) = (32, 64) and (64, 128), training
   step (``fwd+bwd``: forward and backward of ``loss = y.square().mean()``) and inference (``fwd``).
-- issue-3 table rows: training step at five (n, B, L) with the speed-up targets of issue 3.
+- target table rows: training step at five (n, B, L), each with speed-up targets for a fused backend
+  (docs/design.md §6.6).
 All stacks: relu, block "post", mean subtraction, no bias, float32, Depth-muP branch scale 1/sqrt(L).
 """
 
@@ -27,10 +28,13 @@ MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
 SCALED_RESIDUAL_SCALE = 0.5
 """Branch scale used by the scaled_residual cases (stacks use DEPTH_MUP.branch_scale(depth))."""
 
+BIAS_STD = 0.1
+"""Standard deviation of random stack biases: non-zero (never-zero inputs) but small next to h ~ N(0, 1)."""
+
 
 @dataclass(frozen=True)
 class TableRow:
-    """One row of issue 3's target table: a training step and the speed-ups a fused backend must reach."""
+    """One row of the target table (docs/design.md §6.6): a training step and the speed-ups a fused backend must reach."""
 
     width: int
     batch: int
@@ -55,7 +59,7 @@ SCALED_RESIDUAL_SHAPES: tuple[tuple[int, int], ...] = ((64, 64), (256, 128), (10
 SCALED_RESIDUAL_SHAPES_QUICK: tuple[tuple[int, int], ...] = ((64, 64), (1024, 256))
 
 COMPILE_MAX_DEPTH = 256
-"""Full run: torch.compile is timed for every case with depth <= this, and for every issue-3 table row.
+"""Full run: torch.compile is timed for every case with depth <= this, and for every target table row.
 Compile time grows with depth (~25 s at L=64, 70-90 s at L=256, 330 s at L=1024 for a training step on
 2 cores), so compiling every deep case would take the full run well past 20 minutes."""
 COMPILE_MAX_DEPTH_QUICK = 64
@@ -67,7 +71,7 @@ class Case:
     """One benchmarked configuration. ``depth`` is 1 for ``scaled_residual``.
 
     ``tags`` say which sets the case belongs to ("scaled_residual", "sweep", "table"); ``compile`` says
-    whether this run times the torch.compile peer on it; ``targets`` holds the issue-3 speed-up targets
+    whether this run times the torch.compile peer on it; ``targets`` holds the speed-up targets
     (vs eager, vs compile) of a table row.
     """
 
@@ -125,7 +129,7 @@ class Case:
 
     @property
     def gemms_per_layer(self) -> int:
-        """GEMMs of one layer (SPEC 5): 1 forward, 3 for a training step (h, dx, dW)."""
+        """GEMMs of one layer (docs/design.md §6.5): 1 forward, 3 for a training step (h, dx, dW)."""
         return 3 if self.mode == "fwd+bwd" else 1
 
     @property
@@ -160,7 +164,7 @@ def runner_cases(quick: bool = False, compile_all: bool = False) -> list[Case]:
 
     torch.compile is timed on a case when ``compile_all``, or when its depth is at most
     ``COMPILE_MAX_DEPTH`` (``COMPILE_MAX_DEPTH_QUICK`` with ``quick``), or, in the full run, when it
-    is an issue-3 table row.
+    is a target table row.
     """
     max_depth = COMPILE_MAX_DEPTH_QUICK if quick else COMPILE_MAX_DEPTH
 
@@ -226,9 +230,9 @@ class Problem:
 
 
 def make_problem(case: Case) -> Problem:
-    """Random inputs for ``case`` (fresh seed per case, never zeros, SPEC 4).
+    """Random inputs for ``case`` (fresh seed per case, never zeros, docs/design.md §5.2).
 
-    x and branch_out ~ N(0, 1); stack weights ~ N(0, 1/n) (the muP init); biases ~ N(0, 0.1^2).
+    x and branch_out ~ N(0, 1); stack weights ~ N(0, 1/n) (the muP init); biases ~ N(0, BIAS_STD^2).
     """
     gen = torch.Generator().manual_seed(case.seed)
 
@@ -242,5 +246,5 @@ def make_problem(case: Case) -> Problem:
     else:
         params["weight"] = randn(case.depth, case.width, case.width, std=1.0 / math.sqrt(case.width))
         if case.bias:
-            params["bias"] = randn(case.depth, case.width, std=0.1)
+            params["bias"] = randn(case.depth, case.width, std=BIAS_STD)
     return Problem(case, inputs, params)

@@ -1,5 +1,6 @@
-"""How things are measured: the step that is timed, parity against the float64 reference (SPEC 4),
-round-robin timing, saved-activation bytes, and the facts about the machine (SPEC 5)."""
+"""How things are measured: the step that is timed, parity against the float64 reference
+(docs/design.md §5), round-robin timing, saved-activation bytes, and the facts about the machine
+(docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .cases import Case, Problem
 from .variants import eager_module
 
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float64: 1e-10}
-"""Largest accepted ||out - ref|| / ||ref|| against the float64 reference, per compute dtype (SPEC 4)."""
+"""Largest accepted ||out - ref|| / ||ref|| against the float64 reference, per compute dtype (docs/design.md §5.3)."""
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -64,7 +65,7 @@ def collect(
 
 
 def reference_results(problem: Problem) -> dict[str, Tensor | None]:
-    """The eager reference on the problem's values upcast to float64, on the CPU (SPEC 4)."""
+    """The eager reference on the problem's values upcast to float64, on the CPU (docs/design.md §5.1)."""
     case = problem.case
     params = {name: value.double() for name, value in problem.params.items()}
     module = eager_module(case, params, "cpu")
@@ -287,16 +288,22 @@ def summarize(ms: Sequence[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
 
 
+CEILING_WARMUP_CALLS = 2
+"""Untimed matmuls before the ceiling is timed: the first call pays for allocation and the BLAS's
+thread start-up, which is not its rate."""
+
+
 def matmul_gflops(
     size: int = 2048, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", repeats: int = 7
 ) -> dict[str, float]:
-    """The machine's large-GEMM rate (the ceiling, SPEC 5): a (size x size) @ (size x size) matmul,
-    2 warm-up calls, then ``repeats`` timed calls; GFLOP/s of the median and of the fastest call."""
+    """The machine's large-GEMM rate (the ceiling, docs/design.md §6.5): a (size x size) @ (size x size)
+    matmul, CEILING_WARMUP_CALLS warm-up calls, then ``repeats`` timed calls; GFLOP/s of the median and of
+    the fastest call."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen, dtype=dtype).to(device)
     b = torch.randn(size, size, generator=gen, dtype=dtype).to(device)
     out = torch.empty(size, size, dtype=dtype, device=device)
-    for _ in range(2):
+    for _ in range(CEILING_WARMUP_CALLS):
         torch.mm(a, b, out=out)
     synchronize(device)
     seconds = []

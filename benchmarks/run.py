@@ -44,6 +44,10 @@ from .variants import VARIANTS, Variant, eager_module
 CUDA_GRAPH_MAX_ELEMENTS = 1 << 16
 """On a GPU, inference cases with B*n up to this are timed as CUDA graph replays (launch-bound shapes)."""
 
+BUSY_LOAD_FRACTION = 0.5
+"""The header warns that timings will be noisy when the 1-minute load average at start exceeds this
+fraction of the logical CPUs (other processes are then using the cores the benchmark times)."""
+
 PEERS = ("eager", "compile")
 """The variants every other variant is compared with (ratio = peer median / variant median)."""
 
@@ -76,11 +80,11 @@ modes: fwd = inference (torch.no_grad); fwd+bwd = training step, loss = y.square
 cases (see benchmarks/cases.py; list them with --list):
   full run: scaled_residual at (B,n) = (64,64) (256,128) (1024,256) (4096,512), fwd and fwd+bwd;
             ResidualStack depth sweep L = 64 128 256 512 1024 at (n,B) = (32,64) and (64,128), fwd and
-            fwd+bwd; the issue-3 rows (n,B,L) = (32,64,1024) (64,128,512) (128,256,256) (256,512,128)
-            (128,8,256), fwd+bwd. torch.compile is timed on cases with L <= 256 and on the issue-3 rows
+            fwd+bwd; the target rows (n,B,L) = (32,64,1024) (64,128,512) (128,256,256) (256,512,128)
+            (128,8,256), fwd+bwd. torch.compile is timed on cases with L <= 256 and on the target rows
             (compiling a training step took 70-90 s at L=256 and 330 s at L=1024 on 2 cores); about
             25 minutes on 2 cores.
-  --quick:  scaled_residual at (64,64) and (1024,256); sweep L = 64 and 256; the issue-3 rows;
+  --quick:  scaled_residual at (64,64) and (1024,256); sweep L = 64 and 256; the target rows;
             fewer repeats; torch.compile only on cases with L <= 64. About 2-3 minutes on 2 cores.
 
 Parity: a variant whose output rel_err exceeds the tolerance (float32: 1e-4), or whose gradient rel_err
@@ -319,7 +323,7 @@ def case_table(
     flavour = f"{case.activation}, block {case.block}, MS {'on' if case.mean_subtract else 'off'}"
     title = f"== {case.name}  [{', '.join(case.tags)}]  {flavour}, {case.dtype_name}, {repeats} repeats"
     if case.targets is not None:
-        title += f"; issue-3 target >= {case.targets[0]:g}x eager, >= {case.targets[1]:g}x compile"
+        title += f"; target >= {case.targets[0]:g}x eager, >= {case.targets[1]:g}x compile"
     lines = [title, row([header for header, _ in COLUMNS])]
     notes = []
     for r in records:
@@ -393,7 +397,7 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     load = machine.get("loadavg_start")
     if load is not None:
-        busy = load[0] > 0.5 * (machine["logical_cpus"] or 1)
+        busy = load[0] > BUSY_LOAD_FRACTION * (machine["logical_cpus"] or 1)
         lines.append(
             f"load average before start: {load[0]:.2f} (1 min)"
             + ("  !!! other processes are running: timings will be noisy" if busy else "")
@@ -407,11 +411,11 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def target_summary(records: list[dict[str, Any]]) -> str:
-    """The issue-3 rows: each backend's speed-ups next to the targets (reported, never asserted)."""
+    """The target rows: each backend's speed-ups next to the targets (reported, never asserted)."""
     rows = [r for r in records if r["targets"] is not None and r["variant"] not in PEERS]
     if not rows:
         return ""
-    lines = ["== issue-3 table (training step): speed-up of each backend vs its targets"]
+    lines = ["== target table (training step): speed-up of each backend vs its targets"]
     lines.append(f"{'variant':<9}  {'n':>4}  {'B':>4}  {'L':>5}  {'median ms':>10}  {'x eager (target)':>18}  "
                  f"{'x compile (target)':>19}  verdict")  # fmt: skip
     for r in rows:

@@ -1,4 +1,4 @@
-"""The peers timed side by side (SPEC 5): eager PyTorch, torch.compile of the same module, and each
+"""The peers timed side by side (docs/design.md §6.2): eager PyTorch, torch.compile of the same module, and each
 dmup_kernels backend.
 
 Every variant builds an ``nn.Module`` for a case whose forward takes the case's inputs

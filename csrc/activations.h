@@ -22,19 +22,22 @@ namespace dmup {
 
 enum class Activation : int32_t { Identity = 0, Relu = 1, Abs = 2, Gelu = 3, Silu = 4 };
 
-// The residual block forms: x + s * MS(phi(W x + b)), phi after the GEMM ("post"), or
-// x + s * MS(W phi(x) + b), phi before it ("pre"); MS subtracts the row mean when asked for.
+// The residual block forms (docs/design.md §2.2): x + s * MS(phi(W x + b)), phi after the GEMM
+// ("post"), or x + s * MS(W phi(x) + b), phi before it ("pre"); MS subtracts the row mean when asked for.
 enum class Block : int32_t { Post = 0, Pre = 1 };
 
-// The stack's saved sign bits, the same on every device: per layer, `planes` planes of (n, words)
-// 16-bit words, bit r % 16 of word r / 16 of feature j holding row r's bit of h (the branch after
-// the GEMM and bias): positive_sign_bit (plane 0) and, for abs, negative_sign_bit (plane 1), below.
-// Smooth activations save nothing and recompute h in the backward. "pre" blocks save none: phi's
-// argument there is x_l, which is saved anyway.
+// The stack's saved sign bits, the same on every device (docs/design.md §4.2): per layer, `planes`
+// planes of (n, words) 16-bit words, bit r % 16 of word r / 16 of feature j holding row r's bit of h
+// (the branch after the GEMM and bias): positive_sign_bit (plane 0) and, for abs, negative_sign_bit
+// (plane 1), below. Smooth activations save nothing and recompute h in the backward. "pre" blocks save
+// none: phi's argument there is x_l, which is saved anyway.
 DMUP_HOST_DEVICE constexpr int mask_planes(Activation a, Block block) {
   return block != Block::Post ? 0 : a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0;
 }
-DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + 15) / 16; }
+// Rows per mask word: the bits are packed into 16-bit words (int16 tensors), which 1, 4, 8 and 16 SIMD
+// lanes all divide, so every ISA and device packs them alike.
+constexpr int64_t kMaskWordBits = 16;
+DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + kMaskWordBits - 1) / kMaskWordBits; }
 
 template <class T>
 DMUP_HOST_DEVICE T select(bool cond, T a, T b) { return cond ? a : b; }

@@ -57,7 +57,7 @@ TORCH_LIBRARY(dmup, m) {
   // d out / d branch_out applied to grad_out: phi'(branch_out) * MS(scale * grad_out).
   m.def("scaled_residual_backward(Tensor grad_out, Tensor branch_out, float scale, str activation, "
         "bool mean_subtract) -> Tensor");
-  // L blocks in one call (SPEC 2.4); x is (B, n). Returns the output and the state the backward
+  // L blocks in one call (depth-fused, docs/design.md §3); x is (B, n). Returns the output and the state the backward
   // needs: saved (L, n, B) holds every layer's input, mask the sign bits of h for relu/abs; both
   // have 0 layers when save_for_backward is false (inference).
   m.def("residual_stack(Tensor x, Tensor weight, Tensor? bias, float scale, str activation, str block, "

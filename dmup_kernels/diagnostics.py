@@ -181,6 +181,8 @@ def cknna(A: Tensor, B: Tensor, k: int = 10) -> float:
 
 COORD_CHECK_PLACES: tuple[str, ...] = ("1/4", "1/2", "1", "output")
 """Where coord_check measures: the residual stream at relative depths 1/4, 1/2 and 1, and the output."""
+COORD_CHECK_FRACTIONS: tuple[float, ...] = (0.25, 0.5, 1.0)
+"""The relative depths of the stream places of COORD_CHECK_PLACES, in order."""
 
 
 def _loss(prediction: Tensor, target: Tensor) -> Tensor:
@@ -241,7 +243,7 @@ def coord_check(
             opt.zero_grad()
             out, states = model.stack(model.input(inputs), return_states=True)
             prediction = model.output(out)
-            probes = {place: states[round(fraction * depth)] for place, fraction in zip(COORD_CHECK_PLACES, (0.25, 0.5, 1.0))}
+            probes = {place: states[round(fraction * depth)] for place, fraction in zip(COORD_CHECK_PLACES, COORD_CHECK_FRACTIONS)}
             probes["output"] = prediction.detach()
             for place, value in probes.items():
                 change = (value - previous[place]).abs().mean().item() if place in previous else math.nan

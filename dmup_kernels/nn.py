@@ -27,7 +27,7 @@ from .parametrization import DEPTH_MUP, DepthParametrization
 
 
 class ScaledResidual(nn.Module):
-    """``x + scale * MS(phi(branch(x)))`` around any branch module (SPEC 2.2, generic branch).
+    """``x + scale * MS(phi(branch(x)))`` around any branch module (docs/design.md §2.2, generic branch).
 
     Args:
         branch: the residual branch f; must map (..., n) to (..., n).

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups with depth-scaled learning rates for the hidden weights (SPEC 2.1)."""
+"""Optimizer parameter groups with depth-scaled learning rates for the hidden weights (docs/design.md §1.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Depth parametrizations (SPEC 2.1): how the branch multiplier and the hidden learning rate
+"""Depth parametrizations (docs/design.md §1.2): how the branch multiplier and the hidden learning rate
 scale with the depth L of a residual stack.
 
     branch_scale(L)      = multiplier * (L / base_depth) ** -alpha

@@ -1,7 +1,7 @@
 """Eager reference of every op: plain torch, written for clarity, differentiated by autograd.
 
 This module is the ground truth for every kernel (tests) and the "eager" peer in benchmarks.
-Notation (SPEC 2): ``x`` is the residual stream (..., n); weights follow ``nn.Linear``
+Notation (docs/design.md §2.1): ``x`` is the residual stream (..., n); weights follow ``nn.Linear``
 (``h = x @ W^T + b``); ``s`` is the branch scale; MS is mean subtraction over the width.
 """
 

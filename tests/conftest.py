@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the test suite.
+"""Shared fixtures and helpers of the test suite (numerical parity protocol, docs/design.md §5).
 
 - ``rel_err(out, ref)``: ||out - ref|| / ||ref|| in float64 (absolute norm when ||ref|| = 0).
 - ``seed`` (autouse): a fresh seed per test case, derived from the pytest node id, applied to the

@@ -1,4 +1,4 @@
-"""Parity checks shared by the op tests: run one backend and the float64 eager reference on the
+"""Parity checks shared by the op tests (docs/design.md §5): run one backend and the float64 eager reference on the
 same case and compare every output and gradient by relative error.
 
 One piece of code per check, so that every backend ("cpp", "triton", "cuda") is held to the same rule.

@@ -1,6 +1,6 @@
-"""torch.autocast("cpu", dtype=torch.bfloat16) (issue 7, item 3): every backend's error against the float64
-reference is at most 2x eager PyTorch's under the same autocast (SPEC 4), in the output and the gradients,
-and the result has eager's dtype.
+"""torch.autocast("cpu", dtype=torch.bfloat16): every backend's error against the float64 reference
+is at most 2x eager PyTorch's under the same autocast (docs/design.md §5.5), in the output and the
+gradients, and the result has eager's dtype.
 
 The fused CPU and Triton ops keep float32 GEMM operands under autocast (autocast does not reach custom
 ops): on CPUs without bfloat16 arithmetic (AVX512_BF16 / AMX) a bfloat16 GEMM is slower than a float32

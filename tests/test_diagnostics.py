@@ -1,4 +1,4 @@
-"""Diagnostics on constructed cases with known answers (issue 6)."""
+"""Diagnostics on constructed cases with known answers."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ IN_FEATURES, OUT_FEATURES = 3, 2
 
 
 def tolerance(dtype: torch.dtype, depth: int) -> float:
-    """SPEC 4: float64 exact up to rounding; float32 < 1e-5 typical, < 1e-4 allowed at large depth."""
+    """docs/design.md §5.3: float64 exact up to rounding; float32 < 1e-5 typical, < 1e-4 allowed at large depth."""
     if dtype == torch.float64:
         return 1e-12 if depth <= 17 else 1e-11
     return 1e-5 if depth <= 17 else 1e-4

@@ -1,4 +1,4 @@
-"""dmup_kernels.param_groups: depth-scaled learning rates for the residual stacks (SPEC 2.1)."""
+"""dmup_kernels.param_groups: depth-scaled learning rates for the residual stacks (docs/design.md §1.3)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ DEEP = (1.0, 0.75, 4, 64)
 
 
 def expected_scale(alpha: float, gamma: float, base: int, depth: int, optimizer: str) -> float:
-    """The SPEC 2.1 formula, written out here."""
+    """The formula of docs/design.md §1.2, written out here."""
     exponent = -gamma if optimizer == "adam" else alpha - gamma
     return (depth / base) ** exponent
 

@@ -1,4 +1,4 @@
-"""Depth parametrization (SPEC 2.1): branch scale and learning-rate scale formulas, presets, validation."""
+"""Depth parametrization (docs/design.md §1.2): branch scale and learning-rate scale formulas, presets, validation."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_lr_scale_formula(alpha, gamma, multiplier, base_depth):
 
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_depth_mup_rules(depth):
-    """Depth-muP: branch 1/sqrt(L); Adam lr / sqrt(L); SGD lr unchanged (SPEC 1 and 2.1)."""
+    """Depth-muP: branch 1/sqrt(L); Adam lr / sqrt(L); SGD lr unchanged (docs/design.md §1.1, §1.2)."""
     assert DEPTH_MUP.branch_scale(depth) == pytest.approx(1 / math.sqrt(depth), rel=1e-12)
     assert DEPTH_MUP.lr_scale(depth, "adam") == pytest.approx(1 / math.sqrt(depth), rel=1e-12)
     assert DEPTH_MUP.lr_scale(depth, "sgd") == pytest.approx(1.0, rel=1e-12)

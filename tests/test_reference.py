@@ -1,4 +1,4 @@
-"""dmup_kernels.reference against independent float64 formulas written here with numpy (SPEC 2.2, 2.3)."""
+"""dmup_kernels.reference against independent float64 formulas written here with numpy (docs/design.md §2.2-§2.4)."""
 
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def test_residual_stack_defaults(seed):
 @pytest.mark.parametrize("mean_subtract", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_post_block_backward_matches_spec(activation, mean_subtract, seed):
-    """The reference's autograd gradients equal the hand-written backward of SPEC 2.3."""
+    """The reference's autograd gradients equal the hand-written backward of docs/design.md §2.3."""
     n, scale = 16, 0.6
     x = rand((2, 3, n), seed).requires_grad_()
     w = rand((n, n), seed + 1, 1 / math.sqrt(n)).requires_grad_()

@@ -1,8 +1,8 @@
-"""The fused op dmup::residual_stack (issue 3): dmup_kernels.residual_stack(..., backend="cpp") and
-ResidualStack(backend="cpp") against the float64 eager reference (SPEC 4), gradcheck, opcheck, thread
+"""The fused op dmup::residual_stack: dmup_kernels.residual_stack(..., backend="cpp") and
+ResidualStack(backend="cpp") against the float64 eager reference (docs/design.md §5), gradcheck, opcheck, thread
 independence, saved-tensor memory, the module path, empty batches and bad saved state.
 
-Tolerances (SPEC 4, issue 3): float64 < 1e-12 and float32 < 1e-5 relative, for L <= 300; bfloat16 at
+Tolerances (docs/design.md §5.3, §5.5): float64 < 1e-12 and float32 < 1e-5 relative, for L <= 300; bfloat16 at
 most 2x the error of eager bfloat16 plus a floor.
 """
 

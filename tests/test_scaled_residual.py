@@ -1,4 +1,4 @@
-"""dmup_kernels.scaled_residual (C++ CPU kernel) against the float64 eager reference (SPEC 4)."""
+"""dmup_kernels.scaled_residual (C++ CPU kernel) against the float64 eager reference (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The Triton kernels against the float64 eager reference, on CPU tensors through the Triton interpreter or
-on CUDA tensors (TRITON_INTERPRET=0 on a GPU, make gpu-check): kernel 1 (scaled_residual, one and two passes), kernels 2 and 3 (fused block and
+"""The Triton kernels against the float64 eager reference (docs/design.md §5), on CPU tensors through the
+Triton interpreter or on CUDA tensors (TRITON_INTERPRET=0 on a GPU, make gpu-check): kernel 1
+(scaled_residual, one and two passes), kernels 2 and 3 (fused block and
 depth-fused stack, forward and every gradient), their saved state, op registrations, modules,
 launch configurations and the traffic model. NaN/Inf propagation and bad input are tested for every
 backend in test_nonfinite.py and test_bad_input.py. float32 and float64, and float16 for the kernels

@@ -19,8 +19,13 @@
 namespace dmup {
 namespace {
 
-// Rows per parallel task: enough work per task to amortise the thread hand-off.
-int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+// Elements per parallel task (at::parallel_for's grain): 16K elements, 64 KiB of float32 per input,
+// is enough work per task to amortise handing it to another thread; narrow rows are grouped up to it,
+// and a row wider than this is a task of its own.
+constexpr int64_t kElementsPerTask = 16384;
+
+// Rows per parallel task: kElementsPerTask elements' worth, at least one row.
+int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(width, 1)); }
 
 // out[r] = row(Phi, a_row, b_row, out_row) for every row r of the (..., n) tensors a and b, in
 // parallel, with phi fixed at compile time; row receives opmath and storage types through its

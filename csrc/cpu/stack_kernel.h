@@ -87,10 +87,16 @@ struct StackBackwardBuffers {
   T* grad_bias;          // (L, n), or nullptr when the stack has no bias
 };
 
-// Work split of the weight gradient: one task per layer, which packs the layer's input once; only
-// shallow stacks also split the output rows, in blocks of 64, to give every thread work. Either
-// way each dW element is computed by the same code in the same order.
-inline int64_t weight_grad_block_rows(int64_t depth, int64_t width) { return depth >= 8 ? width : 64; }
+// Work split of the weight gradient (docs/design.md §7.6): one task per layer, which packs the layer's
+// input once; only shallow stacks also split the output rows, in blocks of 64, to give every thread
+// work. Either way each dW element is computed by the same code in the same order.
+// From this depth on, one task per layer gives every thread of a team several tasks.
+constexpr int64_t kWeightGradLayerTasksDepth = 8;
+// Output rows per task below that depth: a multiple of every lane count, small enough to share out.
+constexpr int64_t kWeightGradBlockRows = 64;
+inline int64_t weight_grad_block_rows(int64_t depth, int64_t width) {
+  return depth >= kWeightGradLayerTasksDepth ? width : kWeightGradBlockRows;
+}
 inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
   const int64_t rows = weight_grad_block_rows(depth, width);
   return depth * ((width + rows - 1) / rows);

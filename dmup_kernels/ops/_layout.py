@@ -1,4 +1,13 @@
-"""What the fused stacks save for the derivative of phi, shared by the C++ and Triton ops' rules."""
+"""What the fused stacks save for the derivative of phi, shared by the C++ and Triton ops' rules
+(docs/design.md §4)."""
+
+MASK_WORD_BITS = 16
+"""Rows per word of the saved sign bits: mask tensors are int16, bit r % 16 of word r // 16 is row r."""
+
+
+def mask_words(batch: int) -> int:
+    """Words per feature and plane of the saved sign bits for ``batch`` rows: ceil(batch / 16)."""
+    return (batch + MASK_WORD_BITS - 1) // MASK_WORD_BITS
 
 
 def sign_planes(activation: str, block: str) -> int:

@@ -1,4 +1,4 @@
-"""residual_stack: L residual blocks of one form applied in sequence."""
+"""residual_stack: L residual blocks of one form applied in sequence (docs/design.md §2.2-§2.4)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .._extension import HAS_CPP
 from ..triton import HAS_TRITON
 from ._autograd import register_autograd
 from ._backend import resolve_backend
-from ._layout import sign_planes
+from ._layout import mask_words, sign_planes
 
 if HAS_TRITON:
     from ..triton.residual_stack import fills_the_gpu, sm_count, uses_fused_kernels
@@ -115,7 +115,7 @@ if HAS_CPP:
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
         batch, width = x.shape
         kept = weight.shape[0] if save_for_backward else 0
-        mask_shape = (kept, sign_planes(activation, block), width, (batch + 15) // 16)
+        mask_shape = (kept, sign_planes(activation, block), width, mask_words(batch))
         return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
 
     @torch.library.register_fake("dmup::residual_stack_backward")
