@@ -34,7 +34,8 @@ BIAS_STD = 0.1
 
 @dataclass(frozen=True)
 class TableRow:
-    """One row of the target table (docs/design.md §6.6): a training step and the speed-ups a fused backend must reach."""
+    """One row of the target table (docs/design.md §6.6): a training step and the speed-ups a fused
+    backend must reach."""
 
     width: int
     batch: int
@@ -152,9 +153,7 @@ def _merge(cases: list[Case]) -> list[Case]:
         if case in merged:
             old = merged[case]
             tags = old.tags + tuple(tag for tag in case.tags if tag not in old.tags)
-            case = replace(
-                old, tags=tags, compile=old.compile or case.compile, targets=old.targets or case.targets
-            )
+            case = replace(old, tags=tags, compile=old.compile or case.compile, targets=old.targets or case.targets)
         merged[case] = case  # an existing key keeps its place; the value carries the merged fields
     return list(merged.values())
 

@@ -11,9 +11,9 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -180,7 +180,8 @@ def saved_activation_bytes(module: nn.Module, inputs: Sequence[Tensor]) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         y = module(*inputs)
-    del y, kept
+    del y
+    kept.clear()
     return sum(nbytes for ptr, nbytes in storages.items() if ptr not in parameter_storages)
 
 

@@ -30,8 +30,8 @@ from .measure import (
     grad_tolerance,
     load_average,
     machine_info,
-    one_flip_error,
     matmul_gflops,
+    one_flip_error,
     reference_results,
     saved_activation_bytes,
     step,
@@ -111,9 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-all", action="store_true", help="time torch.compile on every case (a full run then takes ~30 min)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads(N) (default: torch's default)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) (default: torch's default)")
     parser.add_argument(
         "--out", type=Path, default=Path("bench-results.json"), help="JSON output (default: %(default)s)"
     )

@@ -12,8 +12,8 @@ instruction set (AVX-512), so that one run shows both.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn

@@ -40,7 +40,9 @@ constexpr int64_t kMaskWordBits = 16;
 DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + kMaskWordBits - 1) / kMaskWordBits; }
 
 template <class T>
-DMUP_HOST_DEVICE T select(bool cond, T a, T b) { return cond ? a : b; }
+DMUP_HOST_DEVICE T select(bool cond, T a, T b) {
+  return cond ? a : b;
+}
 
 #if !defined(__CUDA_ARCH__)
 using std::exp;
@@ -53,24 +55,40 @@ struct Act;
 // phi(h) = h
 template <>
 struct Act<Activation::Identity> {
-  template <class T> static DMUP_HOST_DEVICE T value(T h) { return h; }
-  template <class T> static DMUP_HOST_DEVICE T backward(T, T g) { return g; }
+  template <class T>
+  static DMUP_HOST_DEVICE T value(T h) {
+    return h;
+  }
+  template <class T>
+  static DMUP_HOST_DEVICE T backward(T, T g) {
+    return g;
+  }
 };
 
 // phi(h) = max(h, 0). The backward is torch's threshold_backward: 0 where h <= 0 (even for g = inf),
 // g elsewhere, so g also passes where h is NaN. NaN stays NaN in the forward (h < 0 is false for NaN).
 template <>
 struct Act<Activation::Relu> {
-  template <class T> static DMUP_HOST_DEVICE T value(T h) { return select(h < T(0), T(0), h); }
-  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) { return select(h <= T(0), T(0), g); }
+  template <class T>
+  static DMUP_HOST_DEVICE T value(T h) {
+    return select(h < T(0), T(0), h);
+  }
+  template <class T>
+  static DMUP_HOST_DEVICE T backward(T h, T g) {
+    return select(h <= T(0), T(0), g);
+  }
 };
 
 // phi(h) = |h|; phi'(h) = sgn(h) with sgn(0) = 0 and sgn(NaN) = 0, as torch.abs's backward
 // (g * torch.sign(h)): g * 0 there, which is NaN only when g is not finite.
 template <>
 struct Act<Activation::Abs> {
-  template <class T> static DMUP_HOST_DEVICE T value(T h) { return select(h < T(0), T(0) - h, h); }
-  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) {
+  template <class T>
+  static DMUP_HOST_DEVICE T value(T h) {
+    return select(h < T(0), T(0) - h, h);
+  }
+  template <class T>
+  static DMUP_HOST_DEVICE T backward(T h, T g) {
     return g * select(h > T(0), T(1), select(h < T(0), T(-1), T(0)));
   }
 };
@@ -80,11 +98,13 @@ template <>
 struct Act<Activation::Gelu> {
   static constexpr double kSqrt2OverPi = 0.7978845608028654;
   static constexpr double kCubic = 0.044715;
-  template <class T> static DMUP_HOST_DEVICE T value(T h) {
+  template <class T>
+  static DMUP_HOST_DEVICE T value(T h) {
     T t = tanh(T(kSqrt2OverPi) * (h + T(kCubic) * h * h * h));
     return T(0.5) * h * (T(1) + t);
   }
-  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) {
+  template <class T>
+  static DMUP_HOST_DEVICE T backward(T h, T g) {
     T t = tanh(T(kSqrt2OverPi) * (h + T(kCubic) * h * h * h));
     T dinner = T(kSqrt2OverPi) * (T(1) + T(3 * kCubic) * h * h);
     return g * (T(0.5) * (T(1) + t) + T(0.5) * h * (T(1) - t * t) * dinner);
@@ -94,9 +114,16 @@ struct Act<Activation::Gelu> {
 // SiLU: phi(h) = h * sigmoid(h); phi'(h) = sigmoid(h) (1 + h (1 - sigmoid(h))).
 template <>
 struct Act<Activation::Silu> {
-  template <class T> static DMUP_HOST_DEVICE T sigmoid(T h) { return T(1) / (T(1) + exp(T(0) - h)); }
-  template <class T> static DMUP_HOST_DEVICE T value(T h) { return h * sigmoid(h); }
-  template <class T> static DMUP_HOST_DEVICE T backward(T h, T g) {
+  template <class T>
+  static DMUP_HOST_DEVICE T sigmoid(T h) {
+    return T(1) / (T(1) + exp(T(0) - h));
+  }
+  template <class T>
+  static DMUP_HOST_DEVICE T value(T h) {
+    return h * sigmoid(h);
+  }
+  template <class T>
+  static DMUP_HOST_DEVICE T backward(T h, T g) {
     T sg = sigmoid(h);
     return g * (sg * (T(1) + h * (T(1) - sg)));
   }

@@ -19,8 +19,7 @@ inline Activation parse_activation(c10::string_view name) {
   if (name == "abs") return Activation::Abs;
   if (name == "gelu") return Activation::Gelu;
   if (name == "silu") return Activation::Silu;
-  TORCH_CHECK_VALUE(false, "activation must be one of 'relu', 'abs', 'gelu', 'silu', 'identity'; got '",
-                    name, "'");
+  TORCH_CHECK_VALUE(false, "activation must be one of 'relu', 'abs', 'gelu', 'silu', 'identity'; got '", name, "'");
 }
 
 inline Block parse_block(c10::string_view name) {
@@ -31,12 +30,12 @@ inline Block parse_block(c10::string_view name) {
 
 // a and b have the same shape, dtype and device, and at least one dimension (scaled_residual's pair).
 inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(),
-                    "; got ", b.sizes());
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), "; got ",
+                    b.sizes());
   TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
                     a.scalar_type(), "); got ", b.scalar_type());
-  TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the device of ", a_name, " (", a.device(),
-                    "); got ", b.device());
+  TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the device of ", a_name, " (", a.device(), "); got ",
+                    b.device());
   TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
 }
 
@@ -45,17 +44,15 @@ inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor
 inline void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::DeviceType device) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == x.size(1) &&
-                        weight.size(2) == x.size(1),
-                    "weight must have shape (depth, width, width) with width = x.size(1) = ", x.size(1), "; got ",
-                    weight.sizes());
+  TORCH_CHECK_VALUE(
+      weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == x.size(1) && weight.size(2) == x.size(1),
+      "weight must have shape (depth, width, width) with width = x.size(1) = ", x.size(1), "; got ", weight.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "x must be float32 or float64 for the ", device, " stack kernel; got ", x.scalar_type());
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have the dtype of x (", x.scalar_type(),
                    "); got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(x.device().type() == device && weight.device() == x.device(),
-                    "x and weight must be ", device, " tensors on one device; got ", x.device(), " and ",
-                    weight.device());
+  TORCH_CHECK_VALUE(x.device().type() == device && weight.device() == x.device(), "x and weight must be ", device,
+                    " tensors on one device; got ", x.device(), " and ", weight.device());
   if (bias) {
     TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1),
                       "bias must have shape (depth, width) = (", weight.size(0), ", ", x.size(1), "); got ",

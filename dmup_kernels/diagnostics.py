@@ -7,9 +7,10 @@ same samples in A and B.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,9 @@ def feature_diversity(
 def _features(a: Tensor, name: str) -> Tensor:
     check_tensor(a, name)
     if a.dim() != 2 or a.shape[0] < 2:
-        raise ValueError(f"{name} must be a 2-D (samples, features) tensor with at least 2 samples; got {tuple(a.shape)}")
+        raise ValueError(
+            f"{name} must be a 2-D (samples, features) tensor with at least 2 samples; got {tuple(a.shape)}"
+        )
     return a.double()
 
 
@@ -243,12 +246,21 @@ def coord_check(
             opt.zero_grad()
             out, states = model.stack(model.input(inputs), return_states=True)
             prediction = model.output(out)
-            probes = {place: states[round(fraction * depth)] for place, fraction in zip(COORD_CHECK_PLACES, COORD_CHECK_FRACTIONS)}
+            probes = {
+                place: states[round(fraction * depth)]
+                for place, fraction in zip(COORD_CHECK_PLACES, COORD_CHECK_FRACTIONS)
+            }
             probes["output"] = prediction.detach()
             for place, value in probes.items():
                 change = (value - previous[place]).abs().mean().item() if place in previous else math.nan
                 rows.append(
-                    {"depth": depth, "step": step, "place": place, "mean_abs": value.abs().mean().item(), "change": change}
+                    {
+                        "depth": depth,
+                        "step": step,
+                        "place": place,
+                        "mean_abs": value.abs().mean().item(),
+                        "change": change,
+                    }
                 )
             previous = probes
             _loss(prediction, targets).backward()
@@ -268,7 +280,9 @@ def plot_coord_check(table: Sequence[dict[str, Any]], path: str | Path) -> Path:
     figure, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.0), squeeze=False, sharey=True)
     for axis, step in zip(axes[0], steps):
         for place in COORD_CHECK_PLACES:
-            points = sorted((row["depth"], row["mean_abs"]) for row in table if row["step"] == step and row["place"] == place)
+            points = sorted(
+                (row["depth"], row["mean_abs"]) for row in table if row["step"] == step and row["place"] == place
+            )
             axis.plot([math.log2(d) for d, _ in points], [v for _, v in points], marker="o", label=place)
         axis.set_title(f"step {step}")
         axis.set_xlabel("log2 depth")

@@ -115,7 +115,9 @@ class ResidualStack(nn.Module):
         self.depth = check_positive_int(depth, "depth")
         self.total_depth = self.depth if total_depth is None else check_positive_int(total_depth, "total_depth")
         if self.total_depth < self.depth:
-            raise ValueError(f"total_depth must be >= depth ({self.depth}), the blocks of this stack; got {total_depth}")
+            raise ValueError(
+                f"total_depth must be >= depth ({self.depth}), the blocks of this stack; got {total_depth}"
+            )
         self.activation = check_activation(activation)
         self.block = check_block(block)
         self.mean_subtract = check_flag(mean_subtract, "mean_subtract")

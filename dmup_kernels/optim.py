@@ -11,7 +11,9 @@ from .nn import ResidualStack
 from .parametrization import OPTIMIZERS
 
 
-def param_groups(model: nn.Module, lr: float, optimizer: str = "adam", weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, optimizer: str = "adam", weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
     """Param groups for ``torch.optim``: each ResidualStack's parameters get
     ``lr * stack.parametrization.lr_scale(stack.total_depth, optimizer)``, all other parameters ``lr``
     (``total_depth``: the depth of the whole network, also for a pipeline stage of it).

@@ -7,7 +7,7 @@ Notation (docs/design.md §2.1): ``x`` is the residual stream (..., n); weights 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

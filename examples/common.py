@@ -35,7 +35,9 @@ def make_net(depth: int, parametrization: dk.DepthParametrization, width: int = 
     return net
 
 
-def train(net: dk.DepthMuPNet, data: tuple[Tensor, Tensor], *, lr: float, steps: int, batch: int, seed: int) -> list[float]:
+def train(
+    net: dk.DepthMuPNet, data: tuple[Tensor, Tensor], *, lr: float, steps: int, batch: int, seed: int
+) -> list[float]:
     """Adam with param_groups (hidden lr scaled by depth) on minibatches drawn in an order fixed by
     ``seed``; returns the training loss of every step (inf once it diverges)."""
     inputs, targets = data

@@ -73,7 +73,9 @@ def plot(runs: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False, sharey=True)
     for axis, name in zip(axes[0], names):
         for depth in sorted({run["depth"] for run in runs}):
-            points = sorted((r["log2_lr"], r["loss"]) for r in runs if r["parametrization"] == name and r["depth"] == depth)
+            points = sorted(
+                (r["log2_lr"], r["loss"]) for r in runs if r["parametrization"] == name and r["depth"] == depth
+            )
             axis.plot([p[0] for p in points], [min(p[1], 10.0) for p in points], marker="o", label=f"L = {depth}")
         axis.set_title(name)
         axis.set_xlabel("log2 learning rate")

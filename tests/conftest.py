@@ -18,10 +18,10 @@
 
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 # The Triton kernels run on CPU tensors through the interpreter, which must be on before they are defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -69,8 +69,10 @@ def routing_step() -> dict:
         x = torch.randn(rows, width, device="cuda")
         weight = torch.randn(32, width, width, device="cuda") / width**0.5
         runs = {
-            "fused": lambda: torch.ops.dmup.triton_residual_stack(x, weight, None, 0.2, "relu", "post", True, False),
-            "per-layer": lambda: reference.residual_stream(
+            "fused": lambda x=x, weight=weight: torch.ops.dmup.triton_residual_stack(
+                x, weight, None, 0.2, "relu", "post", True, False
+            ),
+            "per-layer": lambda x=x, weight=weight: reference.residual_stream(
                 x, weight, None, scale=0.2, activation="relu", epilogue=torch.ops.dmup.triton_scaled_residual
             ),
         }
@@ -96,8 +98,10 @@ def main() -> int:
     steps = [
         run_step("Triton tests on CUDA", [*PYTEST, "tests/test_triton_kernels.py"]),
         run_step("CUDA C++ tests", [*PYTEST, "tests/test_cuda_kernels.py"]),
-        run_step("non-finite/compile/func", [*PYTEST, "tests/test_nonfinite.py", "tests/test_compile.py",
-                                             "tests/test_func_transforms.py"]),  # fmt: skip
+        run_step(
+            "non-finite/compile/func",
+            [*PYTEST, "tests/test_nonfinite.py", "tests/test_compile.py", "tests/test_func_transforms.py"],
+        ),  # fmt: skip
         benchmark_step(),
     ]
     os.environ["TRITON_INTERPRET"] = "0"  # before dmup_kernels defines its kernels in this process

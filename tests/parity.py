@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 import dmup_kernels
-from conftest import num_threads, rel_err
 from dmup_kernels import reference
+
+from conftest import num_threads, rel_err
 from sample_inputs import ResidualCase, StackCase
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,7 +28,10 @@ SCALES: tuple[float, ...] = (0.5, 1.0 / math.sqrt(17.0), 1.0, -0.75, 2.0)
 
 
 def random_tensor(
-    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, layout: str = "contiguous",
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    layout: str = "contiguous",
     away_from_zero: float = 0.0,
 ) -> Tensor:
     """A random normal tensor of ``shape`` in the given memory layout; no exact zeros.

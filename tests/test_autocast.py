@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import needs_cpp, needs_triton, rel_err
 from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
+
+from conftest import needs_cpp, needs_triton, rel_err
 
 BACKENDS = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
 

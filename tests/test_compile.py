@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dmup_kernels as dk
+
 from conftest import needs_cpp, needs_triton
 
 

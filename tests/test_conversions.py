@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dmup_kernels
-from conftest import rel_err
 from dmup_kernels import COMPLETE_P, ReferenceBlock, ResidualStack, param_groups, reference
+
+from conftest import rel_err
 from sample_inputs import STACK_SPECS, StackCase, StackSpec, make_stack_case
 
 BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="no C++"))]
@@ -90,7 +91,12 @@ def test_split_copies_parameters_with_their_settings():
     assert torch.equal(torch.cat([first.weight, second.weight]), stack.weight)
     assert torch.equal(torch.cat([first.bias, second.bias]), stack.bias)
     for stage in (first, second):
-        assert (stage.activation, stage.block, stage.backend, stage.parametrization) == ("abs", "pre", "reference", COMPLETE_P)
+        assert (stage.activation, stage.block, stage.backend, stage.parametrization) == (
+            "abs",
+            "pre",
+            "reference",
+            COMPLETE_P,
+        )
         assert stage.weight.dtype == torch.float64 and stage.weight.requires_grad and not stage.bias.requires_grad
     with torch.no_grad():
         first.weight.add_(1.0)
@@ -173,7 +179,11 @@ def test_from_linears_keeps_dtype_device_requires_grad_and_settings():
         ([nn.Linear(4, 3)], ValueError, r"linears\[0\] must be square, nn.Linear\(n, n\); got nn.Linear\(4, 3\)"),
         ([nn.Linear(4, 4), nn.Linear(5, 5)], ValueError, r"one width; linears\[0\] has 4, linears\[1\] has 5"),
         ([nn.Linear(4, 4), nn.Linear(4, 4, bias=False)], ValueError, r"all have a bias or all have none"),
-        ([nn.Linear(4, 4), nn.Linear(4, 4, dtype=torch.float64)], TypeError, r"linears\[1\].weight must have the dtype"),
+        (
+            [nn.Linear(4, 4), nn.Linear(4, 4, dtype=torch.float64)],
+            TypeError,
+            r"linears\[1\].weight must have the dtype",
+        ),
     ],
     ids=["empty", "one-linear", "tensor", "not-linear", "not-square", "widths", "bias", "dtype"],
 )

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import dmup_kernels
+
 from conftest import CPU_ISAS
 
 pytestmark = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
@@ -48,5 +49,7 @@ def test_isa_this_cpu_cannot_run_is_rejected():
     foreign = "avx2" if platform.machine() in ("aarch64", "arm64") else "neon"
     result = import_with(foreign)
     assert result.returncode != 0
-    expected = f"RuntimeError: DMUP_CPU_ISA='{foreign}': this CPU cannot run {foreign} code; it runs {', '.join(CPU_ISAS)}"
+    expected = (
+        f"RuntimeError: DMUP_CPU_ISA='{foreign}': this CPU cannot run {foreign} code; it runs {', '.join(CPU_ISAS)}"
+    )
     assert expected in result.stderr

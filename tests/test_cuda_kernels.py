@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import needs_cuda, rel_err
 from dmup_kernels import ResidualStack, reference
+
+from conftest import needs_cuda, rel_err
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -29,7 +30,6 @@ from sample_inputs import (
     make_stack_case,
     random_tensor,
 )
-
 
 pytestmark = [needs_cuda, pytest.mark.usefixtures("nan_poison")]
 

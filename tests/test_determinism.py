@@ -1,6 +1,7 @@
 """Determinism of the CPU path: the same inputs give bitwise the same outputs (and gradients) for any
-number of threads, on every call, and in a fresh process, on every instruction set this CPU runs. (The fused stack op's gradients across thread
-counts: test_residual_stack_op.py, test_bitwise_independent_of_threads.)
+number of threads, on every call, and in a fresh process, on every instruction set this CPU runs. (The
+fused stack op's gradients across thread counts: test_residual_stack_op.py,
+test_bitwise_independent_of_threads.)
 
 DepthMuPNet's input and output layers are torch's nn.Linear, whose BLAS GEMMs are not promised to be
 independent of the thread count; the net is checked call to call at a fixed thread count.
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 
 import dmup_kernels
-from conftest import num_threads
 from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
+
+from conftest import num_threads
 from sample_inputs import PARALLEL_SHAPES, ResidualSpec, StackSpec, make_residual_case, make_stack_case
 
 pytestmark = [

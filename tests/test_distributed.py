@@ -18,18 +18,23 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import dmup_kernels
-from conftest import rel_err
 from dmup_kernels import ResidualStack
 
+from conftest import rel_err
+
 pytestmark = [
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    ),
     pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built"),
 ]
 
 WORLD, WIDTH, DEPTH, BATCH, MICRO_BATCHES = 2, 16, 7, 8, 2
 
 
-def problem(dtype: torch.dtype = torch.float32, backend: str = "cpp") -> tuple[ResidualStack, torch.Tensor, torch.Tensor]:
+def problem(
+    dtype: torch.dtype = torch.float32, backend: str = "cpp"
+) -> tuple[ResidualStack, torch.Tensor, torch.Tensor]:
     """The same stack (random biases), input and target in every process, drawn in float32."""
     generator = torch.Generator().manual_seed(1234)
     torch.manual_seed(1234)
@@ -56,7 +61,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
         # pipeline: rank k runs stage k; GPipe averages the micro-batch losses (scale_grads)
         stage = problem()[0].split(WORLD)[rank]
-        schedule = ScheduleGPipe(PipelineStage(stage, rank, WORLD, torch.device("cpu")), MICRO_BATCHES, loss_fn=F.mse_loss)
+        schedule = ScheduleGPipe(
+            PipelineStage(stage, rank, WORLD, torch.device("cpu")), MICRO_BATCHES, loss_fn=F.mse_loss
+        )
         if rank == 0:
             schedule.step(x)
         else:

@@ -80,7 +80,7 @@ def fallback() -> dict:
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT=")]
     assert len(lines) == 1, proc.stdout + proc.stderr
-    return json.loads(lines[0][len("RESULT="):])
+    return json.loads(lines[0][len("RESULT=") :])
 
 
 def test_import_warns_exactly_once(fallback):

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from conftest import needs_cpp, needs_triton, rel_err
 from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
+
+from conftest import needs_cpp, needs_triton, rel_err
 from sample_inputs import random_tensor
 
 FUSED_BACKENDS = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]

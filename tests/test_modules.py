@@ -10,11 +10,19 @@ import torch
 from torch import nn
 
 import dmup_kernels
-from conftest import needs_cpp, needs_triton, rel_err
-from dmup_kernels import COMPLETE_P, DEPTH_MUP, STANDARD, DepthMuPNet, DepthParametrization, ResidualStack, ScaledResidual
-from dmup_kernels import reference
-from sample_inputs import ACTIVATIONS, STACK_SPECS, StackSpec, make_stack_case, random_tensor
+from dmup_kernels import (
+    COMPLETE_P,
+    DEPTH_MUP,
+    STANDARD,
+    DepthMuPNet,
+    DepthParametrization,
+    ResidualStack,
+    ScaledResidual,
+    reference,
+)
 
+from conftest import needs_cpp, needs_triton, rel_err
+from sample_inputs import ACTIVATIONS, STACK_SPECS, StackSpec, make_stack_case, random_tensor
 
 STACK_IDS = [spec.id for spec in STACK_SPECS]
 IN_FEATURES, OUT_FEATURES = 3, 2
@@ -65,7 +73,11 @@ def randomize_biases(module: nn.Module, seed: int) -> None:
     "spec,backend",
     [pytest.param(spec, "cpp", marks=needs_cpp, id=f"{spec.id}-cpp") for spec in STACK_SPECS]
     # the interpreter walks every layer in Python: the 256-layer specs are left to the C++ backend
-    + [pytest.param(spec, "triton", marks=needs_triton, id=f"{spec.id}-triton") for spec in STACK_SPECS if spec.depth <= 17],
+    + [
+        pytest.param(spec, "triton", marks=needs_triton, id=f"{spec.id}-triton")
+        for spec in STACK_SPECS
+        if spec.depth <= 17
+    ],
 )
 def test_backend_matches_reference(spec: StackSpec, kind, dtype, backend, seed):
     module = build(kind, spec, backend, dtype)
@@ -88,7 +100,10 @@ def test_backend_matches_reference(spec: StackSpec, kind, dtype, backend, seed):
     expected_names = {"weight", "bias"} if spec.bias else {"weight"}
     if kind == "net":
         expected_names = {f"stack.{name}" for name in expected_names} | {
-            "input.weight", "input.bias", "output.weight", "output.bias",
+            "input.weight",
+            "input.bias",
+            "output.weight",
+            "output.bias",
         }
     assert set(grads) == set(ref_grads) == expected_names
     for name, grad in grads.items():
@@ -201,7 +216,12 @@ def test_state_dict_round_trip_net(seed):
     randomize_biases(net, seed)
     state = net.state_dict()
     assert set(state) == {
-        "input.weight", "input.bias", "stack.weight", "stack.bias", "output.weight", "output.bias",
+        "input.weight",
+        "input.bias",
+        "stack.weight",
+        "stack.bias",
+        "output.weight",
+        "output.bias",
     }
     other = DepthMuPNet(7, 16, 3, 4, bias=True)
     other.load_state_dict(state)
@@ -281,7 +301,13 @@ def test_net_init_at_construction():
 
 def test_extra_repr():
     stack = ResidualStack(
-        48, 17, activation="gelu", block="pre", mean_subtract=False, bias=True, parametrization=COMPLETE_P,
+        48,
+        17,
+        activation="gelu",
+        block="pre",
+        mean_subtract=False,
+        bias=True,
+        parametrization=COMPLETE_P,
         backend="reference",
     )
     text = repr(stack)

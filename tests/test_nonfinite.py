@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import needs_cpp, needs_cuda, needs_triton, rel_err
 from dmup_kernels import reference
+
+from conftest import needs_cpp, needs_cuda, needs_triton, rel_err
 from sample_inputs import ACTIVATIONS, ResidualSpec, StackSpec, make_residual_case, make_stack_case
 
 pytestmark = [

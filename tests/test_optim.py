@@ -28,7 +28,10 @@ class TwoStackModel(nn.Module):
         super().__init__()
         self.embed = nn.Linear(5, 12)
         self.shallow = ResidualStack(
-            12, SHALLOW[3], bias=True, parametrization=DepthParametrization(SHALLOW[0], SHALLOW[1], base_depth=SHALLOW[2])
+            12,
+            SHALLOW[3],
+            bias=True,
+            parametrization=DepthParametrization(SHALLOW[0], SHALLOW[1], base_depth=SHALLOW[2]),
         )
         self.norm = nn.LayerNorm(12)
         self.middle = nn.Sequential(
@@ -61,8 +64,16 @@ def test_learning_rates(optimizer):
     assert group_of(groups, shallow.bias)["lr"] == pytest.approx(shallow_lr, rel=1e-12)
     assert group_of(groups, shallow.weight) is group_of(groups, shallow.bias)
     assert group_of(groups, deep.weight)["lr"] == pytest.approx(deep_lr, rel=1e-12)
-    others = [model.embed.weight, model.embed.bias, model.norm.weight, model.norm.bias, model.middle[0].weight,
-              model.middle[0].bias, model.head.weight, model.head.bias]
+    others = [
+        model.embed.weight,
+        model.embed.bias,
+        model.norm.weight,
+        model.norm.bias,
+        model.middle[0].weight,
+        model.middle[0].bias,
+        model.head.weight,
+        model.head.bias,
+    ]
     for p in others:
         assert group_of(groups, p)["lr"] == LR
         assert all(group_of(groups, p) is not group_of(groups, q) for q in (shallow.weight, deep.weight))

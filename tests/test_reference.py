@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_generator, rel_err
 from dmup_kernels import reference
+
+from conftest import make_generator, rel_err
 from sample_inputs import ACTIVATIONS, random_tensor
 
 TOL = 1e-13

@@ -15,8 +15,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmup_kernels
-from conftest import num_threads, rel_err, saved_bytes
 from dmup_kernels import ResidualStack, reference
+
+from conftest import num_threads, rel_err, saved_bytes
 from parity import check_stack, run_stack, run_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
@@ -142,8 +143,9 @@ def away_from_kinks(spec: StackSpec, seed: int, margin: float = 1e-3) -> StackCa
         case = make_stack_case(spec, torch.float64, seed + attempt)
         if spec.activation not in ("relu", "abs"):
             return case
-        pre = preactivations(case.x, case.weight, case.bias, case.scale, spec.activation, spec.block,
-                             spec.mean_subtract)
+        pre = preactivations(
+            case.x, case.weight, case.bias, case.scale, spec.activation, spec.block, spec.mean_subtract
+        )
         if pre.abs().min().item() >= margin:
             return case
     pytest.fail("no seed with pre-activations away from the kinks")
@@ -186,12 +188,15 @@ OPCHECK_CASES = [  # (n, B, L, dtype, bias, activation, block, mean_subtract)
     (6, 20, 2, torch.float64, True, "relu", "pre", False),
     (8, 5, 2, torch.float32, False, "abs", "pre", True),
 ]
-OPCHECK_IDS = [f"n{c[0]}-B{c[1]}-L{c[2]}-{DTYPE_IDS[DTYPES.index(c[3])]}-{'bias' if c[4] else 'nobias'}-{c[5]}-{c[6]}"
-               for c in OPCHECK_CASES]
+OPCHECK_IDS = [
+    f"n{c[0]}-B{c[1]}-L{c[2]}-{DTYPE_IDS[DTYPES.index(c[3])]}-{'bias' if c[4] else 'nobias'}-{c[5]}-{c[6]}"
+    for c in OPCHECK_CASES
+]
 
 
-def op_args(n, batch, depth, dtype, bias, activation, block, mean_subtract, *, requires_grad=True,
-            save_for_backward=True):
+def op_args(
+    n, batch, depth, dtype, bias, activation, block, mean_subtract, *, requires_grad=True, save_for_backward=True
+):
     """Arguments of dmup::residual_stack (x of shape (B, n)); deterministic per shape."""
     generator = torch.Generator().manual_seed(1000 * n + batch)
     x = random_tensor((batch, n), dtype, generator).requires_grad_(requires_grad)
@@ -279,8 +284,14 @@ def test_bitwise_independent_of_threads(spec: StackSpec, dtype, cpu_isa, seed):
 
 @pytest.mark.parametrize(
     "activation,batch,width,depth",
-    [("relu", 37, 48, 6), ("relu", 64, 96, 3), ("abs", 37, 48, 6), ("gelu", 37, 48, 6), ("silu", 100, 17, 4),
-     ("identity", 5, 64, 3)],
+    [
+        ("relu", 37, 48, 6),
+        ("relu", 64, 96, 3),
+        ("abs", 37, 48, 6),
+        ("gelu", 37, 48, 6),
+        ("silu", 100, 17, 4),
+        ("identity", 5, 64, 3),
+    ],
 )
 @pytest.mark.parametrize("block", BLOCKS)
 def test_saved_bytes_per_layer(activation, batch, width, depth, block, cpu_isa, seed):
@@ -322,8 +333,7 @@ def test_saved_state_layout(activation, block, dtype, cpu_isa, seed):
     partial word, and vectors that end inside a word)."""
     batch, width, depth = 37, 20, 4
     tolerance = 1e-13 if dtype == torch.float64 else 1e-6
-    x, weight, bias, scale, *_ = op_args(width, batch, depth, dtype, True, activation, block, True,
-                                         requires_grad=False)
+    x, weight, bias, scale, *_ = op_args(width, batch, depth, dtype, True, activation, block, True, requires_grad=False)
     out, saved, mask = torch.ops.dmup.residual_stack(x, weight, bias, scale, activation, block, True, True)
     assert saved.shape == (depth, width, batch) and saved.is_contiguous()
     assert mask.shape == (depth, mask_planes(activation, block), width, 3) and mask.dtype == torch.int16
@@ -341,8 +351,7 @@ def test_saved_state_layout(activation, block, dtype, cpu_isa, seed):
             assert torch.equal(bits[layer, 0][clear], (h > 0)[clear]), f"plane 0, layer {layer}"
             if activation == "abs":
                 assert torch.equal(bits[layer, 1][clear], (h < 0)[clear]), f"plane 1, layer {layer}"
-        x_layer = layer_fn(x_layer, weight[layer], bias[layer], scale=scale, activation=activation,
-                           mean_subtract=True)
+        x_layer = layer_fn(x_layer, weight[layer], bias[layer], scale=scale, activation=activation, mean_subtract=True)
     assert rel_err(out, x_layer) < tolerance
 
 
@@ -387,8 +396,14 @@ def test_inference_saves_nothing(activation, seed):
     calls = []
     for grad_mode, requires_grad in ((False, True), (True, False), (True, True)):
         with torch.set_grad_enabled(grad_mode), OpLog() as log:
-            y = dmup_kernels.residual_stack(x.detach().requires_grad_(requires_grad), weight, bias, scale=scale,
-                                            activation=activation, backend="cpp")
+            y = dmup_kernels.residual_stack(
+                x.detach().requires_grad_(requires_grad),
+                weight,
+                bias,
+                scale=scale,
+                activation=activation,
+                backend="cpp",
+            )
         assert torch.equal(y.detach(), out)
         calls.append(log.args["dmup.residual_stack.default"][-1])
     assert calls == [False, False, True]
@@ -496,6 +511,7 @@ def _bad_state_cases():
             torch.ops.dmup.residual_stack_backward(
                 torch.randn_like(x), saved_fn(saved), mask_fn(mask), weight, None, 0.5, activation, "post", True
             )
+
         return run
 
     return [
@@ -525,4 +541,3 @@ BAD_STATE_CASES = _bad_state_cases()
 def test_backward_op_rejects_bad_state(call, match):
     with pytest.raises(ValueError, match=match):
         call()
-

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import num_threads, rel_err, saved_bytes
 from dmup_kernels import ResidualStack, param_groups, reference
+
+from conftest import num_threads, rel_err, saved_bytes
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 COMPILER = shutil.which("c++") or shutil.which("g++")

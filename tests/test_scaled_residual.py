@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import rel_err
 from dmup_kernels import reference
+
+from conftest import rel_err
 from parity import check_residual, run_residual, run_residual_reference
 from sample_inputs import ACTIVATIONS, RESIDUAL_SPECS, ResidualSpec, make_residual_case, sample_inputs
 
@@ -131,7 +132,9 @@ def test_opcheck_backward_op(seed):
     case = make_residual_case(ResidualSpec((5, 7), "contiguous", "gelu", True, 0.5), torch.float64, seed)
     grad_out = torch.randn(5, 7, dtype=torch.float64)
     args = (grad_out, case.branch_out, case.scale, case.activation, case.mean_subtract)
-    torch.library.opcheck(torch.ops.dmup.scaled_residual_backward.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.dmup.scaled_residual_backward.default, args, test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @pytest.mark.parametrize("mean_subtract", [True, False])

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import dmup_kernels
-from conftest import INTERPRETED, needs_triton, rel_err
 from dmup_kernels import ResidualStack, ScaledResidual, reference
+
+from conftest import INTERPRETED, needs_triton, rel_err
 from parity import check_residual, check_stack, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
@@ -80,7 +81,9 @@ def test_return_states_match_reference_stream(block, triton_device, seed):
 
 
 def test_modules_match_reference(triton_device, seed):
-    stack = ResidualStack(32, 3, activation="gelu", bias=True, backend="triton", dtype=torch.float64, device=triton_device)
+    stack = ResidualStack(
+        32, 3, activation="gelu", bias=True, backend="triton", dtype=torch.float64, device=triton_device
+    )
     with torch.no_grad():
         stack.bias.normal_()
     x = torch.randn(4, 32, dtype=torch.float64, device=triton_device)
@@ -100,7 +103,9 @@ def test_auto_backend_stays_cpp_on_cpu():
 # ---------------------------------------------------------------------------------------------------
 
 
-def _stack_op_inputs(activation: str, block: str, seed: int, device: str, rows: int = 13, width: int = 21, depth: int = 3):
+def _stack_op_inputs(
+    activation: str, block: str, seed: int, device: str, rows: int = 13, width: int = 21, depth: int = 3
+):
     generator = torch.Generator().manual_seed(seed)
     x = random_tensor((rows, width), torch.float64, generator)
     weight = random_tensor((depth, width, width), torch.float64, generator) / math.sqrt(width)
@@ -134,7 +139,9 @@ def test_saved_state_layout(activation, block, triton_device, seed):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_inference_saves_nothing(activation, triton_device, seed):
     x, weight, bias = _stack_op_inputs(activation, "post", seed, triton_device, depth=4)
-    out, states, signs, pre = torch.ops.dmup.triton_residual_stack(x, weight, bias, 0.5, activation, "post", True, False)
+    out, states, signs, pre = torch.ops.dmup.triton_residual_stack(
+        x, weight, bias, 0.5, activation, "post", True, False
+    )
     assert states.shape[0] == signs.shape[0] == pre.shape[0] == 0
     expected = reference.residual_stack(x, weight, bias, scale=0.5, activation=activation)
     assert rel_err(out, expected) < 1e-13
@@ -148,7 +155,9 @@ def test_inference_saves_nothing(activation, triton_device, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("activation", "block"), [("relu", "post"), ("abs", "post"), ("silu", "post"), ("gelu", "pre")])
+@pytest.mark.parametrize(
+    ("activation", "block"), [("relu", "post"), ("abs", "post"), ("silu", "post"), ("gelu", "pre")]
+)
 @pytest.mark.parametrize("save", [True, False])
 def test_opcheck_stack(activation, block, save, triton_device, seed):
     x, weight, bias = _stack_op_inputs(activation, block, seed, triton_device, rows=5, width=7, depth=2)
@@ -288,7 +297,9 @@ def test_half_precision_epilogue(width, activation, dtype, triton_device, seed):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-@pytest.mark.parametrize(("activation", "block"), [("relu", "post"), ("abs", "post"), ("gelu", "post"), ("silu", "pre")])
+@pytest.mark.parametrize(
+    ("activation", "block"), [("relu", "post"), ("abs", "post"), ("gelu", "post"), ("silu", "pre")]
+)
 def test_half_precision_stack_kernels(activation, block, dtype, triton_device, seed):
     """The stack kernels on half tensors: output and gradients against the float64 reference from the
     same (rounded) inputs."""
@@ -301,7 +312,9 @@ def test_half_precision_stack_kernels(activation, block, dtype, triton_device, s
     leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
     expected = reference.residual_stack(*leaves, scale=0.5, activation=activation, block=block)
     expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
-    for name, got, want in zip(("output", "grad x", "grad weight", "grad bias"), (out, *grads), (expected, *expected_grads)):
+    for name, got, want in zip(
+        ("output", "grad x", "grad weight", "grad bias"), (out, *grads), (expected, *expected_grads)
+    ):
         assert got.dtype == dtype, name
         assert rel_err(got, want) < 2 * HALF_TOLERANCE[dtype], name
 

@@ -77,7 +77,9 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         scaled_residual.scaled_residual_forward(wide, wide, 0.5, "gelu", True)  # two passes
     # Half precision: every activation through every stack kernel (post block: sign bits or h saved;
     # pre block: phi on the GEMM operand), depth-fused and one fused-block width.
-    half_stacks = [(64, dtype, activation, "post", activation != "identity") for dtype in HALF_DTYPES for activation in ACTIVATIONS]
+    half_stacks = [
+        (64, dtype, activation, "post", activation != "identity") for dtype in HALF_DTYPES for activation in ACTIVATIONS
+    ]
     half_stacks += [(64, dtype, activation, "pre", True) for dtype in HALF_DTYPES for activation in ("gelu", "silu")]
     half_stacks += [(512, dtype, "silu", "post", True) for dtype in HALF_DTYPES]
     for width, dtype, activation, block, bias in [
@@ -97,7 +99,9 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         out, states, signs, pre = residual_stack.stack_forward(x, weight, b, 0.5, activation, block, True, True)
         residual_stack.stack_backward(out, x, states, signs, pre, weight, b, 0.5, activation, block, True)
     one = torch.randn(1, 32)  # B = 1 and L = 1: arguments equal to 1 become constants
-    out, states, signs, pre = residual_stack.stack_forward(one, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True, True)
+    out, states, signs, pre = residual_stack.stack_forward(
+        one, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True, True
+    )
     residual_stack.stack_backward(out, one, states, signs, pre, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True)
     return launches
 

@@ -16,8 +16,7 @@ bool cpu_runs(CpuIsa isa) {
 #if defined(__x86_64__)
     case CpuIsa::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("fma");
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
     case CpuIsa::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #elif defined(__aarch64__)
     case CpuIsa::Neon: return true;  // part of the AArch64 baseline
@@ -54,17 +53,15 @@ std::vector<CpuIsa> runnable_cpu_isas() {
 CpuIsa active_cpu_isa() { return active().load(std::memory_order_relaxed); }
 
 void pin_cpu_isa(const std::string& name) {
-  const auto known = std::find_if(std::begin(kAllIsas), std::end(kAllIsas),
-                                  [&](CpuIsa isa) { return name == cpu_isa_name(isa); });
+  const auto known =
+      std::find_if(std::begin(kAllIsas), std::end(kAllIsas), [&](CpuIsa isa) { return name == cpu_isa_name(isa); });
   if (known == std::end(kAllIsas)) {
-    throw std::invalid_argument("DMUP_CPU_ISA must be one of 'avx512', 'avx2', 'neon', 'portable'; got '" + name +
-                                "'");
+    throw std::invalid_argument("DMUP_CPU_ISA must be one of 'avx512', 'avx2', 'neon', 'portable'; got '" + name + "'");
   }
   if (!cpu_runs(*known)) {
     std::string runnable;
     for (CpuIsa isa : runnable_cpu_isas()) runnable += std::string(runnable.empty() ? "" : ", ") + cpu_isa_name(isa);
-    throw std::runtime_error("DMUP_CPU_ISA='" + name + "': this CPU cannot run " + name + " code; it runs " +
-                             runnable);
+    throw std::runtime_error("DMUP_CPU_ISA='" + name + "': this CPU cannot run " + name + " code; it runs " + runnable);
   }
   active().store(*known, std::memory_order_relaxed);
 }

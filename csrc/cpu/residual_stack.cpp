@@ -121,8 +121,8 @@ at::Tensor empty_large(at::IntArrayRef sizes, at::TensorOptions options) {
   if (bytes < kHugePageBytes) return at::empty(sizes, options);
   const size_t rounded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
   void* data = LargeBufferPool::instance().take(rounded);
-  at::Tensor result = at::from_blob(
-      data, sizes, [rounded](void* p) { LargeBufferPool::instance().give(p, rounded); }, options);
+  at::Tensor result =
+      at::from_blob(data, sizes, [rounded](void* p) { LargeBufferPool::instance().give(p, rounded); }, options);
   if (at::globalContext().deterministicAlgorithms() && at::globalContext().deterministicFillUninitializedMemory()) {
     result.fill_(std::numeric_limits<double>::quiet_NaN());
   }
@@ -168,11 +168,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
-    const StackForwardBuffers<scalar_t> buffers{x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                                save_for_backward ? saved.mutable_data_ptr<scalar_t>() : nullptr,
-                                                save_for_backward
-                                                    ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())
-                                                    : nullptr};
+    const StackForwardBuffers<scalar_t> buffers{
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        save_for_backward ? saved.mutable_data_ptr<scalar_t>() : nullptr,
+        save_for_backward ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()) : nullptr};
     kernels.forward(problem, buffers, at::get_num_threads());
   });
   return {out, saved, mask};
@@ -200,11 +199,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cpu", [&] {
     const auto problem = make_problem<scalar_t>(grad_out, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
-    const StackBackwardBuffers<scalar_t> buffers{
-        grad_out.const_data_ptr<scalar_t>(),      saved.const_data_ptr<scalar_t>(),
-        reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
-        grad_x.mutable_data_ptr<scalar_t>(),      grad_h.mutable_data_ptr<scalar_t>(),
-        grad_weight.mutable_data_ptr<scalar_t>(), bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
+    const StackBackwardBuffers<scalar_t> buffers{grad_out.const_data_ptr<scalar_t>(),
+                                                 saved.const_data_ptr<scalar_t>(),
+                                                 reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
+                                                 grad_x.mutable_data_ptr<scalar_t>(),
+                                                 grad_h.mutable_data_ptr<scalar_t>(),
+                                                 grad_weight.mutable_data_ptr<scalar_t>(),
+                                                 bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
     kernels.backward_rows(problem, buffers, at::get_num_threads());
     kernels.backward_weights(problem, buffers, at::get_num_threads());
   });

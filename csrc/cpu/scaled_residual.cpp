@@ -75,20 +75,21 @@ at::Tensor scaled_residual_cpu(const at::Tensor& x, const at::Tensor& branch_out
 at::Tensor scaled_residual_backward_cpu(const at::Tensor& grad_out, const at::Tensor& branch_out, double scale,
                                         c10::string_view activation, bool mean_subtract) {
   check_pair(branch_out, "branch_out", grad_out, "grad_out");
-  return map_row_pairs(grad_out, branch_out, activation, [&](auto tag, const auto* gr, const auto* br, auto* db, int64_t n) {
-    using Phi = Act<decltype(tag)::value>;
-    using opmath_t = OpMath<std::remove_pointer_t<decltype(db)>>;
-    const opmath_t s = static_cast<opmath_t>(scale);
-    opmath_t mean = 0;
-    if (mean_subtract) {
-      for (int64_t j = 0; j < n; ++j) mean += s * static_cast<opmath_t>(gr[j]);
-      mean /= static_cast<opmath_t>(n);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const opmath_t du = s * static_cast<opmath_t>(gr[j]) - mean;
-      db[j] = static_cast<std::remove_pointer_t<decltype(db)>>(Phi::backward(static_cast<opmath_t>(br[j]), du));
-    }
-  });
+  return map_row_pairs(
+      grad_out, branch_out, activation, [&](auto tag, const auto* gr, const auto* br, auto* db, int64_t n) {
+        using Phi = Act<decltype(tag)::value>;
+        using opmath_t = OpMath<std::remove_pointer_t<decltype(db)>>;
+        const opmath_t s = static_cast<opmath_t>(scale);
+        opmath_t mean = 0;
+        if (mean_subtract) {
+          for (int64_t j = 0; j < n; ++j) mean += s * static_cast<opmath_t>(gr[j]);
+          mean /= static_cast<opmath_t>(n);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const opmath_t du = s * static_cast<opmath_t>(gr[j]) - mean;
+          db[j] = static_cast<std::remove_pointer_t<decltype(db)>>(Phi::backward(static_cast<opmath_t>(br[j]), du));
+        }
+      });
 }
 
 }  // namespace

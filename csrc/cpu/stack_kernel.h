@@ -70,10 +70,10 @@ struct StackProblem {
 
 template <class T>
 struct StackForwardBuffers {
-  const T* x;       // (B, n)
-  T* out;           // (B, n)
-  T* saved;         // (L, n, B), or nullptr for inference (nothing saved)
-  uint16_t* mask;   // (L, planes, n, ceil(B/16)), zeroed; nullptr for inference
+  const T* x;      // (B, n)
+  T* out;          // (B, n)
+  T* saved;        // (L, n, B), or nullptr for inference (nothing saved)
+  uint16_t* mask;  // (L, planes, n, ceil(B/16)), zeroed; nullptr for inference
 };
 
 template <class T>
@@ -173,8 +173,8 @@ inline void gemm_tile(int64_t K, const typename V::T* a, int64_t asi, int64_t as
 }
 
 template <class V, int MI, int NJ>
-inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi, int64_t asp,
-                      const typename V::T* b, int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
+inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
+                      int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
   int64_t i = 0;
   for (; i + MI <= M; i += MI) gemm_tile<V, MI, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
   // The remaining rows in tiles of 4, 2, 1: a one-row tile is load-bound, so use it least.
@@ -239,8 +239,7 @@ inline void transpose_in(T* dst, int64_t stride, const T* src, int64_t width, in
 }
 
 template <class T>
-inline void transpose_out(T* dst, int64_t width, const T* src, int64_t stride, int64_t k0, int64_t k1,
-                          int64_t count) {
+inline void transpose_out(T* dst, int64_t width, const T* src, int64_t stride, int64_t k0, int64_t k1, int64_t count) {
   for (int64_t r = 0; r < count; ++r) {
     for (int64_t k = k0; k < k1; ++k) dst[r * width + k] = src[k * stride + r];
   }
@@ -383,8 +382,10 @@ struct Stack {
             for (int64_t r = 0; r < live; r += V::W) {
               Vec h = V::load(h_row + r) + bias;
               if constexpr (kPost) {
-                if constexpr (kPlanes >= 1) if (save) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(h));
-                if constexpr (kPlanes == 2) if (save) store_bits<V>(neg, b0 + r, negative_sign_bit(h));
+                if constexpr (kPlanes >= 1)
+                  if (save) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(h));
+                if constexpr (kPlanes == 2)
+                  if (save) store_bits<V>(neg, b0 + r, negative_sign_bit(h));
                 h = Phi::value(h);
               }
               V::store(h_row + r, h);
@@ -427,7 +428,8 @@ struct Stack {
             load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
           }
           team.sync();  // the row mean reads all of g; the recomputation all of x_l
-          if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+          if constexpr (kRecompute)
+            gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
           row_mean(p, s.stream, Rp, live, p.scale, row);
           for (int64_t o = o0; o < o1; ++o) {
             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
@@ -443,7 +445,7 @@ struct Stack {
               V::store_n(grad_h + r, dh, lanes_at(r, rows));
             }
           }
-          team.sync();  // g += dh W reads dh of every feature, and overwrites g the row mean read
+          team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
           const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
           if constexpr (kPost || kIdentity) {
             gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
@@ -516,8 +518,9 @@ struct Stack {
 
 template <class V, Activation A>
 StackKernels<typename V::T> kernels_for(Block block) {
-  if (block == Block::Post) return {&Stack<V, A, Block::Post>::forward, &Stack<V, A, Block::Post>::backward_rows,
-                                    &Stack<V, A, Block::Post>::backward_weights};
+  if (block == Block::Post)
+    return {&Stack<V, A, Block::Post>::forward, &Stack<V, A, Block::Post>::backward_rows,
+            &Stack<V, A, Block::Post>::backward_weights};
   return {&Stack<V, A, Block::Pre>::forward, &Stack<V, A, Block::Pre>::backward_rows,
           &Stack<V, A, Block::Pre>::backward_weights};
 }

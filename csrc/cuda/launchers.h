@@ -26,8 +26,8 @@ cudaError_t launch_scaled_residual(const T* x, const T* branch, T* out, int64_t 
 
 // grad_branch[r] = phi'(branch[r]) * MS(scale * grad_out[r]) (MS is its own adjoint).
 template <class T>
-cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, T* grad_branch, int64_t rows,
-                                            int64_t n, double scale, Activation activation, bool mean_subtract,
+cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, T* grad_branch, int64_t rows, int64_t n,
+                                            double scale, Activation activation, bool mean_subtract,
                                             cudaStream_t stream);
 
 // residual_stack.cu: the per-layer kernels of the stack, T: float, double. Planes are feature-major:

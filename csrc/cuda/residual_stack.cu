@@ -192,18 +192,18 @@ cudaError_t launch_activation_backward_add(const T* in, const T* grad_phi, T* gr
                                            Activation activation, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
   dispatch_activation(activation, [&](auto tag) {
-    activation_backward_add_kernel<T, decltype(tag)::value><<<element_grid(count), kElementThreads, 0, stream>>>(
-        in, grad_phi, grad, count);
+    activation_backward_add_kernel<T, decltype(tag)::value>
+        <<<element_grid(count), kElementThreads, 0, stream>>>(in, grad_phi, grad, count);
   });
   return cudaGetLastError();
 }
 
-#define DMUP_INSTANTIATE(T)                                                                                      \
+#define DMUP_INSTANTIATE(T)                                                                                         \
   template cudaError_t launch_stack_layer_forward<T>(const T*, const T*, const T*, T*, uint16_t*, int64_t, int64_t, \
-                                                     double, Activation, bool, cudaStream_t);                     \
+                                                     double, Activation, bool, cudaStream_t);                       \
   template cudaError_t launch_stack_layer_backward<T>(const T*, const T*, const T*, const uint16_t*, T*, int64_t,   \
-                                                      int64_t, double, Activation, bool, cudaStream_t);           \
-  template cudaError_t launch_activation<T>(const T*, T*, int64_t, Activation, cudaStream_t);                      \
+                                                      int64_t, double, Activation, bool, cudaStream_t);             \
+  template cudaError_t launch_activation<T>(const T*, T*, int64_t, Activation, cudaStream_t);                       \
   template cudaError_t launch_activation_backward_add<T>(const T*, const T*, T*, int64_t, Activation, cudaStream_t);
 DMUP_INSTANTIATE(float)
 DMUP_INSTANTIATE(double)

@@ -23,10 +23,10 @@ namespace {
 // What the block form and the activation make of each layer.
 struct StackForm {
   Activation activation;
-  int planes;          // sign-bit planes saved per layer
-  Activation branch;   // phi after the GEMM: the activation for "post", identity for "pre"
-  bool input_phi;      // "pre" with a non-identity phi: the GEMM reads phi(x_l)
-  bool recompute_h;    // "post" with gelu or silu: the backward recomputes h = W_l x_l
+  int planes;         // sign-bit planes saved per layer
+  Activation branch;  // phi after the GEMM: the activation for "post", identity for "pre"
+  bool input_phi;     // "pre" with a non-identity phi: the GEMM reads phi(x_l)
+  bool recompute_h;   // "post" with gelu or silu: the backward recomputes h = W_l x_l
 
   StackForm(c10::string_view activation_name, c10::string_view block_name)
       : activation(parse_activation(activation_name)) {
@@ -121,10 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
                    "dmup::residual_stack_backward");
       if (form.input_phi) {  // g += phi'(x_l) * (W_l^T dh)
         at::mm_out(grad_phi, w_l.t(), dh);
-        check_launch(cuda::launch_activation_backward_add(x_l.const_data_ptr<scalar_t>(),
-                                                          grad_phi.const_data_ptr<scalar_t>(),
-                                                          grad.mutable_data_ptr<scalar_t>(), grad.numel(),
-                                                          form.activation, stream),
+        check_launch(cuda::launch_activation_backward_add(
+                         x_l.const_data_ptr<scalar_t>(), grad_phi.const_data_ptr<scalar_t>(),
+                         grad.mutable_data_ptr<scalar_t>(), grad.numel(), form.activation, stream),
                      "dmup::residual_stack_backward");
       } else {  // g += W_l^T dh
         grad.addmm_(w_l.t(), dh);

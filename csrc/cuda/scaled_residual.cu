@@ -54,7 +54,7 @@ __device__ T block_sum(T v) {
   __syncthreads();
   T total = T(0);
   for (int w = 0; w < kThreads / 32; ++w) total += partial[w];  // same order in every thread
-  __syncthreads();  // partial is reused by the next call
+  __syncthreads();                                              // partial is reused by the next call
   return total;
 }
 
@@ -116,8 +116,8 @@ cudaError_t launch_scaled_residual(const T* x, const T* branch, T* out, int64_t 
 }
 
 template <class T>
-cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, T* grad_branch, int64_t rows,
-                                            int64_t n, double scale, Activation activation, bool mean_subtract,
+cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, T* grad_branch, int64_t rows, int64_t n,
+                                            double scale, Activation activation, bool mean_subtract,
                                             cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   if (rows > kMaxRows) return cudaErrorInvalidValue;
@@ -128,10 +128,10 @@ cudaError_t launch_scaled_residual_backward(const T* grad_out, const T* branch, 
   return cudaGetLastError();
 }
 
-#define DMUP_INSTANTIATE(T)                                                                                    \
-  template cudaError_t launch_scaled_residual<T>(const T*, const T*, T*, int64_t, int64_t, double, Activation, \
-                                                 bool, cudaStream_t);                                          \
-  template cudaError_t launch_scaled_residual_backward<T>(const T*, const T*, T*, int64_t, int64_t, double,    \
+#define DMUP_INSTANTIATE(T)                                                                                          \
+  template cudaError_t launch_scaled_residual<T>(const T*, const T*, T*, int64_t, int64_t, double, Activation, bool, \
+                                                 cudaStream_t);                                                      \
+  template cudaError_t launch_scaled_residual_backward<T>(const T*, const T*, T*, int64_t, int64_t, double,          \
                                                           Activation, bool, cudaStream_t);
 DMUP_INSTANTIATE(float)
 DMUP_INSTANTIATE(double)

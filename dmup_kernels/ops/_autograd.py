@@ -29,7 +29,8 @@ of the gradients (``create_graph=True``), so raising on that alone would break f
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

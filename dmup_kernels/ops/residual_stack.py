@@ -90,7 +90,9 @@ def residual_stack(
     if backend == "triton" and not fused:
         # Rows too wide for one register tile, or too few of them to occupy the GPU: a library GEMM per
         # layer, then the Triton epilogue kernel.
-        stream = reference.residual_stream(rows, weight_c, bias_c, **settings, epilogue=torch.ops.dmup.triton_scaled_residual)
+        stream = reference.residual_stream(
+            rows, weight_c, bias_c, **settings, epilogue=torch.ops.dmup.triton_scaled_residual
+        )
         out, states = stream[-1], (torch.stack(stream) if return_states else None)
     elif backend == "triton":
         out, inner, _, _ = torch.ops.dmup.triton_residual_stack(
@@ -121,7 +123,11 @@ if HAS_CPP:
     @torch.library.register_fake("dmup::residual_stack_backward")
     def _(grad_out, saved, mask, weight, bias, scale, activation, block, mean_subtract):
         bias_rows = 0 if bias is None else weight.shape[0]
-        return grad_out.new_empty(grad_out.shape), weight.new_empty(weight.shape), weight.new_empty(bias_rows, weight.shape[1])
+        return (
+            grad_out.new_empty(grad_out.shape),
+            weight.new_empty(weight.shape),
+            weight.new_empty(bias_rows, weight.shape[1]),
+        )
 
     def _setup_context(ctx, inputs, output) -> None:
         _, weight, bias, *ctx.settings, ctx.saved_state = inputs

@@ -70,7 +70,9 @@ def chain_activation(grad, h, ACT: tl.constexpr):
         return chain_sign_bits(grad, positive, negative, ACT)
     elif ACT == "gelu":
         t = tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-        return grad * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h))  # 3 * 0.044715
+        return grad * (
+            0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+        )  # 3 * 0.044715
     elif ACT == "silu":
         sig = tl.sigmoid(h)
         return grad * (sig * (1.0 + h * (1.0 - sig)))

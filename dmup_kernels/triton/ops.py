@@ -55,7 +55,9 @@ def _setup_stack(ctx, inputs, output) -> None:
 
 def _backward_stack(ctx, grad_out: Tensor, _grad_states, _grad_signs, _grad_pre):
     if not ctx.saved_state:
-        raise RuntimeError("dmup::triton_residual_stack ran with save_for_backward=False, so it cannot be differentiated")
+        raise RuntimeError(
+            "dmup::triton_residual_stack ran with save_for_backward=False, so it cannot be differentiated"
+        )
     x, states, signs, pre, weight, bias = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = triton_residual_stack_backward(
         grad_out, x, states, signs, pre, weight, bias, *ctx.settings

@@ -166,7 +166,9 @@ def _pinned_stack_config(block_n: int, itemsize: int) -> triton.Config | None:
     block_m = 32 if block_n <= 128 else 16  # tl.dot needs at least 16 rows
     warps = warps_for_tile(block_m * block_n, itemsize)
     for block_k, stages in ((32, 3), (32, 2), (16, 2), (16, 1)):
-        config = triton.Config({"BLOCK_M": block_m, "BLOCK_K": min(block_n, block_k)}, num_warps=warps, num_stages=stages)
+        config = triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_K": min(block_n, block_k)}, num_warps=warps, num_stages=stages
+        )
         if _stack_shared_bytes(config, block_n, itemsize) <= SHARED_MEMORY_BUDGET:
             return config
     return None
@@ -323,7 +325,9 @@ def stack_backward_kernel(
             positive = unpack_bits(tl.load(signs + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
             negative = positive
             if PLANES > 1:
-                negative = unpack_bits(tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
+                negative = unpack_bits(
+                    tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N
+                )
             dh = chain_sign_bits(dv, positive, negative, ACT)
         elif SAVE_PRE:
             dh = chain_activation(dv, widen(tl.load(pre_ptr + layer * layer_elems + offs, mask=ok, other=0.0)), ACT)
@@ -333,7 +337,20 @@ def stack_backward_kernel(
         grad_h = grad_h_ptr + layer * layer_elems
         tl.store(grad_h + offs, dh, mask=ok)
         tl.debug_barrier()  # the GEMM reads dh rows stored by other threads of this program
-        back = _matmul_rows(grad_h, w_ptr + tl.cast(layer, tl.int64) * n * n, r, row_ok, n, False, False, ACT, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        back = _matmul_rows(
+            grad_h,
+            w_ptr + tl.cast(layer, tl.int64) * n * n,
+            r,
+            row_ok,
+            n,
+            False,
+            False,
+            ACT,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            PRECISION,
+        )
         if PRE_BLOCK:
             x = widen(tl.load(_state_ptr(x_ptr, states_ptr, layer, state_stride) + offs, mask=ok, other=0.0))
             back = chain_activation(back, x, ACT)

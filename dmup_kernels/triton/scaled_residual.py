@@ -125,7 +125,9 @@ def _launch(a: Tensor, b: Tensor, scale: float, activation: str, mean_subtract: 
     return out.reshape(a.shape)
 
 
-def scaled_residual_forward(x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
+def scaled_residual_forward(
+    x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool
+) -> Tensor:
     """x + scale * MS(phi(branch_out))."""
     return _launch(x, branch_out, scale, activation, mean_subtract, backward=False)
 

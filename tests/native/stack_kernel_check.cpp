@@ -85,11 +85,30 @@ constexpr double kExpUlps = 2.0;
 constexpr double kTanhAbs = 2.384185791015625e-07;
 
 void check_exp_tanh() {
-  std::vector<float> inputs = {0.0f, -0.0f, 1.0f, -1.0f, 88.72f, 88.7228f, 88.73f, 89.0f, 100.0f, -87.3f,
-                               -103.9f, -103.97f, -103.98f, -104.0f, -120.0f, 1e-30f, -1e-30f, 1e-45f,
-                               std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
-                               std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
-                               std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+  std::vector<float> inputs = {0.0f,
+                               -0.0f,
+                               1.0f,
+                               -1.0f,
+                               88.72f,
+                               88.7228f,
+                               88.73f,
+                               89.0f,
+                               100.0f,
+                               -87.3f,
+                               -103.9f,
+                               -103.97f,
+                               -103.98f,
+                               -104.0f,
+                               -120.0f,
+                               1e-30f,
+                               -1e-30f,
+                               1e-45f,
+                               std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(),
+                               std::numeric_limits<float>::quiet_NaN(),
+                               -std::numeric_limits<float>::quiet_NaN(),
+                               std::numeric_limits<float>::max(),
+                               -std::numeric_limits<float>::max()};
   for (uint64_t bits = 0; bits < (uint64_t(1) << 32); bits += 4099) {  // ~1M patterns, every exponent
     uint32_t b = static_cast<uint32_t>(bits);
     float x;
@@ -129,8 +148,8 @@ void check_exp_tanh() {
   }
   std::printf("exp: worst %.2f ulp; tanh: worst %.3g absolute; over %zu inputs\n", worst_exp, worst_tanh,
               inputs.size());
-  expect(bad_exp == 0, "exp within " + std::to_string(kExpUlps) + " ulp of std::exp (" +
-                           std::to_string(bad_exp) + " inputs off)");
+  expect(bad_exp == 0,
+         "exp within " + std::to_string(kExpUlps) + " ulp of std::exp (" + std::to_string(bad_exp) + " inputs off)");
   expect(bad_tanh == 0, "tanh within 2^-22 of std::tanh (" + std::to_string(bad_tanh) + " inputs off)");
 }
 
@@ -173,9 +192,9 @@ struct Config {
   Block block;
   bool mean_subtract, bias;
   std::string name() const {
-    return std::string(name_of(activation)) + (block == Block::Post ? "-post" : "-pre") +
-           (mean_subtract ? "-ms" : "") + (bias ? "-bias" : "") + " n=" + std::to_string(width) +
-           " B=" + std::to_string(batch) + " L=" + std::to_string(depth);
+    return std::string(name_of(activation)) + (block == Block::Post ? "-post" : "-pre") + (mean_subtract ? "-ms" : "") +
+           (bias ? "-bias" : "") + " n=" + std::to_string(width) + " B=" + std::to_string(batch) +
+           " L=" + std::to_string(depth);
   }
 };
 
@@ -261,8 +280,15 @@ Result run_kernel(const Config& c, const std::vector<float>& x, const std::vecto
                   const std::vector<float>& bias, float scale, const std::vector<float>& grad_out, int threads) {
   const int64_t n = c.width, B = c.batch, L = c.depth;
   const auto kernels = dmup::make_stack_kernels<Simd>(c.activation, c.block);
-  const dmup::StackProblem<float> problem{B,         n, L, weight.data(), c.bias ? bias.data() : nullptr, scale,
-                                          c.activation, c.block, c.mean_subtract,
+  const dmup::StackProblem<float> problem{B,
+                                          n,
+                                          L,
+                                          weight.data(),
+                                          c.bias ? bias.data() : nullptr,
+                                          scale,
+                                          c.activation,
+                                          c.block,
+                                          c.mean_subtract,
                                           dmup::stack_tile_rows(B, n, threads, sizeof(float))};
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const int planes = dmup::mask_planes(c.activation, c.block);
@@ -335,8 +361,8 @@ void check_stack(const Config& c, std::mt19937& rng, bool poison) {
     const double err = compare(*ours[i], *refs[i], &classes_match);
     char line[64];
     std::snprintf(line, sizeof line, ": rel err %.2e", err);
-    expect(classes_match && err < kTolerance, name + " " + labels[i] + line +
-                                                  (classes_match ? "" : ", non-finite elements differ"));
+    expect(classes_match && err < kTolerance,
+           name + " " + labels[i] + line + (classes_match ? "" : ", non-finite elements differ"));
   }
   for (int threads : {2, 3}) {
     const Result other = run_kernel(c, x, weight, bias, scale, grad_out, threads);
