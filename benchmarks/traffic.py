@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from dmup_kernels.ops._layout import sign_planes
 from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, uses_fused_kernels
 
+from .cases import Case
+
 Passes = list[tuple[str, int]]
 
 
@@ -146,8 +148,24 @@ VARIANT_MODELS = {"eager": lambda shape: "eager", "triton": triton_path, "cuda":
 use are not modelled)."""
 
 
+def layer_shape(case: Case) -> LayerShape | None:
+    """The traffic model's view of a stack case (None for cases it does not model)."""
+    if case.op != "residual_stack" or case.block != "post":
+        return None
+    return LayerShape(case.width, case.batch, case.activation, case.mean_subtract, case.bias, case.dtype.itemsize)
+
+
 def layer_bytes(model: str, shape: LayerShape, training: bool) -> int:
     return sum(nbytes for _, nbytes in MODELS[model](shape, training))
+
+
+def model_bytes_per_layer(case: Case, variant: str) -> int | None:
+    """The model's DRAM bytes per layer for the kernel benchmark variant ``variant`` runs on ``case``
+    (None where there is no model)."""
+    shape = layer_shape(case)
+    if shape is None or variant not in VARIANT_MODELS:
+        return None
+    return layer_bytes(VARIANT_MODELS[variant](shape), shape, case.mode == "fwd+bwd")
 
 
 def table(shape: LayerShape, depth: int) -> str:

@@ -137,3 +137,6 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("cuda", "backend"),
 )
 """All variants of this machine, in table order. Ratios are taken against the "eager" and "compile" rows."""
+
+PEERS = ("eager", "compile")
+"""The variants every other variant is compared with (ratio = peer median / variant median)."""
