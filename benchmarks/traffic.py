@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from dmup_kernels.ops._layout import sign_planes
+from dmup_kernels._layout import sign_planes
 from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, uses_fused_kernels
 
 from .cases import Case

@@ -30,7 +30,8 @@ enum class Block : int32_t { Post = 0, Pre = 1 };
 // planes of (n, words) 16-bit words, bit r % 16 of word r / 16 of feature j holding row r's bit of h
 // (the branch after the GEMM and bias): positive_sign_bit (plane 0) and, for abs, negative_sign_bit
 // (plane 1), below. Smooth activations save nothing and recompute h in the backward. "pre" blocks save
-// none: phi's argument there is x_l, which is saved anyway.
+// none: phi's argument there is x_l, which is saved anyway. The Python side calls this count sign_planes
+// (dmup_kernels/_layout.py) and the planes the sign bits.
 DMUP_HOST_DEVICE constexpr int mask_planes(Activation a, Block block) {
   return block != Block::Post ? 0 : a == Activation::Relu ? 1 : a == Activation::Abs ? 2 : 0;
 }

@@ -1,6 +1,6 @@
 """torch.func (functional_call, grad, vjp, vmap of grad) and gradcheck on the modules, for the reference and
 the C++ and Triton backends; double backward works on the reference and raises a clear error on the fused ops
-(dmup_kernels/ops/_autograd.py explains why torch.library.register_autograd alone fails here)."""
+(dmup_kernels/_registration.py explains why torch.library.register_autograd alone fails here)."""
 
 from __future__ import annotations
 

@@ -348,9 +348,10 @@ def test_fused_kernels_need_programs_for_half_the_sms(rows, width, itemsize, sms
 def test_routing_follows_the_sm_count(sms, monkeypatch, triton_device, seed):
     """With a GPU's SM count (faked here) a few float64 rows take a GEMM per layer + the epilogue kernel;
     both routes give the reference's result."""
-    stack_op = sys.modules["dmup_kernels.ops.residual_stack"]  # the package exports a function of that name
+    from dmup_kernels.triton import ops as triton_ops  # the Triton backend routes by the SM count
+
     calls = []
-    monkeypatch.setattr(stack_op, "sm_count", lambda device: sms)
+    monkeypatch.setattr(triton_ops, "sm_count", lambda device: sms)
     for op in ("triton_residual_stack", "triton_scaled_residual"):
         monkeypatch.setattr(torch.ops.dmup, op, _counting(getattr(torch.ops.dmup, op), op, calls))
     x, weight, bias = _stack_op_inputs("gelu", "post", seed, triton_device, rows=40, width=200, depth=3)

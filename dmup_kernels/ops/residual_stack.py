@@ -17,13 +17,13 @@ from .._checks import (
     check_width,
 )
 from .._extension import HAS_CPP
+from .._layout import StackBackend, StackSettings, compute_rows, sign_planes, sign_words, stacked_states
+from .._registration import register_autograd
 from ..triton import HAS_TRITON
-from ._autograd import register_autograd
 from ._backend import resolve_backend
-from ._layout import mask_words, sign_planes
 
 if HAS_TRITON:
-    from ..triton.residual_stack import fills_the_gpu, sm_count, uses_fused_kernels
+    from ..triton.ops import TRITON_STACK
 
 
 def check_stack_args(
@@ -72,43 +72,46 @@ def residual_stack(
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
     check_flag(return_states, "return_states")
     backend = resolve_backend(backend, x.device)
-    settings = {"scale": scale, "activation": activation, "block": block, "mean_subtract": mean_subtract}
-    if backend == "reference" or x.numel() == 0:
-        states = reference.residual_stream(x, weight, bias, **settings)
-        return (states[-1], torch.stack(states).detach()) if return_states else states[-1]
-    # The kernels run float32 or float64; half types run with a float32 residual stream.
-    compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    rows = x.reshape(-1, x.shape[-1]).to(compute)
-    weight_c = weight.to(compute)
-    bias_c = None if bias is None else bias.to(compute)
+    stack = REFERENCE_STACK if x.numel() == 0 else STACK_BACKENDS[backend]
     params = (x, weight) if bias is None else (x, weight, bias)
-    save_for_backward = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
-    fused = backend == "triton" and (
-        uses_fused_kernels(x.shape[-1], rows.element_size())
-        and fills_the_gpu(rows.shape[0], x.shape[-1], rows.element_size(), sm_count(x.device))
-    )
-    if backend == "triton" and not fused:
-        # Rows too wide for one register tile, or too few of them to occupy the GPU: a library GEMM per
-        # layer, then the Triton epilogue kernel.
-        stream = reference.residual_stream(
-            rows, weight_c, bias_c, **settings, epilogue=torch.ops.dmup.triton_scaled_residual
-        )
-        out, states = stream[-1], (torch.stack(stream) if return_states else None)
-    elif backend == "triton":
-        out, inner, _, _ = torch.ops.dmup.triton_residual_stack(
-            rows, weight_c, bias_c, scale, activation, block, mean_subtract, save_for_backward
-        )
-        states = torch.cat([rows.unsqueeze(0), inner, out.unsqueeze(0)]) if return_states else None
-    else:
-        out, saved, _ = torch.ops.dmup.residual_stack(
-            rows, weight_c, bias_c, scale, activation, block, mean_subtract, save_for_backward
-        )
-        # saved holds x^0..x^{L-1} feature-major (L, n, B); the output is x^L.
-        states = torch.cat([saved.transpose(1, 2), out.unsqueeze(0)]) if return_states else None
-    y = out.to(x.dtype).reshape(x.shape)
-    if not return_states:
-        return y
-    return y, states.detach().to(x.dtype).reshape(weight.shape[0] + 1, *x.shape)
+    save = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
+    out, state = stack.forward(x, weight, bias, StackSettings(scale, activation, block, mean_subtract), save)
+    return (out, stack.states(state, x, out)) if return_states else out
+
+
+class ReferenceStack:
+    """Eager PyTorch; its state is the list of states, which autograd differentiates through."""
+
+    def forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        states = reference.residual_stream(x, weight, bias, **settings._asdict())
+        return states[-1], states
+
+    def states(self, state: list[Tensor], x: Tensor, out: Tensor) -> Tensor:
+        return stacked_states(state, x)
+
+
+class CppStack:
+    """The C++ op dmup::residual_stack (CPU and CUDA kernels); its state is (states, signs): x^0..x^{L-1}
+    feature-major (L, n, B) and the sign bits (docs/design.md §4)."""
+
+    def forward(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        out, states, signs = torch.ops.dmup.residual_stack(*compute_rows(x, weight, bias), *settings, save)
+        return out.to(x.dtype).reshape(x.shape), (states, signs)
+
+    def states(self, state: tuple[Tensor, Tensor], x: Tensor, out: Tensor) -> Tensor:
+        states, _ = state
+        return stacked_states([*states.transpose(1, 2), out.reshape(-1, x.shape[-1])], x)
+
+
+REFERENCE_STACK = ReferenceStack()
+CPP_STACK = CppStack()
+STACK_BACKENDS: dict[str, StackBackend] = {"reference": REFERENCE_STACK, "cpp": CPP_STACK, "cuda": CPP_STACK}
+if HAS_TRITON:
+    STACK_BACKENDS["triton"] = TRITON_STACK
 
 
 if HAS_CPP:
@@ -117,11 +120,11 @@ if HAS_CPP:
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
         batch, width = x.shape
         kept = weight.shape[0] if save_for_backward else 0
-        mask_shape = (kept, sign_planes(activation, block), width, mask_words(batch))
-        return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(mask_shape, dtype=torch.int16)
+        signs_shape = (kept, sign_planes(activation, block), width, sign_words(batch))
+        return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(signs_shape, dtype=torch.int16)
 
     @torch.library.register_fake("dmup::residual_stack_backward")
-    def _(grad_out, saved, mask, weight, bias, scale, activation, block, mean_subtract):
+    def _(grad_out, states, signs, weight, bias, scale, activation, block, mean_subtract):
         bias_rows = 0 if bias is None else weight.shape[0]
         return (
             grad_out.new_empty(grad_out.shape),
@@ -131,16 +134,16 @@ if HAS_CPP:
 
     def _setup_context(ctx, inputs, output) -> None:
         _, weight, bias, *ctx.settings, ctx.saved_state = inputs
-        _, saved, mask = output
-        ctx.mark_non_differentiable(saved, mask)
-        ctx.save_for_backward(saved, mask, weight, bias)
+        _, states, signs = output
+        ctx.mark_non_differentiable(states, signs)
+        ctx.save_for_backward(states, signs, weight, bias)
 
-    def _backward(ctx, grad_out, _grad_saved, _grad_mask):
+    def _backward(ctx, grad_out, _grad_states, _grad_signs):
         if not ctx.saved_state:
             raise RuntimeError("dmup::residual_stack ran with save_for_backward=False, so it cannot be differentiated")
-        saved, mask, weight, bias = ctx.saved_tensors
+        states, signs, weight, bias = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = torch.ops.dmup.residual_stack_backward(
-            grad_out, saved, mask, weight, bias, *ctx.settings
+            grad_out, states, signs, weight, bias, *ctx.settings
         )
         return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
 

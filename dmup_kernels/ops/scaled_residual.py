@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_activation, check_flag, check_like, check_scale, check_shape, check_tensor
 from .._extension import HAS_CPP
-from ._autograd import register_autograd
+from .._registration import register_epilogue_rules
 from ._backend import resolve_backend
 
 
@@ -54,30 +54,6 @@ def scaled_residual(
     if backend == "triton":
         return torch.ops.dmup.triton_scaled_residual(x, branch_out, scale, activation, mean_subtract)
     return torch.ops.dmup.scaled_residual(x, branch_out, scale, activation, mean_subtract)
-
-
-def register_epilogue_rules(op: str, backward_op: str) -> None:
-    """The fake (shape) and autograd rules of an epilogue op ``op`` (x, branch_out, scale, activation,
-    mean_subtract) -> out, whose gradient with respect to branch_out the op ``backward_op`` (grad_out,
-    branch_out, scale, activation, mean_subtract) computes; the gradient with respect to x is grad_out."""
-
-    def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
-        torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-    torch.library.register_fake(op)(fake)
-    torch.library.register_fake(backward_op)(fake)
-    compute_backward = getattr(torch.ops.dmup, backward_op.removeprefix("dmup::"))
-
-    def setup_context(ctx, inputs, output) -> None:
-        _, branch_out, *ctx.settings = inputs
-        ctx.save_for_backward(branch_out)
-
-    def backward(ctx, grad_out: Tensor):
-        (branch_out,) = ctx.saved_tensors
-        return grad_out, compute_backward(grad_out, branch_out, *ctx.settings), None, None, None
-
-    register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
 
 
 if HAS_CPP:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..ops._layout import sign_planes
+from .._layout import sign_planes
 from .common import (
     activation,
     chain_activation,

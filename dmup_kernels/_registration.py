@@ -1,4 +1,6 @@
-"""Autograd registration of the dmup ops in a form that torch.func transforms accept.
+"""Autograd registration of the dmup ops in a form that torch.func transforms accept, shared by the C++
+ops (dmup_kernels.ops) and the Triton ops (dmup_kernels.triton), which both import it: it sits below
+them so that neither package imports the other for it.
 
 Why not ``torch.library.register_autograd``: in torch 2.13 it wraps the rule in an
 ``autograd.Function`` whose ``forward(ctx, *args)`` calls ``setup_context`` itself, and
@@ -91,3 +93,27 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         # A custom_op / triton_op (the Triton kernels) comes with an Autograd kernel; this one replaces it.
         warnings.filterwarnings("ignore", message="Warning only once for all operators")
         _LIBRARY.impl(name, autograd_kernel, "Autograd")
+
+
+def register_epilogue_rules(op: str, backward_op: str) -> None:
+    """The fake (shape) and autograd rules of an epilogue op ``op`` (x, branch_out, scale, activation,
+    mean_subtract) -> out, whose gradient with respect to branch_out the op ``backward_op`` (grad_out,
+    branch_out, scale, activation, mean_subtract) computes; the gradient with respect to x is grad_out."""
+
+    def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
+        torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    torch.library.register_fake(op)(fake)
+    torch.library.register_fake(backward_op)(fake)
+    compute_backward = getattr(torch.ops.dmup, backward_op.removeprefix("dmup::"))
+
+    def setup_context(ctx, inputs, output) -> None:
+        _, branch_out, *ctx.settings = inputs
+        ctx.save_for_backward(branch_out)
+
+    def backward(ctx, grad_out: Tensor):
+        (branch_out,) = ctx.saved_tensors
+        return grad_out, compute_backward(grad_out, branch_out, *ctx.settings), None, None, None
+
+    register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
