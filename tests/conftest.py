@@ -7,6 +7,8 @@
   runs on CPU tensors; with TRITON_INTERPRET=0 on a GPU (make gpu-check) it runs on CUDA tensors.
   ``TRITON_DEVICE`` says which; the ``triton_device`` fixture parametrizes a test over it;
   ``needs_cpp`` / ``needs_triton`` / ``needs_cuda`` skip a test where that backend cannot run.
+- ``OP_BACKENDS``: "cpp", "triton" and "cuda" with those marks, the ``backend`` parameter of the op tests;
+  ``backend_device(backend)`` is where their tensors go.
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
   shows up as NaN. The previous settings are restored after the test.
@@ -61,6 +63,19 @@ def _cuda_skip_reason() -> str | None:
 
 CUDA_SKIP_REASON = _cuda_skip_reason()
 needs_cuda = pytest.mark.skipif(CUDA_SKIP_REASON is not None, reason=str(CUDA_SKIP_REASON))
+
+OP_BACKENDS = [
+    pytest.param("cpp", marks=needs_cpp),
+    pytest.param("triton", marks=needs_triton),
+    pytest.param("cuda", marks=needs_cuda),
+]
+"""The backends of every op test (pytest.param, each skipped where it cannot run)."""
+
+
+def backend_device(backend: str) -> str:
+    """The device of the tensors ``backend`` runs on here."""
+    return {"cpp": "cpu", "triton": TRITON_DEVICE or "cpu", "cuda": "cuda"}[backend]
+
 
 # Deterministic mode (nan_poison) lets cuBLAS run only with a fixed workspace configuration, which
 # cuBLAS reads when CUDA starts: set before any test touches a GPU.

@@ -31,11 +31,11 @@ def run_residual(case: ResidualCase, grad_out: Tensor, backend: str) -> tuple[Te
 
 
 def run_residual_reference(case: ResidualCase, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Output and gradients (x, branch_out) of the reference in float64 from the same inputs cast up."""
-    x = case.x.detach().to(torch.float64).requires_grad_()
-    b = case.branch_out.detach().to(torch.float64).requires_grad_()
+    """Output and gradients (x, branch_out) of the reference in float64 on the CPU from the same inputs cast up."""
+    x = case.x.detach().to("cpu", torch.float64).requires_grad_()
+    b = case.branch_out.detach().to("cpu", torch.float64).requires_grad_()
     out = reference.scaled_residual(x, b, case.scale, case.activation, case.mean_subtract)
-    out.backward(grad_out.to(torch.float64))
+    out.backward(grad_out.to("cpu", torch.float64))
     return out.detach(), x.grad, b.grad
 
 
@@ -44,7 +44,7 @@ def check_residual(case: ResidualCase, dtype: torch.dtype, backend: str) -> None
     grad_out = torch.randn(case.x.shape, dtype=dtype).to(case.x.device)
     out, dx, db = run_residual(case, grad_out, backend)
     ref_out, ref_dx, ref_db = run_residual_reference(case, grad_out)
-    assert out.shape == case.x.shape and out.dtype == dtype
+    assert out.shape == case.x.shape and out.dtype == dtype and out.device == case.x.device
     assert dx is not None and db is not None
     assert dx.shape == case.x.shape and db.shape == case.branch_out.shape
     tol = TOLERANCE[dtype]
@@ -74,14 +74,14 @@ def run_stack(case: StackCase, grad_out: Tensor, backend: str):
 
 
 def run_stack_reference(case: StackCase, grad_out: Tensor, dtype: torch.dtype = torch.float64):
-    """Output and gradients of the eager reference in ``dtype`` from the case's inputs cast to it."""
-    x = case.x.detach().to(dtype).requires_grad_()
-    weight = case.weight.detach().to(dtype).requires_grad_()
-    bias = None if case.bias is None else case.bias.detach().to(dtype).requires_grad_()
+    """Output and gradients of the eager reference on the CPU in ``dtype`` from the case's inputs cast to it."""
+    x = case.x.detach().to("cpu", dtype).requires_grad_()
+    weight = case.weight.detach().to("cpu", dtype).requires_grad_()
+    bias = None if case.bias is None else case.bias.detach().to("cpu", dtype).requires_grad_()
     # one thread: the reference's small GEMMs gain nothing from two, and lose a lot when the cores are busy
     with num_threads(1):
         out = reference.residual_stack(x, weight, bias, **stack_kwargs(case))
-        out.backward(grad_out.to(dtype))
+        out.backward(grad_out.to("cpu", dtype))
     return out.detach(), x.grad, weight.grad, None if bias is None else bias.grad
 
 
@@ -99,6 +99,6 @@ def check_stack(case: StackCase, dtype: torch.dtype, backend: str) -> None:
     for name, value, expected in zip(names, got, ref):
         if expected is None:
             continue
-        assert value.dtype == dtype, name
+        assert value.dtype == dtype and value.device == case.x.device, name
         err = rel_err(value, expected)
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"

@@ -135,6 +135,14 @@ def _residual_specs() -> list[ResidualSpec]:
 
 RESIDUAL_SPECS: list[ResidualSpec] = _residual_specs()
 
+WIDE_RESIDUAL_SPECS: list[ResidualSpec] = [
+    ResidualSpec((3, 9000), "contiguous", "gelu", True, 0.5),
+    ResidualSpec((2, 8193), "transposed", "abs", True, -0.75),
+    ResidualSpec((2, 8192), "contiguous", "relu", True, 1.0),
+]
+"""Rows around the widest row the Triton epilogue keeps in one tile (8192, docs/design.md §7.8): two passes,
+the mean first, beyond it."""
+
 
 def make_residual_case(
     spec: ResidualSpec, dtype: torch.dtype, seed: int, *, requires_grad: bool = False, away_from_zero: float = 0.0
@@ -312,12 +320,12 @@ OP_STACK_LAYOUT_SPECS: list[StackSpec] = [
 
 
 # ---------------------------------------------------------------------------------------------------
-# the Triton stack kernels (interpreter: small shapes)
+# small stacks: every combination on widths either side of the Triton tile sizes (all backends)
 # ---------------------------------------------------------------------------------------------------
 
-TRITON_STACK_WIDTHS: tuple[int, ...] = (1, 7, 32, 48, 64, 128)
-TRITON_STACK_BATCHES: tuple[int, ...] = (1, 5, 64)
-_TRITON_DEPTH_TABLE: dict[int, tuple[int, int, int]] = {
+SMALL_STACK_WIDTHS: tuple[int, ...] = (1, 7, 32, 48, 64, 128)
+SMALL_STACK_BATCHES: tuple[int, ...] = (1, 5, 64)
+_SMALL_DEPTH_TABLE: dict[int, tuple[int, int, int]] = {
     #    B = 1, 5, 64
     1: (1, 3, 9),
     7: (3, 9, 1),
@@ -326,19 +334,17 @@ _TRITON_DEPTH_TABLE: dict[int, tuple[int, int, int]] = {
     64: (3, 9, 1),
     128: (9, 1, 3),
 }
-TRITON_STACK_SHAPES: tuple[tuple[int, int, int], ...] = tuple(
+SMALL_STACK_SHAPES: tuple[tuple[int, int, int], ...] = tuple(
     (width, batch, depth)
-    for width in TRITON_STACK_WIDTHS
-    for batch, depth in zip(TRITON_STACK_BATCHES, _TRITON_DEPTH_TABLE[width])
+    for width in SMALL_STACK_WIDTHS
+    for batch, depth in zip(SMALL_STACK_BATCHES, _SMALL_DEPTH_TABLE[width])
 )
 """(n, B, L) covering every (n, B), (n, L) and (B, L) pair of n in {1, 7, 32, 48, 64, 128}, B in {1, 5, 64},
 L in {1, 3, 9}."""
 
 
-def _triton_stack_specs() -> list[StackSpec]:
-    """Every (activation, block, mean_subtract, bias) combination on the next shape of TRITON_STACK_SHAPES,
-    then the wide paths: one launch per layer (n = 300, 37 rows: not a multiple of the row tile) and the
-    library GEMM with the epilogue kernel (n = 1100)."""
+def _small_stack_specs() -> list[StackSpec]:
+    """Every (activation, block, mean_subtract, bias) combination on the next shape of SMALL_STACK_SHAPES."""
     combos = [
         (activation, block, mean_subtract, bias)
         for bias in (False, True)
@@ -346,18 +352,20 @@ def _triton_stack_specs() -> list[StackSpec]:
         for block in BLOCKS
         for activation in ACTIVATIONS
     ]
-    specs = [
+    return [
         StackSpec(width, depth, (batch,), block, bias, activation, mean_subtract, "contiguous")
         for index, (activation, block, mean_subtract, bias) in enumerate(combos)
-        for width, batch, depth in [TRITON_STACK_SHAPES[index % len(TRITON_STACK_SHAPES)]]
+        for width, batch, depth in [SMALL_STACK_SHAPES[index % len(SMALL_STACK_SHAPES)]]
     ]
-    specs += [
-        StackSpec(300, 3, (37,), "post", True, "relu", True, "contiguous"),
-        StackSpec(300, 2, (5,), "pre", False, "gelu", True, "sliced"),
-        StackSpec(1100, 2, (3,), "post", True, "abs", True, "contiguous"),
-        StackSpec(1100, 2, (2, 2), "pre", False, "silu", False, "contiguous"),
-    ]
-    return specs
 
 
-TRITON_STACK_SPECS: list[StackSpec] = _triton_stack_specs()
+SMALL_STACK_SPECS: list[StackSpec] = _small_stack_specs()
+
+TRITON_WIDE_STACK_SPECS: list[StackSpec] = [
+    StackSpec(300, 3, (37,), "post", True, "relu", True, "contiguous"),
+    StackSpec(300, 2, (5,), "pre", False, "gelu", True, "sliced"),
+    StackSpec(1100, 2, (3,), "post", True, "abs", True, "contiguous"),
+    StackSpec(1100, 2, (2, 2), "pre", False, "silu", False, "contiguous"),
+]
+"""The wide routes of the Triton stack (docs/design.md §7.8): one launch per layer (n = 300, 37 rows: not a
+multiple of the row tile) and the library GEMM with the epilogue kernel (n = 1100)."""

@@ -1,6 +1,6 @@
 """Determinism of the CPU path: the same inputs give bitwise the same outputs (and gradients) for any
 number of threads, on every call, and in a fresh process, on every instruction set this CPU runs. (The
-fused stack op's gradients across thread counts: test_residual_stack_op.py,
+fused stack op's gradients across thread counts: test_residual_stack.py,
 test_bitwise_independent_of_threads.)
 
 DepthMuPNet's input and output layers are torch's nn.Linear, whose BLAS GEMMs are not promised to be

@@ -1,4 +1,6 @@
-"""dmup_kernels.scaled_residual (C++ CPU kernel) against the float64 eager reference (docs/design.md §5)."""
+"""dmup_kernels.scaled_residual on every backend ("cpp", "triton", "cuda") against the float64 eager reference
+(docs/design.md §5); for "cpp" also bfloat16, gradcheck, opcheck, empty batches and stride-0 inputs. The Triton
+and CUDA specifics are in test_triton_kernels.py and test_cuda_kernels.py."""
 
 from __future__ import annotations
 
@@ -8,16 +10,21 @@ import torch
 import dmup_kernels
 from dmup_kernels import reference
 
-from conftest import rel_err
+from conftest import OP_BACKENDS, backend_device, needs_cpp, rel_err
 from parity import check_residual, run_residual, run_residual_reference
-from sample_inputs import ACTIVATIONS, RESIDUAL_SPECS, ResidualSpec, make_residual_case, sample_inputs
+from sample_inputs import (
+    ACTIVATIONS,
+    RESIDUAL_SPECS,
+    WIDE_RESIDUAL_SPECS,
+    ResidualSpec,
+    make_residual_case,
+    sample_inputs,
+)
 
-pytestmark = [
-    pytest.mark.usefixtures("nan_poison"),
-    pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built"),
-]
+pytestmark = pytest.mark.usefixtures("nan_poison")
 
 SPEC_IDS = [spec.id for spec in RESIDUAL_SPECS]
+PARITY_SPECS = RESIDUAL_SPECS + WIDE_RESIDUAL_SPECS
 
 
 def test_nan_poisoning_is_active(nan_poison):
@@ -27,11 +34,14 @@ def test_nan_poisoning_is_active(nan_poison):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("spec", RESIDUAL_SPECS, ids=SPEC_IDS)
-def test_matches_reference(spec: ResidualSpec, dtype, seed):
-    check_residual(make_residual_case(spec, dtype, seed, requires_grad=True), dtype, "cpp")
+@pytest.mark.parametrize("spec", PARITY_SPECS, ids=[spec.id for spec in PARITY_SPECS])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_matches_reference(backend, spec: ResidualSpec, dtype, seed):
+    case = make_residual_case(spec, dtype, seed, requires_grad=True).to(backend_device(backend))
+    check_residual(case, dtype, backend)
 
 
+@needs_cpp
 @pytest.mark.parametrize("spec", RESIDUAL_SPECS, ids=SPEC_IDS)
 def test_bfloat16_within_twice_eager_error(spec: ResidualSpec, seed):
     """bf16: the kernel's error vs the float64 reference is <= 2x eager bf16's error + 1e-3."""
@@ -54,6 +64,7 @@ def test_bfloat16_within_twice_eager_error(spec: ResidualSpec, seed):
         assert rel_err(got, ref) <= bound, name
 
 
+@needs_cpp
 def test_auto_backend_is_cpp_on_cpu(seed):
     for case in sample_inputs(torch.float32, seed, specs=RESIDUAL_SPECS[::9]):
         auto = dmup_kernels.scaled_residual(*case.args())
@@ -63,6 +74,7 @@ def test_auto_backend_is_cpp_on_cpu(seed):
         assert rel_err(ref, reference.scaled_residual(*case.args())) == 0
 
 
+@needs_cpp
 def test_output_is_new_contiguous_tensor(seed):
     for case in sample_inputs(torch.float64, seed, specs=RESIDUAL_SPECS[:8]):
         out = dmup_kernels.scaled_residual(*case.args(), backend="cpp")
@@ -72,6 +84,7 @@ def test_output_is_new_contiguous_tensor(seed):
         assert torch.isfinite(case.x).all() and torch.isfinite(case.branch_out).all()
 
 
+@needs_cpp
 @pytest.mark.parametrize("shape", [(0, 7), (2, 0, 5)])
 def test_empty_batch(shape):
     x = torch.randn(shape)
@@ -79,6 +92,7 @@ def test_empty_batch(shape):
     assert out.shape == x.shape
 
 
+@needs_cpp
 def test_only_x_requires_grad(seed):
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 9, dtype=torch.float64)
@@ -101,6 +115,7 @@ def _gradcheck_specs() -> list[ResidualSpec]:
 GRADCHECK_SPECS = _gradcheck_specs()
 
 
+@needs_cpp
 @pytest.mark.parametrize("spec", GRADCHECK_SPECS, ids=[s.id for s in GRADCHECK_SPECS])
 def test_gradcheck(spec: ResidualSpec, seed):
     # |branch_out| >= 0.2 keeps finite differences away from the kinks of relu and abs
@@ -121,6 +136,7 @@ OPCHECK_SPECS = [
 ]
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("spec", OPCHECK_SPECS, ids=[s.id for s in OPCHECK_SPECS])
 def test_opcheck(spec: ResidualSpec, dtype, seed):
@@ -128,6 +144,7 @@ def test_opcheck(spec: ResidualSpec, dtype, seed):
     torch.library.opcheck(torch.ops.dmup.scaled_residual.default, case.args())
 
 
+@needs_cpp
 def test_opcheck_backward_op(seed):
     case = make_residual_case(ResidualSpec((5, 7), "contiguous", "gelu", True, 0.5), torch.float64, seed)
     grad_out = torch.randn(5, 7, dtype=torch.float64)
@@ -137,6 +154,7 @@ def test_opcheck_backward_op(seed):
     )
 
 
+@needs_cpp
 @pytest.mark.parametrize("mean_subtract", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_expanded_inputs_and_grad(activation, mean_subtract, seed):

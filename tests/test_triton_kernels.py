@@ -1,8 +1,8 @@
-"""The Triton kernels against the float64 eager reference (docs/design.md §5), on CPU tensors through the
-Triton interpreter or on CUDA tensors (TRITON_INTERPRET=0 on a GPU, make gpu-check): kernel 1
-(scaled_residual, one and two passes), kernels 2 and 3 (fused block and
-depth-fused stack, forward and every gradient), their saved state, op registrations, modules,
-launch configurations and the traffic model. NaN/Inf propagation and bad input are tested for every
+"""What is particular to the Triton kernels, on CPU tensors through the Triton interpreter or on CUDA tensors
+(TRITON_INTERPRET=0 on a GPU, make gpu-check): the wide routes of the stack, returned states, modules, their
+saved state, op registrations, launch configurations, routing and the traffic model. Their parity with the
+float64 reference on the op's shapes is tested with every backend in test_scaled_residual.py and
+test_residual_stack.py. NaN/Inf propagation and bad input are tested for every
 backend in test_nonfinite.py and test_bad_input.py. float32 and float64, and float16 for the kernels
 themselves (the interpreter has no bfloat16; tests/test_triton_compile.py compiles it).
 """
@@ -21,49 +21,33 @@ import dmup_kernels
 from dmup_kernels import ResidualStack, ScaledResidual, reference
 
 from conftest import INTERPRETED, needs_triton, rel_err
-from parity import check_residual, check_stack, stack_kwargs
-from sample_inputs import (
-    ACTIVATIONS,
-    BLOCKS,
-    RESIDUAL_SPECS,
-    TRITON_STACK_SPECS,
-    ResidualSpec,
-    StackSpec,
-    make_residual_case,
-    make_stack_case,
-    random_tensor,
-)
+from parity import check_stack, stack_kwargs
+from sample_inputs import ACTIVATIONS, BLOCKS, TRITON_WIDE_STACK_SPECS, StackSpec, make_stack_case, random_tensor
 
 pytestmark = needs_triton
 
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["f64", "f32"]
 
-WIDE_RESIDUAL_SPECS = [
-    ResidualSpec((3, 9000), "contiguous", "gelu", True, 0.5),  # two passes: the mean first
-    ResidualSpec((2, 8193), "transposed", "abs", True, -0.75),
-    ResidualSpec((2, 8192), "contiguous", "relu", True, 1.0),  # the widest single pass
-]
-RESIDUAL_TEST_SPECS = RESIDUAL_SPECS + WIDE_RESIDUAL_SPECS
-
 
 # ---------------------------------------------------------------------------------------------------
-# parity with the float64 reference
+# the wide routes, returned states, modules
 # ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("spec", RESIDUAL_TEST_SPECS, ids=[s.id for s in RESIDUAL_TEST_SPECS])
-def test_scaled_residual_matches_reference(spec: ResidualSpec, dtype, triton_device, seed):
-    check_residual(make_residual_case(spec, dtype, seed, requires_grad=True).to(triton_device), dtype, "triton")
-
-
-@pytest.mark.usefixtures("nan_poison")
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("spec", TRITON_STACK_SPECS, ids=[s.id for s in TRITON_STACK_SPECS])
-def test_stack_matches_reference(spec: StackSpec, dtype, triton_device, seed):
+@pytest.mark.parametrize("spec", TRITON_WIDE_STACK_SPECS, ids=[s.id for s in TRITON_WIDE_STACK_SPECS])
+def test_wide_stack_routes_match_reference(spec: StackSpec, dtype, monkeypatch, triton_device, seed):
+    """Wider than the depth-fused stack (docs/design.md §7.8): up to n = 1024 the fused kernel once per layer,
+    beyond a library GEMM per layer and the epilogue kernel; without an SM count, so the route is the width's."""
+    stack_op = sys.modules["dmup_kernels.ops.residual_stack"]  # the package exports a function of that name
+    calls = []
+    monkeypatch.setattr(stack_op, "sm_count", lambda device: None)
+    for op in ("triton_residual_stack", "triton_scaled_residual"):
+        monkeypatch.setattr(torch.ops.dmup, op, _counting(getattr(torch.ops.dmup, op), op, calls))
     check_stack(make_stack_case(spec, dtype, seed).to(triton_device), dtype, "triton")
+    assert set(calls) == ({"triton_residual_stack"} if spec.width <= 1024 else {"triton_scaled_residual"})
 
 
 @pytest.mark.usefixtures("nan_poison")

@@ -1,6 +1,8 @@
-"""The fused op dmup::residual_stack: dmup_kernels.residual_stack(..., backend="cpp") and
-ResidualStack(backend="cpp") against the float64 eager reference (docs/design.md §5), gradcheck, opcheck, thread
-independence, saved-tensor memory, the module path, empty batches and bad saved state.
+"""The fused op dmup::residual_stack: dmup_kernels.residual_stack on every backend ("cpp", "triton", "cuda")
+against the float64 eager reference (docs/design.md §5) and call-to-call reproducibility; for "cpp" also
+ResidualStack(backend="cpp"), gradcheck, opcheck, thread independence, saved-tensor memory, the module path,
+empty batches and bad saved state. The Triton and CUDA specifics are in test_triton_kernels.py and
+test_cuda_kernels.py.
 
 Tolerances (docs/design.md §5.3, §5.5): float64 < 1e-12 and float32 < 1e-5 relative, for L <= 300; bfloat16 at
 most 2x the error of eager bfloat16 plus a floor.
@@ -17,20 +19,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dmup_kernels
 from dmup_kernels import ResidualStack, reference
 
-from conftest import num_threads, rel_err, saved_bytes
+from conftest import OP_BACKENDS, backend_device, needs_cpp, num_threads, rel_err, saved_bytes
 from parity import check_stack, run_stack, run_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
     OP_STACK_LAYOUT_SPECS,
     OP_STACK_SPECS,
+    SMALL_STACK_SPECS,
     StackCase,
     StackSpec,
     make_stack_case,
     random_tensor,
 )
-
-pytestmark = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
 
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["f64", "f32"]
@@ -57,28 +58,46 @@ class OpLog(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 1. parity with the float64 reference
+# 1. parity with the float64 reference, every backend
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("nan_poison")
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("spec", OP_STACK_SPECS, ids=[s.id for s in OP_STACK_SPECS])
-def test_matches_reference(spec: StackSpec, dtype, cpu_isa, seed):
-    check_stack(make_stack_case(spec, dtype, seed), dtype, "cpp")
+def backend_cases(specs: list[StackSpec]) -> list:
+    """pytest params (spec, backend): every spec on every backend of OP_BACKENDS, but triton takes only the
+    specs of width <= 128, depth <= 17 and at most 64 rows, a representative subset (every small spec and
+    about a third of the others): the interpreter runs each program in Python, where one of the larger
+    cases takes from seconds to a minute. The wider Triton routes are tested in test_triton_kernels.py."""
+    return [
+        pytest.param(spec, backend, marks=param.marks, id=f"{spec.id}-{backend}")
+        for spec in specs
+        for param in OP_BACKENDS
+        for backend in param.values
+        if backend != "triton" or (spec.width <= 128 and spec.depth <= 17 and math.prod(spec.batch_shape) <= 64)
+    ]
+
+
+PARITY_SPECS = OP_STACK_SPECS + SMALL_STACK_SPECS
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("spec", OP_STACK_LAYOUT_SPECS, ids=[s.id for s in OP_STACK_LAYOUT_SPECS])
-def test_leading_dims_and_strided_x(spec: StackSpec, dtype, cpu_isa, seed):
+@pytest.mark.parametrize("spec,backend", backend_cases(PARITY_SPECS))
+def test_matches_reference(spec: StackSpec, backend, dtype, cpu_isa, seed):
+    check_stack(make_stack_case(spec, dtype, seed).to(backend_device(backend)), dtype, backend)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("spec,backend", backend_cases(OP_STACK_LAYOUT_SPECS))
+def test_leading_dims_and_strided_x(spec: StackSpec, backend, dtype, cpu_isa, seed):
     case = make_stack_case(spec, dtype, seed)
     assert case.x.is_contiguous() == (spec.layout == "contiguous")
-    check_stack(case, dtype, "cpp")
+    check_stack(case.to(backend_device(backend)), dtype, backend)
 
 
 @pytest.mark.usefixtures("nan_poison")
-def test_strided_weight_and_bias(seed):
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_strided_weight_and_bias(backend, seed):
     """Transposed weight and a sliced bias are read by value, not by memory layout."""
     spec = StackSpec(48, 3, (21,), "post", True, "gelu", True, "contiguous")
     case = make_stack_case(spec, torch.float64, seed)
@@ -87,7 +106,7 @@ def test_strided_weight_and_bias(seed):
     wide[:, ::2] = case.bias
     case.bias = wide[:, ::2]
     assert not case.weight.is_contiguous() and not case.bias.is_contiguous()
-    check_stack(case, torch.float64, "cpp")
+    check_stack(case.to(backend_device(backend)), torch.float64, backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -103,6 +122,7 @@ BF16_SPECS = [
 """Every activation x block, rotating shapes, mean subtraction and bias."""
 
 
+@needs_cpp
 @pytest.mark.parametrize("spec", BF16_SPECS, ids=[s.id for s in BF16_SPECS])
 def test_bfloat16_within_twice_eager_error(spec: StackSpec, seed):
     """bf16 in, bf16 out; error vs the float64 reference <= 2x eager bf16's error + 1e-3."""
@@ -160,6 +180,7 @@ GRADCHECK_SPECS = [
 ]
 
 
+@needs_cpp
 @pytest.mark.parametrize("spec", GRADCHECK_SPECS, ids=[s.id for s in GRADCHECK_SPECS])
 def test_gradcheck(spec: StackSpec, seed):
     case = away_from_kinks(spec, seed)
@@ -208,6 +229,7 @@ def op_args(
     return (x, weight, b, depth**-0.5, activation, block, mean_subtract, save_for_backward)
 
 
+@needs_cpp
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=OPCHECK_IDS)
 def test_opcheck(case):
     args = op_args(*case)
@@ -219,6 +241,7 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.dmup.residual_stack.default, args)
 
 
+@needs_cpp
 @pytest.mark.parametrize("case", OPCHECK_CASES[::3], ids=OPCHECK_IDS[::3])
 def test_opcheck_inference(case):
     """save_for_backward=False: the state comes back with 0 layers, in the real op and the fake alike."""
@@ -226,6 +249,7 @@ def test_opcheck_inference(case):
     torch.library.opcheck(torch.ops.dmup.residual_stack.default, args)
 
 
+@needs_cpp
 @pytest.mark.parametrize("case", OPCHECK_CASES[:4], ids=OPCHECK_IDS[:4])
 def test_opcheck_backward_op(case):
     x, weight, bias, *settings, save = op_args(*case, requires_grad=False)
@@ -237,7 +261,7 @@ def test_opcheck_backward_op(case):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. bitwise independence of the thread count; run-to-run reproducibility
+# 5. bitwise independence of the thread count ("cpp"); call-to-call reproducibility (every backend)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -251,16 +275,17 @@ THREAD_SPECS = [
 ]
 
 
-def grads_of(case: StackCase, grad_out: torch.Tensor) -> list[torch.Tensor]:
+def grads_of(case: StackCase, grad_out: torch.Tensor, backend: str = "cpp") -> list[torch.Tensor]:
     """Output and gradients from fresh leaves (so repeated calls do not accumulate)."""
     x = case.x.detach().clone().requires_grad_()
     weight = case.weight.detach().clone().requires_grad_()
     bias = None if case.bias is None else case.bias.detach().clone().requires_grad_()
-    out = dmup_kernels.residual_stack(x, weight, bias, backend="cpp", **stack_kwargs(case))
+    out = dmup_kernels.residual_stack(x, weight, bias, backend=backend, **stack_kwargs(case))
     out.backward(grad_out)
     return [out.detach(), x.grad, weight.grad] + ([] if bias is None else [bias.grad])
 
 
+@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", THREAD_SPECS, ids=[s.id for s in THREAD_SPECS])
@@ -271,10 +296,20 @@ def test_bitwise_independent_of_threads(spec: StackSpec, dtype, cpu_isa, seed):
         one = grads_of(case, grad_out)
     with num_threads(2):
         two = grads_of(case, grad_out)
-        again = grads_of(case, grad_out)
-    for name, a, b, c in zip(("output", "grad x", "grad weight", "grad bias"), one, two, again):
+    for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), one, two):
         assert torch.equal(a, b), f"{name}: 1 thread != 2 threads"
-        assert torch.equal(b, c), f"{name}: two runs differ"
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("spec,backend", backend_cases(THREAD_SPECS))
+def test_bitwise_call_to_call(spec: StackSpec, backend, dtype, cpu_isa, seed):
+    """The same call twice gives the same bits (docs/design.md §3.6)."""
+    case = make_stack_case(spec, dtype, seed).to(backend_device(backend))
+    grad_out = torch.randn(case.x.shape, dtype=dtype).to(case.x.device)
+    first, again = grads_of(case, grad_out, backend), grads_of(case, grad_out, backend)
+    for name, a, b in zip(("output", "grad x", "grad weight", "grad bias"), first, again):
+        assert torch.equal(a, b), f"{name}: two calls differ"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,6 +317,7 @@ def test_bitwise_independent_of_threads(spec: StackSpec, dtype, cpu_isa, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+@needs_cpp
 @pytest.mark.parametrize(
     "activation,batch,width,depth",
     [
@@ -325,6 +361,7 @@ def test_saved_bytes_per_layer(activation, batch, width, depth, block, cpu_isa, 
 # ---------------------------------------------------------------------------------------------------
 
 
+@needs_cpp
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("block", BLOCKS)
@@ -365,6 +402,7 @@ def test_saved_state_layout(activation, block, dtype, cpu_isa, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
 def test_recycled_large_buffers(cpu_isa, seed):
     """A stack whose saved state, dh and dW each pass 2 MiB, run three times: every run matches the
@@ -383,6 +421,7 @@ def test_recycled_large_buffers(cpu_isa, seed):
     check_stack(make_stack_case(same_bytes, torch.float32, seed + 1), torch.float32, "cpp")
 
 
+@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("activation", ["relu", "abs", "silu"])
 def test_inference_saves_nothing(activation, seed):
@@ -409,6 +448,7 @@ def test_inference_saves_nothing(activation, seed):
     assert calls == [False, False, True]
 
 
+@needs_cpp
 def test_backward_after_inference_forward_raises(seed):
     x, weight, bias, *settings, _ = op_args(9, 5, 2, torch.float64, True, "relu", "post", True)
     out, _, _ = torch.ops.dmup.residual_stack(x, weight, bias, *settings, False)
@@ -433,6 +473,7 @@ def graph_nodes(tensor: torch.Tensor) -> list[str]:
     return names
 
 
+@needs_cpp
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_module_uses_fused_op(backend, bias, seed):
@@ -461,6 +502,7 @@ def test_module_uses_fused_op(backend, bias, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("shape", [(0, 7), (2, 0, 48), (0, 1)])
 @pytest.mark.parametrize("activation", ["relu", "abs", "gelu"])
@@ -477,6 +519,7 @@ def test_empty_batch(shape, activation):
     assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
+@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_empty_batch_direct_op(activation):
@@ -537,6 +580,7 @@ def _bad_state_cases():
 BAD_STATE_CASES = _bad_state_cases()
 
 
+@needs_cpp
 @pytest.mark.parametrize("call,match", [c[1:] for c in BAD_STATE_CASES], ids=[c[0] for c in BAD_STATE_CASES])
 def test_backward_op_rejects_bad_state(call, match):
     with pytest.raises(ValueError, match=match):
