@@ -12,7 +12,6 @@ instruction set (AVX-512), so that one run shows both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 import dmup_kernels
 from dmup_kernels import DEPTH_MUP
-from dmup_kernels._extension import _C, runnable_cpu_isas
+from dmup_kernels._extension import pinned_cpu_isa, runnable_cpu_isas
 from dmup_kernels.ops import resolve_backend
 
 from .cases import Case
@@ -98,22 +97,11 @@ class Variant:
             resolve_backend(self.backend or self.name, torch.device(device))
         except (RuntimeError, ValueError) as error:
             return str(error)
-        if self.cpu_isa is not None and self.cpu_isa not in runnable_cpu_isas():
-            return f"this CPU does not run {self.cpu_isa}"
         return None
 
-    @contextlib.contextmanager
-    def pinned(self) -> Iterator[None]:
+    def pinned(self) -> contextlib.AbstractContextManager[None]:
         """The variant's CPU instruction set in force (nothing to do without one)."""
-        if self.cpu_isa is None:
-            yield
-            return
-        previous = _C.cpu_isa()
-        _C.pin_cpu_isa(self.cpu_isa)
-        try:
-            yield
-        finally:
-            _C.pin_cpu_isa(previous)
+        return pinned_cpu_isa(self.cpu_isa) if self.cpu_isa is not None else contextlib.nullcontext()
 
     def build(self, case: Case, params: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:
         if self.kind == "eager":

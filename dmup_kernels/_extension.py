@@ -7,8 +7,10 @@ runs on the eager reference backend; one warning says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 try:
     from . import _C  # (loading the library registers torch.ops.dmup)
@@ -41,3 +43,15 @@ def cpu_isa() -> str | None:
 def runnable_cpu_isas() -> tuple[str, ...]:
     """The instruction sets this CPU can run, best first (empty without the C++ extension)."""
     return _C.runnable_cpu_isas() if _C is not None else ()
+
+
+@contextlib.contextmanager
+def pinned_cpu_isa(name: str) -> Iterator[None]:
+    """Runs the body with the float32 CPU kernels pinned to the instruction set ``name`` (for tests and
+    benchmarks that compare instruction sets in one process), then restores the previous choice."""
+    previous = _C.cpu_isa()
+    _C.pin_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C.pin_cpu_isa(previous)

@@ -33,7 +33,7 @@ import torch
 import torch.utils.deterministic
 
 import dmup_kernels
-from dmup_kernels._extension import _C, runnable_cpu_isas
+from dmup_kernels._extension import _C, pinned_cpu_isa, runnable_cpu_isas
 from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
 from dmup_kernels.triton import HAS_TRITON, INTERPRETED
 
@@ -170,15 +170,8 @@ CPU_ISAS: tuple[str, ...] = runnable_cpu_isas()
 @pytest.fixture(params=CPU_ISAS or ("none",))
 def cpu_isa(request: pytest.FixtureRequest) -> Iterator[str]:
     """Pins the float32 CPU kernels to one runnable instruction set for the test; yields its name."""
-    if _C is None:
+    with pinned_cpu_isa(request.param) if _C is not None else contextlib.nullcontext():
         yield request.param
-        return
-    previous = _C.cpu_isa()
-    _C.pin_cpu_isa(request.param)
-    try:
-        yield request.param
-    finally:
-        _C.pin_cpu_isa(previous)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
