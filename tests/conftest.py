@@ -8,7 +8,7 @@
   ``TRITON_DEVICE`` says which; the ``triton_device`` fixture parametrizes a test over it;
   ``needs_cpp`` / ``needs_triton`` / ``needs_cuda`` skip a test where that backend cannot run.
 - ``OP_BACKENDS``: "cpp", "triton" and "cuda" with those marks, the ``backend`` parameter of the op tests;
-  ``backend_device(backend)`` is where their tensors go.
+  ``backend_device(backend)`` is where their tensors go (the CPU for "reference").
 - ``nan_poison``: deterministic mode + ``fill_uninitialized_memory``, so torch.empty / at::empty
   (also inside our C++ ops) return NaN-filled memory and an output element a kernel never writes
   shows up as NaN. The previous settings are restored after the test.
@@ -73,8 +73,8 @@ OP_BACKENDS = [
 
 
 def backend_device(backend: str) -> str:
-    """The device of the tensors ``backend`` runs on here."""
-    return {"cpp": "cpu", "triton": TRITON_DEVICE or "cpu", "cuda": "cuda"}[backend]
+    """The device of the tensors ``backend`` runs on here ("reference" runs anywhere; the tests keep it on the CPU)."""
+    return {"reference": "cpu", "cpp": "cpu", "triton": TRITON_DEVICE or "cpu", "cuda": "cuda"}[backend]
 
 
 # Deterministic mode (nan_poison) lets cuBLAS run only with a fixed workspace configuration, which

@@ -1,6 +1,8 @@
 """torch.func (functional_call, grad, vjp, vmap of grad) and gradcheck on the modules, for the reference and
-the C++ and Triton backends; double backward works on the reference and raises a clear error on the fused ops
-(dmup_kernels/_registration.py explains why torch.library.register_autograd alone fails here)."""
+the fused backends "cpp", "triton" and "cuda", each with its tensors where it runs (conftest.backend_device:
+"triton" on CPU tensors under the Triton interpreter and on CUDA tensors on a GPU, "cuda" on a GPU); the
+float64 references run on the CPU. Double backward works on the reference and raises a clear error on the
+fused ops (dmup_kernels/_registration.py explains why torch.library.register_autograd alone fails here)."""
 
 from __future__ import annotations
 
@@ -14,18 +16,18 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
 
-from conftest import needs_cpp, needs_triton, rel_err
+from conftest import OP_BACKENDS, backend_device, rel_err
 from sample_inputs import random_tensor
 
-FUSED_BACKENDS = [pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
-BACKENDS = ["reference", *FUSED_BACKENDS]
+BACKENDS = ["reference", *OP_BACKENDS]
 KINDS = ["scaled_residual", "stack", "net"]
 WIDTH, DEPTH, BATCH = 12, 5, 4
 DOUBLE_BACKWARD = r"double backward through dmup::\w+ is not supported"
 
 
 def make_module(kind: str, backend: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A small module of each kind; biases made non-zero so that their gradients are tested too."""
+    """A small module of each kind, on the device of ``backend``'s tensors; biases made non-zero so that
+    their gradients are tested too. The parameters are drawn on the CPU: the same values on every device."""
     if kind == "scaled_residual":
         module = ScaledResidual(nn.Linear(WIDTH, WIDTH, dtype=dtype), 0.6, "gelu", True, backend=backend)
     elif kind == "stack":
@@ -36,12 +38,12 @@ def make_module(kind: str, backend: str, dtype: torch.dtype = torch.float32) -> 
         for name, param in module.named_parameters():
             if name.endswith("bias"):
                 param.normal_(std=0.1)
-    return module
+    return module.to(backend_device(backend))
 
 
 def as_reference(module: nn.Module) -> nn.Module:
-    """A float64 copy of ``module`` with every submodule on the reference backend: the ground truth."""
-    ref = copy.deepcopy(module).to(torch.float64)
+    """A float64 copy of ``module`` on the CPU with every submodule on the reference backend: the ground truth."""
+    ref = copy.deepcopy(module).to("cpu", torch.float64)
     for sub in ref.modules():
         if hasattr(sub, "backend"):
             sub.backend = "reference"
@@ -66,10 +68,10 @@ def loss_of(module: nn.Module):
 def test_functional_call_uses_the_given_parameters(kind, backend, seed):
     module = make_module(kind, backend)
     other = make_module(kind, backend)  # different random parameters
-    x = torch.randn(BATCH, in_features(module))
+    x = torch.randn(BATCH, in_features(module)).to(backend_device(backend))
     out = functional_call(module, params_of(other), (x,))
     with torch.no_grad():
-        expected = as_reference(other)(x.double())
+        expected = as_reference(other)(x.cpu().double())
     assert rel_err(out, expected) < 1e-5
     assert rel_err(module(x), expected) > 1e-2  # the module's own parameters were left alone
 
@@ -78,11 +80,11 @@ def test_functional_call_uses_the_given_parameters(kind, backend, seed):
 @pytest.mark.parametrize("kind", KINDS)
 def test_func_grad_matches_float64_reference(kind, backend, seed):
     module = make_module(kind, backend)
-    x = torch.randn(BATCH, in_features(module))
+    x = torch.randn(BATCH, in_features(module)).to(backend_device(backend))
     grads, grad_x = grad(loss_of(module), argnums=(0, 1))(params_of(module), x)
 
     ref = as_reference(module)
-    x64 = x.double().requires_grad_()
+    x64 = x.cpu().double().requires_grad_()
     loss = loss_of(ref)(dict(ref.named_parameters()), x64)
     ref_grads = torch.autograd.grad(loss, [x64, *ref.parameters()])
     assert set(grads) == {name for name, _ in ref.named_parameters()}
@@ -93,17 +95,17 @@ def test_func_grad_matches_float64_reference(kind, backend, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_func_vjp_and_per_sample_grads(backend, seed):
-    """vjp of the stack, and per-sample gradients (vmap over grad; the C++ ops run through torch's
+    """vjp of the stack, and per-sample gradients (vmap over grad; the fused ops run through torch's
     batching fallback, one sample at a time) against one autograd call per sample in float64."""
     module = make_module("stack", backend)
-    x = torch.randn(BATCH, WIDTH)
+    x = torch.randn(BATCH, WIDTH).to(backend_device(backend))
     params = params_of(module)
     out, pullback = vjp(lambda p: functional_call(module, p, (x,)), params)
     cotangent = torch.randn_like(out)
     (grads,) = pullback(cotangent)
     ref = as_reference(module)
-    ref_out = ref(x.double())
-    ref_grad = torch.autograd.grad(ref_out, ref.weight, cotangent.double())[0]
+    ref_out = ref(x.cpu().double())
+    ref_grad = torch.autograd.grad(ref_out, ref.weight, cotangent.cpu().double())[0]
     assert rel_err(out, ref_out) < 1e-5 and rel_err(grads["weight"], ref_grad) < 1e-5
 
     def sample_loss(p, row):
@@ -112,7 +114,7 @@ def test_func_vjp_and_per_sample_grads(backend, seed):
     with pytest.warns(UserWarning, match="batching rule") if backend != "reference" else nullcontext():
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0))(params, x)
     for i in range(BATCH):
-        loss = loss_of(ref)(dict(ref.named_parameters()), x[i : i + 1].double())
+        loss = loss_of(ref)(dict(ref.named_parameters()), x[i : i + 1].cpu().double())
         assert rel_err(per_sample["weight"][i], torch.autograd.grad(loss, ref.weight)[0]) < 1e-5
 
 
@@ -123,7 +125,8 @@ def test_gradcheck_over_parameters_and_input(kind, backend, seed):
     names = [name for name, _ in module.named_parameters()]
     generator = torch.Generator().manual_seed(seed)
     # away from 0 so that no h sits on the kink of the activation within gradcheck's step
-    x = random_tensor((3, in_features(module)), torch.float64, generator, away_from_zero=0.1).requires_grad_()
+    x = random_tensor((3, in_features(module)), torch.float64, generator, away_from_zero=0.1)
+    x = x.to(backend_device(backend)).requires_grad_()
     params = [p.detach().clone().requires_grad_() for p in module.parameters()]
 
     def f(x, *values):
@@ -132,16 +135,17 @@ def test_gradcheck_over_parameters_and_input(kind, backend, seed):
     assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)  # a random projection: few calls
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_double_backward(kind, backend, seed):
     """Reference: gradgradcheck passes. Fused ops: a clear RuntimeError, in autograd and in nested
     torch.func.grad, instead of a gradient with its second-order term missing."""
-    x = torch.randn(3, WIDTH if kind != "net" else 7, dtype=torch.float64, requires_grad=True)
+    reference_x = torch.randn(3, WIDTH if kind != "net" else 7, dtype=torch.float64, requires_grad=True)
     reference_module = make_module(kind, "reference", torch.float64)
-    assert torch.autograd.gradgradcheck(lambda x: reference_module(x), (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda x: reference_module(x), (reference_x,), fast_mode=True)
 
     module = make_module(kind, backend, torch.float64)
+    x = reference_x.detach().to(backend_device(backend)).requires_grad_()
     with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
         torch.autograd.gradgradcheck(lambda x: module(x), (x,), fast_mode=True)
     params = params_of(module)
@@ -149,5 +153,5 @@ def test_double_backward(kind, backend, seed):
         grad(lambda x: grad(loss_of(module), argnums=1)(params, x).square().sum())(x.detach())
     # first-order gradients recorded with create_graph=True (what gradgradcheck starts from) are still right
     (first,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
-    (expected,) = torch.autograd.grad(as_reference(module)(x).square().sum(), x)
+    (expected,) = torch.autograd.grad(as_reference(module)(reference_x).square().sum(), reference_x)
     assert rel_err(first, expected) < 1e-12

@@ -1,7 +1,8 @@
 """NaN and +-inf in the inputs, weights, biases or the incoming gradient propagate as in the eager reference:
 no masking, no crash. The output and every gradient have NaN, +inf and -inf at exactly the positions of the
 float64 reference's, and agree with it elsewhere (relative error below 1e-12 in float64, 1e-5 in float32), on
-backends "reference", "cpp", "triton" (through the interpreter) and "cuda" (on a GPU, with the CUDA build).
+backends "reference", "cpp", "triton" (CPU tensors through the interpreter, CUDA tensors on a GPU) and "cuda"
+(on a GPU, with the CUDA build).
 
 torch's rules that the kernels follow: relu's backward is threshold_backward (0 where h <= 0, the incoming
 gradient elsewhere, so also where h is NaN); abs's is g * sign(h) with sign(NaN) = 0; silu(-inf) and
@@ -18,7 +19,7 @@ import torch
 import dmup_kernels
 from dmup_kernels import reference
 
-from conftest import needs_cpp, needs_cuda, needs_triton, rel_err
+from conftest import backend_device, needs_cpp, needs_cuda, needs_triton, rel_err
 from sample_inputs import ACTIVATIONS, ResidualSpec, StackSpec, make_residual_case, make_stack_case
 
 pytestmark = [
@@ -47,11 +48,6 @@ ROWS_0_TO_2 = [((0, 3), NAN), ((1, 5), INF), ((2, 7), -INF)]
 ROWS_3_TO_5 = [((3, 0), -INF), ((4, 8), NAN), ((5, 2), INF)]
 WEIGHT_POISON = [((1, 4, 6), NAN), ((1, 9, 2), INF), ((1, 0, 11), -INF)]
 BIAS_POISON = [((1, 4), -INF), ((1, 9), NAN), ((1, 0), INF)]
-
-
-def device_of(backend: str) -> str:
-    """The device of a backend's tensors: the GPU for "cuda"; the others run on CPU tensors."""
-    return "cuda" if backend == "cuda" else "cpu"
 
 
 def poison(tensor: torch.Tensor, entries) -> None:
@@ -94,7 +90,7 @@ def test_scaled_residual(activation, mean_subtract, backend, dtype, seed):
         out.backward(grad.to(device))
         return out.detach().cpu(), x.grad.cpu(), branch_out.grad.cpu()
 
-    got = run(case.x, case.branch_out, grad_out, device_of(backend), backend=backend)
+    got = run(case.x, case.branch_out, grad_out, backend_device(backend), backend=backend)
     expected = run(case.x.double(), case.branch_out.double(), grad_out.double())
     assert any(not torch.isfinite(e).all() for e in expected)  # the poison reached the result
     for name, g, e in zip(("output", "grad x", "grad branch_out"), got, expected):
@@ -126,7 +122,7 @@ def check_stack(spec: StackSpec, place: str, dtype: torch.dtype, backend: str, s
         poison(grad_out, ROWS_3_TO_5)
     else:
         poison(getattr(case, place), {"weight": WEIGHT_POISON, "bias": BIAS_POISON}[place])
-    got = stack_gradients(case, grad_out, dtype, device_of(backend), backend=backend)
+    got = stack_gradients(case, grad_out, dtype, backend_device(backend), backend=backend)
     expected = stack_gradients(case, grad_out, torch.float64)
     assert any(not torch.isfinite(e).all() for e in expected)
     for name, g, e in zip(("output", "grad x", "grad weight", "grad bias"), got, expected):
