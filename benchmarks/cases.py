@@ -52,6 +52,9 @@ TABLE_ROWS: tuple[TableRow, ...] = (
     TableRow(128, 8, 256, 4.0, 3.0),
 )
 
+CHECKPOINT_COST_TARGET = 1.35
+"""A training step with checkpoint="sqrt" should take at most this times the save-all step (target rows)."""
+
 SWEEP_SHAPES: tuple[tuple[int, int], ...] = ((32, 64), (64, 128))  # (width n, batch B)
 SWEEP_DEPTHS: tuple[int, ...] = (64, 128, 256, 512, 1024)
 SWEEP_DEPTHS_QUICK: tuple[int, ...] = (64, 256)

@@ -10,10 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .cases import Case
+from .cases import CHECKPOINT_COST_TARGET, Case
 from .measure import one_flip_error
 from .traffic import VARIANT_MODELS, layer_shape, model_bytes_per_layer
-from .variants import PEERS
+from .variants import CHECKPOINT_VARIANT, PEERS
 
 BUSY_LOAD_FRACTION = 0.5
 """The header warns that timings will be noisy when the 1-minute load average at start exceeds this
@@ -143,7 +143,11 @@ def header(machine: dict[str, Any], args: argparse.Namespace) -> str:
 
 def target_summary(records: list[dict[str, Any]]) -> str:
     """The target rows: each backend's speed-ups next to the targets (reported, never asserted)."""
-    rows = [r for r in records if r["targets"] is not None and r["variant"] not in PEERS]
+    rows = [
+        r
+        for r in records
+        if r["targets"] is not None and r["variant"] not in PEERS and r["variant"] != CHECKPOINT_VARIANT.name
+    ]
     if not rows:
         return ""
     lines = ["== target table (training step): speed-up of each backend vs its targets"]
@@ -166,6 +170,33 @@ def target_summary(records: list[dict[str, Any]]) -> str:
             f"{fmt(r['ratio_vs_compile'], '.2f', 'x'):>10} ({r['targets']['vs_compile']:>4g}x)  {verdict}"
         )
     return "\n".join(lines)
+
+
+def checkpoint_summary(records: list[dict[str, Any]]) -> str:
+    """Per target row, the training step with checkpoints (CHECKPOINT_VARIANT) over saving every layer
+    (its backend), in one run, against CHECKPOINT_COST_TARGET (reported, never asserted)."""
+    medians = {(r["case"], r["variant"]): r["median_ms"] for r in records if r["targets"] is not None}
+    lines = []
+    for r in records:
+        if r["variant"] != CHECKPOINT_VARIANT.name or r["median_ms"] is None:
+            continue
+        save_all = medians.get((r["case"], CHECKPOINT_VARIANT.backend))
+        if save_all is None:
+            continue
+        cost = r["median_ms"] / save_all
+        verdict = "met" if cost <= CHECKPOINT_COST_TARGET else "MISSED"
+        lines.append(
+            f"{r['width']:>4}  {r['batch']:>4}  {r['depth']:>5}  {save_all:>10.3f}  {r['median_ms']:>10.3f}  "
+            f"{cost:>6.2f}x  {verdict}"
+        )
+    if not lines:
+        return ""
+    title = (
+        f"== depth checkpoints: {CHECKPOINT_VARIANT.name} ({CHECKPOINT_VARIANT.backend}, checkpoint="
+        f"{CHECKPOINT_VARIANT.checkpoint!r}) vs {CHECKPOINT_VARIANT.backend}, target <= {CHECKPOINT_COST_TARGET:g}x"
+    )
+    header_line = f"{'n':>4}  {'B':>4}  {'L':>5}  {'save-all ms':>10}  {'ckpt ms':>10}  {'cost':>7}  verdict"
+    return "\n".join([title, header_line, *lines])
 
 
 def plot(records: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> bool:

@@ -37,7 +37,7 @@ from .measure import (
     summarize,
     time_round_robin,
 )
-from .report import case_table, header, plot, target_summary, write_json
+from .report import case_table, checkpoint_summary, header, plot, target_summary, write_json
 from .traffic import model_bytes_per_layer
 from .variants import PEERS, VARIANTS, Variant, eager_module
 
@@ -209,8 +209,8 @@ def run_case(
         reason = variant.unavailable(device)
         if reason is None and variant.kind == "compile" and not case.compile:
             reason = "compile not timed on this case in this run (see --help, --compile-all)"
-        if reason is None and variant.cpu_isa is not None and case.targets is None:
-            reason = f"{variant.cpu_isa} is timed on the target table only"
+        if reason is None and variant.table_only and case.targets is None:
+            reason = "timed on the target table only"
         if reason is not None:
             skipped[variant.name] = reason
             continue
@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = load_average()
     write_json(args.out, machine, records, skipped)
 
-    summary = target_summary(records)
-    if summary:
-        print("\n" + summary)
+    for summary in (target_summary(records), checkpoint_summary(records)):
+        if summary:
+            print("\n" + summary)
     png = args.out.with_suffix(".png")
     plotted = plot(records, machine, png)
     print(f"\nwrote {args.out}" + (f" and {png}" if plotted else "") + f" ({machine['wall_s']:.0f} s)")

@@ -6,7 +6,8 @@ Every variant builds an ``nn.Module`` for a case whose forward takes the case's 
 case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANTS``; it is skipped
 wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device). "cpp-avx2"
 is the cpp backend pinned to AVX2: listed only on machines that run AVX2 but default to another
-instruction set (AVX-512), so that one run shows both.
+instruction set (AVX-512), so that one run shows both. "cpp-sqrt" is the cpp backend with
+``checkpoint="sqrt"``. Both are timed on the target table's cases only.
 """
 
 from __future__ import annotations
@@ -50,9 +51,14 @@ def eager_module(case: Case, params: dict[str, Tensor], device: torch.device | s
 
 
 def backend_module(
-    case: Case, params: dict[str, Tensor], backend: str, device: torch.device | str = "cpu"
+    case: Case,
+    params: dict[str, Tensor],
+    backend: str,
+    device: torch.device | str = "cpu",
+    checkpoint: int | str | None = None,
 ) -> nn.Module:
-    """The dmup_kernels module of ``case`` running on ``backend``, with ``params`` copied in."""
+    """The dmup_kernels module of ``case`` running on ``backend`` (with ``checkpoint``), with ``params``
+    copied in."""
     if case.op == "scaled_residual":
         return ScaledResidualModule(case, backend)
     weight = params["weight"]
@@ -65,6 +71,7 @@ def backend_module(
         bias=case.bias,
         parametrization=DEPTH_MUP,
         backend=backend,
+        checkpoint=checkpoint,
         device=device,
         dtype=weight.dtype,
     )
@@ -81,13 +88,19 @@ def backend_module(
 class Variant:
     """A timed peer. kind "eager": the reference module; "compile": ``torch.compile`` of that same
     module (default options, ``dynamic=False``; dynamo's caches are reset first so each case compiles
-    from scratch); "backend": ``dmup_kernels`` with ``backend=backend or name``, its float32 CPU
-    kernels pinned to ``cpu_isa`` when that is set (run its calls inside ``pinned()``)."""
+    from scratch); "backend": ``dmup_kernels`` with ``backend=backend or name`` and ``checkpoint``, its
+    float32 CPU kernels pinned to ``cpu_isa`` when that is set (run its calls inside ``pinned()``)."""
 
     name: str
     kind: str
     backend: str | None = None
     cpu_isa: str | None = None
+    checkpoint: int | str | None = None
+
+    @property
+    def table_only(self) -> bool:
+        """Timed on the target table's cases only: a pinned instruction set, or checkpoints."""
+        return self.cpu_isa is not None or self.checkpoint is not None
 
     def unavailable(self, device: torch.device | str = "cpu") -> str | None:
         """Why this variant cannot run on ``device`` here, or None if it can."""
@@ -110,17 +123,20 @@ class Variant:
             torch._dynamo.reset()
             return torch.compile(eager_module(case, params, device), dynamic=False)
         if self.kind == "backend":
-            return backend_module(case, params, self.backend or self.name, device)
+            return backend_module(case, params, self.backend or self.name, device, self.checkpoint)
         raise ValueError(f"unknown variant kind {self.kind!r}")
 
 
 PINNED_CPU_ISA_VARIANTS = (Variant("cpp-avx2", "backend", backend="cpp", cpu_isa="avx2"),)
+CHECKPOINT_VARIANT = Variant("cpp-sqrt", "backend", backend="cpp", checkpoint="sqrt")
+"""The cpp backend with depth checkpoints every ceil(sqrt(L)) layers; its cost is its median over cpp's."""
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("eager", "eager"),
     Variant("compile", "compile"),
     Variant("cpp", "backend"),
     *(v for v in PINNED_CPU_ISA_VARIANTS if v.cpu_isa in runnable_cpu_isas() and v.cpu_isa != dmup_kernels.cpu_isa()),
+    CHECKPOINT_VARIANT,
     Variant("triton", "backend"),
     Variant("cuda", "backend"),
 )

@@ -39,6 +39,11 @@ DMUP_HOST_DEVICE constexpr int mask_planes(Activation a, Block block) {
 // lanes all divide, so every ISA and device packs them alike.
 constexpr int64_t kMaskWordBits = 16;
 DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + kMaskWordBits - 1) / kMaskWordBits; }
+// The checkpoints of a stack of `depth` layers that keeps x_0, x_k, x_2k, ... (k = every; docs/design.md
+// §4.4): ceil(depth / every), the same on every device.
+DMUP_HOST_DEVICE constexpr int64_t checkpoint_count(int64_t depth, int64_t every) {
+  return (depth + every - 1) / every;
+}
 
 template <class T>
 DMUP_HOST_DEVICE T select(bool cond, T a, T b) {

@@ -64,30 +64,48 @@ inline void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, co
   }
 }
 
-// residual_stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved (L, n, B)
-// allocated by `empty` (a device may have a better allocation for large state), and mask (L, planes,
-// n, ceil(B/16)) int16, zeroed (the CUDA kernels only set bits). Without save_for_backward
-// (inference) saved and mask have 0 layers.
+// The checkpoint spacing of residual_stack: 0 saves every layer's input and sign bits; k >= 1 saves
+// only x_0, x_k, x_2k, ... (docs/design.md §4.4).
+inline void check_checkpoint_every(int64_t checkpoint_every) {
+  TORCH_CHECK_VALUE(checkpoint_every >= 0, "checkpoint_every must be 0 (save every layer) or a layer count >= 1; got ",
+                    checkpoint_every);
+}
+
+// The layers of residual_stack's saved state: every layer's input, or the checkpoints.
+inline int64_t saved_layers(int64_t depth, int64_t checkpoint_every) {
+  return checkpoint_every == 0 ? depth : checkpoint_count(depth, checkpoint_every);
+}
+
+// residual_stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved
+// (saved_layers, n, B) allocated by `empty` (a device may have a better allocation for large state),
+// and mask (L, planes, n, ceil(B/16)) int16, zeroed (the CUDA kernels only set bits). Without
+// save_for_backward (inference) saved and mask have 0 layers; with checkpoints mask has 0 layers.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(
-    const at::Tensor& x, int64_t depth, int planes, bool save_for_backward,
+    const at::Tensor& x, int64_t depth, int planes, bool save_for_backward, int64_t checkpoint_every,
     at::Tensor (*empty)(at::IntArrayRef, at::TensorOptions) = [](at::IntArrayRef sizes, at::TensorOptions options) {
       return at::empty(sizes, options);
     }) {
-  const int64_t batch = x.size(0), width = x.size(1), kept = save_for_backward ? depth : 0;
+  check_checkpoint_every(checkpoint_every);
+  const int64_t batch = x.size(0), width = x.size(1);
+  const int64_t kept = save_for_backward ? saved_layers(depth, checkpoint_every) : 0;
+  const int64_t masked = save_for_backward && checkpoint_every == 0 ? depth : 0;
   return {at::empty({batch, width}, x.options()), empty({kept, width, batch}, x.options()),
-          at::zeros({kept, planes, width, mask_words(batch)}, x.options().dtype(at::kShort))};
+          at::zeros({masked, planes, width, mask_words(batch)}, x.options().dtype(at::kShort))};
 }
 
-// The state residual_stack returned for residual_stack_backward: saved (L, n, B) of grad_out's dtype
-// and mask (L, planes, n, ceil(B/16)) int16, both contiguous and on grad_out's device.
+// The state residual_stack returned for residual_stack_backward: saved (saved_layers, n, B) of
+// grad_out's dtype and mask (L or 0 layers, planes, n, ceil(B/16)) int16, both contiguous and on
+// grad_out's device.
 inline void check_stack_state(const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& grad_out,
-                              int64_t depth, int planes) {
+                              int64_t depth, int planes, int64_t checkpoint_every) {
+  check_checkpoint_every(checkpoint_every);
   const int64_t batch = grad_out.size(0), width = grad_out.size(1);
-  TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({depth, width, batch}) && saved.is_contiguous() &&
+  const int64_t kept = saved_layers(depth, checkpoint_every), masked = checkpoint_every == 0 ? depth : 0;
+  TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({kept, width, batch}) && saved.is_contiguous() &&
                         saved.scalar_type() == grad_out.scalar_type() && saved.device() == grad_out.device(),
-                    "saved must be the contiguous (depth, width, batch) state returned by residual_stack; got ",
+                    "saved must be the contiguous (", kept, ", width, batch) state returned by residual_stack; got ",
                     saved.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({depth, planes, width, mask_words(batch)}) &&
+  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({masked, planes, width, mask_words(batch)}) &&
                         mask.is_contiguous() && mask.scalar_type() == at::kShort && mask.device() == grad_out.device(),
                     "mask must be the state returned by residual_stack; got ", mask.sizes());
 }

@@ -59,14 +59,15 @@ TORCH_LIBRARY(dmup, m) {
       "scaled_residual_backward(Tensor grad_out, Tensor branch_out, float scale, str activation, "
       "bool mean_subtract) -> Tensor");
   // L blocks in one call (depth-fused, docs/design.md §3); x is (B, n). Returns the output and the state the backward
-  // needs: saved (L, n, B) holds every layer's input, mask the sign bits of h for relu/abs; both
-  // have 0 layers when save_for_backward is false (inference).
+  // needs (§4): with checkpoint_every = 0, saved (L, n, B) holds every layer's input and mask the sign bits of h for
+  // relu/abs; with checkpoint_every = k >= 1, saved (ceil(L/k), n, B) holds x_0, x_k, x_2k, ... and mask has 0
+  // layers (the backward recomputes the rest). Both have 0 layers when save_for_backward is false (inference).
   m.def(
       "residual_stack(Tensor x, Tensor weight, Tensor? bias, float scale, str activation, str block, "
-      "bool mean_subtract, bool save_for_backward) -> (Tensor out, Tensor saved, Tensor mask)");
+      "bool mean_subtract, bool save_for_backward, int checkpoint_every=0) -> (Tensor out, Tensor saved, Tensor mask)");
   // Gradients of residual_stack wrt x, weight and bias (grad_bias has 0 rows when bias is None).
   m.def(
       "residual_stack_backward(Tensor grad_out, Tensor saved, Tensor mask, Tensor weight, Tensor? bias, "
-      "float scale, str activation, str block, bool mean_subtract) -> (Tensor grad_x, Tensor grad_weight, "
-      "Tensor grad_bias)");
+      "float scale, str activation, str block, bool mean_subtract, int checkpoint_every=0) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias)");
 }

@@ -107,3 +107,22 @@ def check_positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value}")
     return value
+
+
+def check_checkpoint(value: object) -> int | str | None:
+    """None (save every layer), an int k >= 1 (keep the stream state every k layers), or "sqrt"."""
+    if value is None or value == "sqrt":
+        return value  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'checkpoint must be None, an int >= 1 or "sqrt"; got {type(value).__name__} {value!r}')
+    if value < 1:
+        raise ValueError(f'checkpoint must be None, an int >= 1 or "sqrt"; got {value}')
+    return value
+
+
+def checkpoint_every(checkpoint: int | str | None, depth: int) -> int:
+    """The layers per checkpoint of a stack of ``depth`` layers: 0 for None (save every layer), k for
+    an int, ceil(sqrt(depth)) for "sqrt"."""
+    if checkpoint is None:
+        return 0
+    return math.isqrt(depth - 1) + 1 if checkpoint == "sqrt" else checkpoint

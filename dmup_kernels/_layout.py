@@ -9,11 +9,12 @@ The C++ ops' schemas call the same tensors ``saved`` and ``mask``, and csrc the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 SIGN_WORD_BITS = 16
 """Rows per word of the C++ ops' sign bits: they are int16, bit r % 16 of word r // 16 is row r."""
@@ -31,6 +32,28 @@ def sign_planes(activation: str, block: str) -> int:
     return {"relu": 1, "abs": 2}.get(activation, 0) if block == "post" else 0
 
 
+class EpilogueSettings(NamedTuple):
+    """The non-tensor arguments of the scaled_residual ops, in their schemas' order."""
+
+    scale: float
+    activation: str
+    mean_subtract: bool
+
+
+class EpilogueBackend(Protocol):
+    """One backend of scaled_residual: out = x + scale * MS(phi(branch_out)) and its backward. The state
+    is what the backward reads: branch_out."""
+
+    def forward(self, x: Tensor, branch_out: Tensor, settings: EpilogueSettings) -> tuple[Tensor, Tensor]:
+        """(out, state) for x and branch_out of one shape (..., n) and dtype."""
+        ...
+
+    def backward(self, grad_out: Tensor, state: Tensor, settings: EpilogueSettings) -> tuple[Tensor, Tensor]:
+        """(grad_x, grad_branch_out) for grad_out = dLoss/d(out): grad_out and phi'(branch_out) * MS(scale
+        * grad_out)."""
+        ...
+
+
 class StackSettings(NamedTuple):
     """The non-tensor arguments of the residual_stack ops, in their schemas' order."""
 
@@ -38,22 +61,47 @@ class StackSettings(NamedTuple):
     activation: str
     block: str
     mean_subtract: bool
+    checkpoint_every: int = 0
+    """0: the forward saves every layer's input for the backward; k >= 1: only x_0, x_k, x_2k, ..., and the
+    backward recomputes the rest (docs/design.md §4.4)."""
+
+    @property
+    def layer(self) -> tuple[float, str, str, bool]:
+        """What every layer shares: (scale, activation, block, mean_subtract)."""
+        return self.scale, self.activation, self.block, self.mean_subtract
+
+    @property
+    def layer_options(self) -> dict[str, Any]:
+        """``layer`` by name, as dmup_kernels.reference.residual_stream takes it."""
+        return dict(zip(("scale", "activation", "block", "mean_subtract"), self.layer))
+
+
+StackGrads = tuple[Tensor, Tensor, "Tensor | None"]
+"""(grad_x, grad_weight, grad_bias) of a stack; grad_bias is None without bias."""
 
 
 class StackBackend(Protocol):
-    """One backend of residual_stack. Its backward is the autograd rule of the op ``forward`` calls
-    (or eager autograd for the reference), so the contract is the forward and what it leaves behind."""
+    """One backend of residual_stack: its forward, its backward, and the states for ``return_states``.
+
+    Autograd calls ``backward`` through the autograd rule of the op ``forward`` runs (the eager
+    reference is differentiated by autograd itself, and its ``backward`` does the same)."""
 
     def forward(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
     ) -> tuple[Tensor, Any]:
         """The output for ``x`` of shape (..., n) in x's dtype, and the backend's state. ``save``: keep
-        what the backward and ``states`` need (otherwise neither may be used)."""
+        what ``backward`` and ``states`` need (otherwise neither may be used)."""
+        ...
+
+    def backward(
+        self, grad_out: Tensor, state: Any, weight: Tensor, bias: Tensor | None, settings: StackSettings
+    ) -> StackGrads:
+        """The gradients of the forward that returned ``state``, given ``grad_out`` = dLoss/d(output)."""
         ...
 
     def states(self, state: Any, x: Tensor, out: Tensor) -> Tensor:
-        """The states x^0..x^L of the forward that returned ``state`` and ``out``, shape (L + 1, ...,
-        n), x's dtype, detached."""
+        """The states x^0..x^L of a forward with ``checkpoint_every`` 0 that returned ``state`` and
+        ``out``, shape (L + 1, ..., n), x's dtype, detached."""
         ...
 
 
@@ -67,3 +115,32 @@ def compute_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor
 def stacked_states(states: Sequence[Tensor], x: Tensor) -> Tensor:
     """``states`` (each of x's shape, or rows (B, n)) stacked into shape (L + 1, ..., n), x's dtype, detached."""
     return torch.stack([state.detach().to(x.dtype).reshape(x.shape) for state in states])
+
+
+def graph_backward(grad_out: Tensor, stream: Sequence[Tensor], weight: Tensor, bias: Tensor | None) -> StackGrads:
+    """The backward of a forward that autograd recorded, from its first state ``stream[0]`` (x) to its
+    last (the output): the gradients of the inputs that require grad, None for the others."""
+    inputs = (stream[0], weight, bias)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(stream[-1], wanted, grad_out))
+    grad_x, grad_weight, grad_bias = (next(grads) if t is not None and t.requires_grad else None for t in inputs)
+    return grad_x, grad_weight, grad_bias
+
+
+def checkpointed_stream(
+    run_segment: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    every: int,
+) -> list[Tensor]:
+    """x_0, x_k, x_2k, ..., x_L (k = ``every``) of a stack run segment by segment, ``run_segment(x_first,
+    weight_segment, bias_segment)`` under ``torch.utils.checkpoint``: autograd keeps only the segments'
+    inputs and recomputes each segment in the backward (docs/design.md §4.4), for the backends without
+    checkpoints of their own."""
+    # split, not slices: the backward of a slice writes a full-size gradient per segment.
+    biases = [None] * len(weight.split(every)) if bias is None else bias.split(every)
+    stream = [x]
+    for weight_segment, bias_segment in zip(weight.split(every), biases):
+        stream.append(checkpoint(run_segment, stream[-1], weight_segment, bias_segment, use_reentrant=False))
+    return stream

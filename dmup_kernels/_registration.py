@@ -39,6 +39,8 @@ from torch import Tensor
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
+from ._layout import EpilogueSettings
+
 _LIBRARY = torch.library.Library("dmup", "IMPL")  # kept alive: dropping it would unregister the kernels
 
 
@@ -95,25 +97,40 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         _LIBRARY.impl(name, autograd_kernel, "Autograd")
 
 
-def register_epilogue_rules(op: str, backward_op: str) -> None:
-    """The fake (shape) and autograd rules of an epilogue op ``op`` (x, branch_out, scale, activation,
-    mean_subtract) -> out, whose gradient with respect to branch_out the op ``backward_op`` (grad_out,
-    branch_out, scale, activation, mean_subtract) computes; the gradient with respect to x is grad_out."""
+class OpEpilogue:
+    """The backend of scaled_residual whose kernels are the op ``op`` (x, branch_out, scale, activation,
+    mean_subtract) -> out and ``backward_op`` (grad_out, branch_out, scale, activation, mean_subtract) ->
+    grad_branch_out. Creating it registers the fake (shape) rules of both and the autograd rule of
+    ``op``, which calls ``backward``."""
 
-    def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
-        torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    def __init__(self, op: str, backward_op: str) -> None:
+        self.names = op.removeprefix("dmup::"), backward_op.removeprefix("dmup::")
 
-    torch.library.register_fake(op)(fake)
-    torch.library.register_fake(backward_op)(fake)
-    compute_backward = getattr(torch.ops.dmup, backward_op.removeprefix("dmup::"))
+        def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
+            torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
+            return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    def setup_context(ctx, inputs, output) -> None:
-        _, branch_out, *ctx.settings = inputs
-        ctx.save_for_backward(branch_out)
+        torch.library.register_fake(op)(fake)
+        torch.library.register_fake(backward_op)(fake)
 
-    def backward(ctx, grad_out: Tensor):
-        (branch_out,) = ctx.saved_tensors
-        return grad_out, compute_backward(grad_out, branch_out, *ctx.settings), None, None, None
+        def setup_context(ctx, inputs, output) -> None:
+            _, branch_out, *settings = inputs
+            ctx.settings = EpilogueSettings(*settings)
+            ctx.save_for_backward(branch_out)
 
-    register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
+        def backward(ctx, grad_out: Tensor):
+            (branch_out,) = ctx.saved_tensors
+            return *self.backward(grad_out, branch_out, ctx.settings), None, None, None
+
+        register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
+
+    @property
+    def op(self) -> Any:
+        """The forward op, looked up on each use (as torch.ops.dmup.<name> is, so wrappers of it apply)."""
+        return getattr(torch.ops.dmup, self.names[0])
+
+    def forward(self, x: Tensor, branch_out: Tensor, settings: EpilogueSettings) -> tuple[Tensor, Tensor]:
+        return self.op(x, branch_out, *settings), branch_out
+
+    def backward(self, grad_out: Tensor, state: Tensor, settings: EpilogueSettings) -> tuple[Tensor, Tensor]:
+        return grad_out, getattr(torch.ops.dmup, self.names[1])(grad_out, state, *settings)

@@ -13,6 +13,7 @@ from . import reference
 from ._checks import (
     check_activation,
     check_block,
+    check_checkpoint,
     check_choice,
     check_flag,
     check_float_dtype,
@@ -90,6 +91,9 @@ class ResidualStack(nn.Module):
             (default ``depth``). The branch scale s and the hidden learning rate (``param_groups``)
             are computed for it: Depth-muP scales by the depth of the network, so a pipeline stage
             holding some of its blocks (``split``) keeps the scale of the whole.
+        checkpoint: what the forward keeps for the backward: None (every layer's input), an int k >= 1
+            (the stream state every k layers; the backward recomputes the rest), or "sqrt" (k =
+            ceil(sqrt(depth))). See ``dmup_kernels.residual_stack``.
     Input: (..., width). Output: same shape.
     Conversions: ``split`` (pipeline stages), ``from_linears`` / ``to_reference_modules`` (a list of
     ``nn.Linear`` / an ``nn.Sequential`` of eager ``ReferenceBlock``).
@@ -107,6 +111,7 @@ class ResidualStack(nn.Module):
         parametrization: DepthParametrization = DEPTH_MUP,
         backend: str = "auto",
         total_depth: int | None = None,
+        checkpoint: int | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -125,6 +130,7 @@ class ResidualStack(nn.Module):
             raise TypeError(f"parametrization must be a DepthParametrization; got {type(parametrization).__name__}")
         self.parametrization = parametrization
         self.backend = check_choice(backend, "backend", BACKENDS)
+        self.checkpoint = check_checkpoint(checkpoint)
         check_float_dtype(dtype, "dtype")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(depth, width, width, **factory))
@@ -150,6 +156,7 @@ class ResidualStack(nn.Module):
         parametrization: DepthParametrization = DEPTH_MUP,
         backend: str = "auto",
         total_depth: int | None = None,
+        checkpoint: int | str | None = None,
     ) -> ResidualStack:
         """A stack whose block l uses ``linears[l]``: W_l = ``linears[l].weight``, b_l = ``linears[l].bias``.
 
@@ -195,6 +202,7 @@ class ResidualStack(nn.Module):
             parametrization=parametrization,
             backend=backend,
             total_depth=total_depth,
+            checkpoint=checkpoint,
             device=first.weight.device,
             dtype=first.weight.dtype,
         )
@@ -253,6 +261,7 @@ class ResidualStack(nn.Module):
                 parametrization=self.parametrization,
                 backend=self.backend,
                 total_depth=self.total_depth,
+                checkpoint=self.checkpoint,
                 device=self.weight.device,
                 dtype=self.weight.dtype,
             )
@@ -276,6 +285,7 @@ class ResidualStack(nn.Module):
             block=self.block,
             mean_subtract=self.mean_subtract,
             backend=self.backend,
+            checkpoint=self.checkpoint,
             return_states=return_states,
         )
 
@@ -287,6 +297,7 @@ class ResidualStack(nn.Module):
             f"mean_subtract={self.mean_subtract}, bias={self.bias is not None}, scale={self.scale:.6g}, "
             f"parametrization=(alpha={p.alpha}, gamma={p.gamma}, multiplier={p.multiplier}, "
             f"base_depth={p.base_depth}), backend={self.backend!r}"
+            + ("" if self.checkpoint is None else f", checkpoint={self.checkpoint!r}")
         )
 
 
@@ -372,7 +383,7 @@ class DepthMuPNet(nn.Module):
     Args:
         in_features, width, depth, out_features: the sizes.
         readout_zero_init: initialise the output layer to zero.
-        **stack_kwargs: passed to ``ResidualStack`` (activation, block, parametrization, backend, ...).
+        **stack_kwargs: passed to ``ResidualStack`` (activation, block, parametrization, backend, checkpoint, ...).
     """
 
     def __init__(

@@ -18,6 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmup_kernels
 from dmup_kernels import ResidualStack, reference
+from dmup_kernels._layout import StackSettings
+from dmup_kernels.ops.residual_stack import STACK_BACKENDS
 
 from conftest import OP_BACKENDS, backend_device, needs_cpp, num_threads, rel_err, saved_bytes
 from parity import check_stack, run_stack, run_stack_reference, stack_kwargs
@@ -107,6 +109,33 @@ def test_strided_weight_and_bias(backend, seed):
     case.bias = wide[:, ::2]
     assert not case.weight.is_contiguous() and not case.bias.is_contiguous()
     check_stack(case.to(backend_device(backend)), torch.float64, backend)
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 2], ids=["save-all", "checkpoint2"])
+@pytest.mark.parametrize("spec", [StackSpec(24, 5, (2, 7), "post", True, "abs", True, "contiguous"),
+                                  StackSpec(16, 3, (9,), "pre", True, "silu", False, "contiguous")],
+                         ids=lambda spec: spec.id)  # fmt: skip
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_backend_contract_backward_matches_reference(spec: StackSpec, backend, checkpoint_every, seed):
+    """Each backend's ``backward`` (what the ops' autograd rules call) on the state its ``forward`` left,
+    against the reference backend's, in float64."""
+    case = make_stack_case(spec, torch.float64, seed)
+    settings = StackSettings(**stack_kwargs(case), checkpoint_every=checkpoint_every)
+    grad_out = torch.randn(case.x.shape, dtype=torch.float64)
+
+    def gradients(name: str, device: str) -> list[torch.Tensor]:
+        stack = STACK_BACKENDS[name]
+        x, weight, bias = (t.detach().to(device).requires_grad_() for t in (case.x, case.weight, case.bias))
+        with torch.enable_grad():
+            _, state = stack.forward(x, weight, bias, settings, True)
+        return list(stack.backward(grad_out.to(device), state, weight, bias, settings))
+
+    expected = gradients("reference", "cpu")
+    for name, got, ref in zip(
+        ("grad x", "grad weight", "grad bias"), gradients(backend, backend_device(backend)), expected
+    ):
+        assert got.shape == ref.shape, name
+        assert rel_err(got, ref) < 1e-12, name
 
 
 # ---------------------------------------------------------------------------------------------------

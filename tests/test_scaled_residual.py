@@ -9,6 +9,8 @@ import torch
 
 import dmup_kernels
 from dmup_kernels import reference
+from dmup_kernels._layout import EpilogueSettings
+from dmup_kernels.ops.scaled_residual import EPILOGUE_BACKENDS
 
 from conftest import OP_BACKENDS, backend_device, needs_cpp, rel_err
 from parity import check_residual, run_residual, run_residual_reference
@@ -62,6 +64,22 @@ def test_bfloat16_within_twice_eager_error(spec: ResidualSpec, seed):
     ):
         bound = 2 * rel_err(eager_value, ref) + 1e-3
         assert rel_err(got, ref) <= bound, name
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_backend_contract_backward_matches_reference(backend, seed):
+    """Each backend's ``backward`` (what the ops' autograd rules call) against the reference's, in float64."""
+    settings = EpilogueSettings(0.7, "gelu", True)
+    x, branch_out, grad_out = (torch.randn(5, 33, dtype=torch.float64) for _ in range(3))
+
+    def gradients(name: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        epilogue = EPILOGUE_BACKENDS[name]
+        _, state = epilogue.forward(x.to(device), branch_out.to(device), settings)
+        return epilogue.backward(grad_out.to(device), state, settings)
+
+    for name, got, ref in zip(("grad x", "grad branch_out"), gradients(backend, backend_device(backend)),
+                              gradients("reference", "cpu")):  # fmt: skip
+        assert rel_err(got, ref) < 1e-12, name
 
 
 @needs_cpp

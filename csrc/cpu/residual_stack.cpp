@@ -2,10 +2,11 @@
 //
 // Forward: one parallel pass over row tiles (each tile walks all L layers). Backward: one parallel
 // pass over row tiles in reverse layer order (grad_x and every dh_l), then one over (layer, output
-// block) tasks for every dW_l and db_l. float32 runs the kernel of the instruction set in use
-// (cpu_isa.h); float64 always runs the portable one. Every GEMM is the kernel's own, whose sums run
-// in a fixed order: a BLAS may block its sums by the shape and alignment it is given, which would
-// tie the result to the thread count (the tile size) and to the process (the buffers' addresses).
+// block) tasks for every dW_l and db_l; with checkpoints, the same two passes per segment, each tile
+// recomputing the segment before walking it back (stack_kernel.h, checkpointed_backward). float32 runs the kernel of
+// the instruction set in use (cpu_isa.h); float64 always runs the portable one. Every GEMM is the kernel's own, whose
+// sums run in a fixed order: a BLAS may block its sums by the shape and alignment it is given, which would tie the
+// result to the thread count (the tile size) and to the process (the buffers' addresses).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -158,20 +159,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
                                                                   const std::optional<at::Tensor>& bias_in,
                                                                   double scale, c10::string_view activation,
                                                                   c10::string_view block, bool mean_subtract,
-                                                                  bool save_for_backward) {
+                                                                  bool save_for_backward, int64_t checkpoint_every) {
   check_stack_inputs(x_in, weight_in, bias_in, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int planes = mask_planes(parse_activation(activation), parse_block(block));
   at::Tensor out, saved, mask;
-  std::tie(out, saved, mask) = empty_stack_outputs(x, weight.size(0), planes, save_for_backward, &empty_large);
+  std::tie(out, saved, mask) =
+      empty_stack_outputs(x, weight.size(0), planes, save_for_backward, checkpoint_every, &empty_large);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
-    const StackForwardBuffers<scalar_t> buffers{
-        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-        save_for_backward ? saved.mutable_data_ptr<scalar_t>() : nullptr,
-        save_for_backward ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()) : nullptr};
+    const StackForwardBuffers<scalar_t> buffers{x.const_data_ptr<scalar_t>(),
+                                                nullptr,
+                                                out.mutable_data_ptr<scalar_t>(),
+                                                save_for_backward ? saved.mutable_data_ptr<scalar_t>() : nullptr,
+                                                std::max<int64_t>(checkpoint_every, 1),
+                                                save_for_backward && checkpoint_every == 0
+                                                    ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())
+                                                    : nullptr};
     kernels.forward(problem, buffers, at::get_num_threads());
   });
   return {out, saved, mask};
@@ -180,34 +186,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
-    bool mean_subtract) {
+    bool mean_subtract, int64_t checkpoint_every) {
   check_stack_inputs(grad_out_in, weight_in, bias_in, c10::DeviceType::CPU);
   const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
   const int planes = mask_planes(parse_activation(activation), parse_block(block));
-  check_stack_state(saved, mask, grad_out, depth, planes);
-  at::Tensor grad_x = at::empty({batch, width}, grad_out.options());
-  at::Tensor grad_h = empty_large({depth, width, batch}, grad_out.options());
-  at::Tensor grad_weight = empty_large({depth, width, width}, grad_out.options());
-  at::Tensor grad_bias = at::empty({bias ? depth : 0, width}, grad_out.options());
+  check_stack_state(saved, mask, grad_out, depth, planes, checkpoint_every);
+  const auto options = grad_out.options();
+  at::Tensor grad_x = at::empty({batch, width}, options);
+  at::Tensor grad_weight = empty_large({depth, width, width}, options);
+  at::Tensor grad_bias = at::empty({bias ? depth : 0, width}, options);
   if (batch == 0) {  // no rows: the sums over rows are empty
     grad_weight.zero_();
     grad_bias.zero_();
     return {grad_x, grad_weight, grad_bias};
   }
+  // dh of every layer, or of one segment (with its recomputed states and sign bits) when checkpointed.
+  const int64_t scratch_layers = checkpoint_every == 0 ? depth : std::min(checkpoint_every, depth);
+  at::Tensor grad_h = empty_large({scratch_layers, width, batch}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cpu", [&] {
     const auto problem = make_problem<scalar_t>(grad_out, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = select_kernels<scalar_t>(problem.activation, problem.block);
-    const StackBackwardBuffers<scalar_t> buffers{grad_out.const_data_ptr<scalar_t>(),
-                                                 saved.const_data_ptr<scalar_t>(),
-                                                 reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
-                                                 grad_x.mutable_data_ptr<scalar_t>(),
-                                                 grad_h.mutable_data_ptr<scalar_t>(),
-                                                 grad_weight.mutable_data_ptr<scalar_t>(),
-                                                 bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
-    kernels.backward_rows(problem, buffers, at::get_num_threads());
-    kernels.backward_weights(problem, buffers, at::get_num_threads());
+    const int threads = at::get_num_threads();
+    scalar_t* grad_bias_data = bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+    if (checkpoint_every == 0) {
+      const StackBackwardBuffers<scalar_t> buffers{grad_out.const_data_ptr<scalar_t>(),
+                                                   saved.const_data_ptr<scalar_t>(),
+                                                   reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>()),
+                                                   grad_x.mutable_data_ptr<scalar_t>(),
+                                                   nullptr,
+                                                   grad_h.mutable_data_ptr<scalar_t>(),
+                                                   grad_weight.mutable_data_ptr<scalar_t>(),
+                                                   grad_bias_data};
+      kernels.backward_rows(problem, buffers, threads);
+      kernels.backward_weights(problem, buffers, threads);
+      return;
+    }
+    at::Tensor states = empty_large({scratch_layers, width, batch}, options);
+    at::Tensor signs = at::empty({scratch_layers, planes, width, mask_words(batch)}, options.dtype(at::kShort));
+    at::Tensor grad_carry = at::empty({width, batch}, options);
+    const SegmentScratch<scalar_t> scratch{states.mutable_data_ptr<scalar_t>(),
+                                           reinterpret_cast<uint16_t*>(signs.mutable_data_ptr<int16_t>()),
+                                           grad_h.mutable_data_ptr<scalar_t>()};
+    checkpointed_backward(kernels, problem, saved.const_data_ptr<scalar_t>(), checkpoint_every,
+                          grad_out.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
+                          grad_carry.mutable_data_ptr<scalar_t>(), scratch, grad_weight.mutable_data_ptr<scalar_t>(),
+                          grad_bias_data, threads);
   });
   return {grad_x, grad_weight, grad_bias};
 }

@@ -19,6 +19,9 @@
 //   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: the sign bits of h
 //                                    (activations.h, positive_sign_bit and negative_sign_bit)
 //   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
+// With depth checkpoints every k layers, saved is (ceil(L/k), n, B), there is no mask, and the backward
+// recomputes one segment of k layers at a time into k-layer saved / mask / grad_h scratch
+// (checkpointed_backward, at the end).
 // Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
 // threads share each tile, splitting its features (see Team). Every output element of a row depends
 // only on that row, summed in a fixed order (every GEMM sums over its K in order, whatever its
@@ -68,20 +71,27 @@ struct StackProblem {
   int64_t tile_rows;  // R: multiple of 16
 };
 
+// The input of a walk over the layers is x as rows, or a saved feature-major state (a checkpoint);
+// its output is rows, or nothing (a recomputation only keeps what it saves).
 template <class T>
 struct StackForwardBuffers {
-  const T* x;      // (B, n)
-  T* out;          // (B, n)
-  T* saved;        // (L, n, B), or nullptr for inference (nothing saved)
-  uint16_t* mask;  // (L, planes, n, ceil(B/16)), zeroed; nullptr for inference
+  const T* x;           // (B, n), or nullptr: start from x_features
+  const T* x_features;  // (n, B), used when x is nullptr
+  T* out;               // (B, n), or nullptr: the last state is not needed
+  T* saved;             // (ceil(L / save_every), n, B): x_l for l = 0, k, 2k, ... (k = save_every); or nullptr
+  int64_t save_every;   // 1: every layer's input; k > 1: the checkpoints of docs/design.md §4.4
+  uint16_t* mask;       // (L, planes, n, ceil(B/16)), or nullptr: no sign bits saved
 };
 
+// The reverse walk reads dLoss/dx_L as rows (grad_out) or from grad_carry, and writes dLoss/dx_0 as rows
+// (grad_x) or back into grad_carry: a checkpointed backward carries the gradient between segments there.
 template <class T>
 struct StackBackwardBuffers {
-  const T* grad_out;     // (B, n)
+  const T* grad_out;     // (B, n), or nullptr: read grad_carry
   const T* saved;        // (L, n, B)
   const uint16_t* mask;  // as in the forward
-  T* grad_x;             // (B, n)
+  T* grad_x;             // (B, n), or nullptr: write grad_carry
+  T* grad_carry;         // (n, B), used where grad_out or grad_x is nullptr
   T* grad_h;             // (L, n, B) scratch shared by the two backward phases
   T* grad_weight;        // (L, n, n)
   T* grad_bias;          // (L, n), or nullptr when the stack has no bias
@@ -127,6 +137,10 @@ struct StackKernels {
   void (*forward)(const StackProblem<T>&, const StackForwardBuffers<T>&, int threads);
   void (*backward_rows)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int threads);
   void (*backward_weights)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int threads);
+  // Per row tile: the forward walk `recompute` (which saves the states and sign bits the backward
+  // reads), then backward_rows' reverse walk, while the tile is in cache.
+  void (*recompute_backward_rows)(const StackProblem<T>&, const StackForwardBuffers<T>& recompute,
+                                  const StackBackwardBuffers<T>&, int threads);
 };
 
 namespace stack_impl {
@@ -225,6 +239,19 @@ inline void load_rows(typename V::T* dst, int64_t stride, int64_t live, const ty
     for (int64_t r = 0; r < live; r += V::W) {
       const int lanes = static_cast<int>(std::min<int64_t>(count - r, V::W));
       V::store(dst + k * stride + r, V::load_n(src + k * src_stride + r, lanes));
+    }
+  }
+}
+
+// dst[k * dst_stride + r] = src[k * stride + r] for r < count (k < rows): a tile's features back into a
+// feature-major (n, B) state.
+template <class V>
+inline void store_rows(typename V::T* dst, int64_t dst_stride, const typename V::T* src, int64_t stride, int64_t rows,
+                       int64_t count) {
+  for (int64_t k = 0; k < rows; ++k) {
+    for (int64_t r = 0; r < count; r += V::W) {
+      V::store_n(dst + k * dst_stride + r, V::load(src + k * stride + r),
+                 static_cast<int>(std::min<int64_t>(count - r, V::W)));
     }
   }
 }
@@ -354,116 +381,151 @@ struct Stack {
     }
   }
 
+  // The row tiles of this thread: body(b0, rows) for each, in the team's order.
+  template <class F>
+  static void for_each_tile(const StackProblem<T>& p, const Team& team, F&& body) {
+    for (int64_t tile = team.first_tile(); tile < tile_count(p); tile += team.tile_step()) {
+      const int64_t b0 = tile * p.tile_rows;
+      body(b0, std::min(p.tile_rows, p.batch - b0));
+      team.sync();  // the next tile reuses the shared planes
+    }
+  }
+
   static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch, tiles = tile_count(p);
     with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
-      const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
-      const Vec scale = V::broadcast(p.scale);
-      const bool save = buf.saved != nullptr;
-      for (int64_t tile = team.first_tile(); tile < tiles; tile += team.tile_step()) {
-        const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
-        const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
-        transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
-        for (int64_t l = 0; l < p.depth; ++l) {
-          const T* W = p.weight + weight_offset(l, 0, n);
-          const T* gemm_in = s.stream;
-          if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
-            map_rows(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
-            gemm_in = s.input;
-          }
-          team.sync();  // the GEMM reads every feature of its input
-          gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
-          // Branch epilogue: bias, then phi (post) with its sign bits.
-          for (int64_t o = o0; o < o1; ++o) {
-            const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-            T* h_row = s.branch + o * Rp;
-            uint16_t* pos = kPost && kPlanes && save ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
-            uint16_t* neg = kPost && kPlanes == 2 && save ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
-            for (int64_t r = 0; r < live; r += V::W) {
-              Vec h = V::load(h_row + r) + bias;
-              if constexpr (kPost) {
-                if constexpr (kPlanes >= 1)
-                  if (save) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(h));
-                if constexpr (kPlanes == 2)
-                  if (save) store_bits<V>(neg, b0 + r, negative_sign_bit(h));
-                h = Phi::value(h);
-              }
-              V::store(h_row + r, h);
-            }
-          }
-          team.sync();  // the row mean reads every feature of the branch
-          row_mean(p, s.branch, Rp, live, T(1), row);
-          // Save x_l, then x <- x + s * (v - mean).
-          for (int64_t o = o0; o < o1; ++o) {
-            T* saved = save ? buf.saved + state_offset(l, o, n, B) + b0 : nullptr;
-            for (int64_t r = 0; r < live; r += V::W) {
-              const int64_t i = o * Rp + r;
-              const Vec x = V::load(s.stream + i);
-              if (save) V::store_n(saved + r, x, lanes_at(r, rows));
-              V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(row + r), x));
-            }
-          }
-        }
-        transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
-        team.sync();  // the next tile reuses the shared planes
-      }
+      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { forward_tile(p, buf, team, s, row, b0, rows); });
     });
   }
 
-  // Phase 1 of the backward: per row tile, walk the layers in reverse; writes grad_x and grad_h.
   static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch, tiles = tile_count(p);
+    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
+      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { backward_tile(p, buf, team, s, row, b0, rows); });
+    });
+  }
+
+  static void recompute_backward_rows(const StackProblem<T>& p, const StackForwardBuffers<T>& recompute,
+                                      const StackBackwardBuffers<T>& buf, int threads) {
+    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
+      for_each_tile(p, team, [&](int64_t b0, int64_t rows) {
+        forward_tile(p, recompute, team, s, row, b0, rows);
+        team.sync();  // the reverse walk reuses the planes
+        backward_tile(p, buf, team, s, row, b0, rows);
+      });
+    });
+  }
+
+  // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of it when split).
+  static void forward_tile(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
+                           T* row, int64_t b0, int64_t rows) {
+    const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
+    const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
+    const Vec scale = V::broadcast(p.scale);
+    const bool save_mask = buf.mask != nullptr;
+    if (buf.x) {
+      transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
+    } else {
+      load_rows<V>(s.stream + o0 * Rp, Rp, live, buf.x_features + o0 * B + b0, B, o1 - o0, rows);
+    }
+    for (int64_t l = 0; l < p.depth; ++l) {
+      const T* W = p.weight + weight_offset(l, 0, n);
+      const T* gemm_in = s.stream;
+      if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
+        map_rows(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
+        gemm_in = s.input;
+      }
+      team.sync();  // the GEMM reads every feature of its input
+      gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
+      // Branch epilogue: bias, then phi (post) with its sign bits.
+      for (int64_t o = o0; o < o1; ++o) {
+        const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+        T* h_row = s.branch + o * Rp;
+        uint16_t* pos = kPost && kPlanes && save_mask ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
+        uint16_t* neg = kPost && kPlanes == 2 && save_mask ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
+        for (int64_t r = 0; r < live; r += V::W) {
+          Vec h = V::load(h_row + r) + bias;
+          if constexpr (kPost) {
+            if constexpr (kPlanes >= 1)
+              if (save_mask) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(h));
+            if constexpr (kPlanes == 2)
+              if (save_mask) store_bits<V>(neg, b0 + r, negative_sign_bit(h));
+            h = Phi::value(h);
+          }
+          V::store(h_row + r, h);
+        }
+      }
+      team.sync();  // the row mean reads every feature of the branch
+      row_mean(p, s.branch, Rp, live, T(1), row);
+      // Save x_l (every save_every-th layer), then x <- x + s * (v - mean).
+      const bool save = buf.saved && l % buf.save_every == 0;
+      for (int64_t o = o0; o < o1; ++o) {
+        T* saved = save ? buf.saved + state_offset(l / buf.save_every, o, n, B) + b0 : nullptr;
+        for (int64_t r = 0; r < live; r += V::W) {
+          const int64_t i = o * Rp + r;
+          const Vec x = V::load(s.stream + i);
+          if (save) V::store_n(saved + r, x, lanes_at(r, rows));
+          V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(row + r), x));
+        }
+      }
+    }
+    if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
+  }
+
+  // The reverse walk of one tile, layers L-1 down to 0; writes its rows of grad_x (or grad_carry) and
+  // of every dh_l.
+  static void backward_tile(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team, Planes& s,
+                            T* row, int64_t b0, int64_t rows) {
     constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
-    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
-      const int64_t Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
-      const Vec scale = V::broadcast(p.scale);
-      for (int64_t tile = team.first_tile(); tile < tiles; tile += team.tile_step()) {
-        const int64_t b0 = tile * p.tile_rows, rows = std::min(p.tile_rows, B - b0);
-        const int64_t live = (rows + V::W - 1) / V::W * V::W;
-        transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);  // the stream now holds g
-        for (int64_t l = p.depth - 1; l >= 0; --l) {
-          const T* W = p.weight + weight_offset(l, 0, n);
-          if constexpr (kNeedInput) {
-            load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
-          }
-          team.sync();  // the row mean reads all of g; the recomputation all of x_l
-          if constexpr (kRecompute)
-            gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
-          row_mean(p, s.stream, Rp, live, p.scale, row);
-          for (int64_t o = o0; o < o1; ++o) {
-            const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-            const uint16_t* pos = kPlanes ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
-            const uint16_t* neg = kPlanes == 2 ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
-            T* grad_h = buf.grad_h + state_offset(l, o, n, B) + b0;
-            for (int64_t r = 0; r < live; r += V::W) {
-              const int64_t i = o * Rp + r;
-              Vec dh = scale * V::load(s.stream + i) - V::load(row + r);
-              if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
-              if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
-              V::store(s.aux + i, dh);
-              V::store_n(grad_h + r, dh, lanes_at(r, rows));
-            }
-          }
-          team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
-          const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
-          if constexpr (kPost || kIdentity) {
-            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
-          } else {
-            gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
-            for (int64_t k = o0; k < o1; ++k) {
-              for (int64_t r = 0; r < live; r += V::W) {
-                const int64_t i = k * Rp + r;
-                V::store(s.stream + i,
-                         V::load(s.stream + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
-              }
-            }
+    const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
+    const int64_t live = (rows + V::W - 1) / V::W * V::W;
+    const Vec scale = V::broadcast(p.scale);
+    // The stream planes now hold g = dLoss/dx.
+    if (buf.grad_out) {
+      transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);
+    } else {
+      load_rows<V>(s.stream + o0 * Rp, Rp, live, buf.grad_carry + o0 * B + b0, B, o1 - o0, rows);
+    }
+    for (int64_t l = p.depth - 1; l >= 0; --l) {
+      const T* W = p.weight + weight_offset(l, 0, n);
+      if constexpr (kNeedInput) {
+        load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
+      }
+      team.sync();  // the row mean reads all of g; the recomputation all of x_l
+      if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+      row_mean(p, s.stream, Rp, live, p.scale, row);
+      for (int64_t o = o0; o < o1; ++o) {
+        const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+        const uint16_t* pos = kPlanes ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
+        const uint16_t* neg = kPlanes == 2 ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
+        T* grad_h = buf.grad_h + state_offset(l, o, n, B) + b0;
+        for (int64_t r = 0; r < live; r += V::W) {
+          const int64_t i = o * Rp + r;
+          Vec dh = scale * V::load(s.stream + i) - V::load(row + r);
+          if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
+          if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
+          V::store(s.aux + i, dh);
+          V::store_n(grad_h + r, dh, lanes_at(r, rows));
+        }
+      }
+      team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
+      const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
+      if constexpr (kPost || kIdentity) {
+        gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
+      } else {
+        gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
+        for (int64_t k = o0; k < o1; ++k) {
+          for (int64_t r = 0; r < live; r += V::W) {
+            const int64_t i = k * Rp + r;
+            V::store(s.stream + i, V::load(s.stream + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
           }
         }
-        transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, o0, o1, rows);
-        team.sync();
       }
-    });
+    }
+    if (buf.grad_x) {
+      transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, o0, o1, rows);
+    } else {
+      store_rows<V>(buf.grad_carry + o0 * B + b0, B, s.stream + o0 * Rp, Rp, o1 - o0, rows);
+    }
   }
 
   // Phase 2: dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l, one
@@ -516,13 +578,15 @@ struct Stack {
   }
 };
 
+template <class V, Activation A, Block K>
+StackKernels<typename V::T> kernels_of() {
+  using S = Stack<V, A, K>;
+  return {&S::forward, &S::backward_rows, &S::backward_weights, &S::recompute_backward_rows};
+}
+
 template <class V, Activation A>
 StackKernels<typename V::T> kernels_for(Block block) {
-  if (block == Block::Post)
-    return {&Stack<V, A, Block::Post>::forward, &Stack<V, A, Block::Post>::backward_rows,
-            &Stack<V, A, Block::Post>::backward_weights};
-  return {&Stack<V, A, Block::Pre>::forward, &Stack<V, A, Block::Pre>::backward_rows,
-          &Stack<V, A, Block::Pre>::backward_weights};
+  return block == Block::Post ? kernels_of<V, A, Block::Post>() : kernels_of<V, A, Block::Pre>();
 }
 
 }  // namespace
@@ -534,6 +598,46 @@ StackKernels<typename V::T> make_stack_kernels(Activation activation, Block bloc
   StackKernels<typename V::T> result{};
   dispatch_activation(activation, [&](auto tag) { result = stack_impl::kernels_for<V, decltype(tag)::value>(block); });
   return result;
+}
+
+// One segment's scratch for a checkpointed backward, sized for `every` layers of the whole batch.
+template <class T>
+struct SegmentScratch {
+  T* states;       // (every, n, B)
+  uint16_t* mask;  // (every, planes, n, ceil(B/16))
+  T* grad_h;       // (every, n, B)
+};
+
+// The backward of a stack whose forward saved only x_0, x_k, x_2k, ... (k = every; docs/design.md
+// §4.4). Segment by segment from the last: per row tile, recompute the segment's states and sign bits
+// from its checkpoint and walk it in reverse (recompute_backward_rows), then the segment's dW and db
+// (backward_weights). Every state, bit and dh is the one the forward and backward of a stack that saves
+// every layer compute (a row's values do not depend on the tiling, and each dW_l sums the same rows in
+// the same order), so the gradients are bitwise those of saving every layer.
+template <class T>
+void checkpointed_backward(const StackKernels<T>& kernels, const StackProblem<T>& p, const T* checkpoints,
+                           int64_t every, const T* grad_out, T* grad_x, T* grad_carry, const SegmentScratch<T>& scratch,
+                           T* grad_weight, T* grad_bias, int threads) {
+  const int64_t n = p.width, segments = checkpoint_count(p.depth, every);
+  for (int64_t segment = segments - 1; segment >= 0; --segment) {
+    const int64_t first = segment * every;
+    StackProblem<T> part = p;
+    part.depth = std::min(every, p.depth - first);
+    part.weight = p.weight + weight_offset(first, 0, n);
+    part.bias = p.bias ? p.bias + first * n : nullptr;
+    const StackForwardBuffers<T> recompute{
+        nullptr, checkpoints + state_offset(segment, 0, n, p.batch), nullptr, scratch.states, 1, scratch.mask};
+    const StackBackwardBuffers<T> backward{segment == segments - 1 ? grad_out : nullptr,
+                                           scratch.states,
+                                           scratch.mask,
+                                           segment == 0 ? grad_x : nullptr,
+                                           grad_carry,
+                                           scratch.grad_h,
+                                           grad_weight + weight_offset(first, 0, n),
+                                           grad_bias ? grad_bias + first * n : nullptr};
+    kernels.recompute_backward_rows(part, recompute, backward, threads);
+    kernels.backward_weights(part, backward, threads);
+  }
 }
 
 }  // namespace dmup

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -49,41 +50,112 @@ uint16_t* layer_mask(const at::Tensor& mask, int64_t layer) {
   return reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()) + layer * mask.stride(0);
 }
 
+// The settings every layer of one stack shares.
+struct StackRun {
+  StackForm form;
+  const at::Tensor& weight;
+  const at::Tensor& bias;
+  double scale;
+  bool mean_subtract;
+  cudaStream_t stream;
+};
+
+// The forward walk over layers [first, first + count) from x_first = `input` (n, B). x_l is states[l -
+// first] when `states` is defined (the saved inputs), else `last`, updated in place; the result
+// x_{first+count} is in `last`. With `checkpoints` defined, x_l is also copied into checkpoints[(l -
+// first) / every] for every every-th layer. Sign bits go to mask's layer l - first where it has one.
+template <class T>
+void forward_layers(const StackRun& run, int64_t first, int64_t count, const at::Tensor& input,
+                    const at::Tensor& states, const at::Tensor& checkpoints, int64_t every, const at::Tensor& mask,
+                    const at::Tensor& last) {
+  const int64_t width = input.size(0), batch = input.size(1);
+  at::Tensor h = at::empty({width, batch}, input.options());
+  const at::Tensor phi_x = run.form.input_phi ? at::empty({width, batch}, input.options()) : at::Tensor();
+  (states.defined() ? states.select(0, 0) : last).copy_(input);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t l = first + i;
+    const at::Tensor x_l = states.defined() ? states.select(0, i) : last;
+    const at::Tensor x_next = states.defined() && i + 1 < count ? states.select(0, i + 1) : last;
+    if (checkpoints.defined() && i % every == 0) checkpoints.select(0, i / every).copy_(x_l);
+    if (run.form.input_phi) {
+      check_launch(cuda::launch_activation(x_l.const_data_ptr<T>(), phi_x.mutable_data_ptr<T>(), x_l.numel(),
+                                           run.form.activation, run.stream),
+                   "dmup::residual_stack");
+    }
+    at::mm_out(h, run.weight.select(0, l), run.form.input_phi ? phi_x : x_l);
+    check_launch(
+        cuda::launch_stack_layer_forward(x_l.const_data_ptr<T>(), h.const_data_ptr<T>(), layer_bias<T>(run.bias, l),
+                                         x_next.mutable_data_ptr<T>(), layer_mask(mask, i), width, batch, run.scale,
+                                         run.form.branch, run.mean_subtract, run.stream),
+        "dmup::residual_stack");
+  }
+}
+
+// The reverse walk over layers [first, first + count) with their saved inputs `states` and sign bits
+// `mask` (layer l at l - first): g (n, B) goes from dLoss/dx_{first+count} to dLoss/dx_first in place,
+// dh_l into grad_h[l - first]; then dW and db of those layers into grad_weight and grad_bias.
+template <class T>
+void backward_layers(const StackRun& run, int64_t first, int64_t count, const at::Tensor& states,
+                     const at::Tensor& mask, const at::Tensor& grad, const at::Tensor& grad_h,
+                     const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+  const int64_t width = grad.size(0), batch = grad.size(1);
+  at::Tensor h = run.form.recompute_h ? at::empty({width, batch}, grad.options()) : at::Tensor();
+  at::Tensor grad_phi = run.form.input_phi ? at::empty({width, batch}, grad.options()) : at::Tensor();
+  for (int64_t i = count - 1; i >= 0; --i) {
+    const int64_t l = first + i;
+    const at::Tensor w_l = run.weight.select(0, l), x_l = states.select(0, i), dh = grad_h.select(0, i);
+    if (run.form.recompute_h) at::mm_out(h, w_l, x_l);
+    check_launch(cuda::launch_stack_layer_backward(
+                     grad.const_data_ptr<T>(), run.form.recompute_h ? h.const_data_ptr<T>() : nullptr,
+                     layer_bias<T>(run.bias, l), layer_mask(mask, i), dh.mutable_data_ptr<T>(), width, batch, run.scale,
+                     run.form.branch, run.mean_subtract, run.stream),
+                 "dmup::residual_stack_backward");
+    if (run.form.input_phi) {  // g += phi'(x_l) * (W_l^T dh)
+      at::mm_out(grad_phi, w_l.t(), dh);
+      check_launch(cuda::launch_activation_backward_add(x_l.const_data_ptr<T>(), grad_phi.const_data_ptr<T>(),
+                                                        grad.mutable_data_ptr<T>(), grad.numel(), run.form.activation,
+                                                        run.stream),
+                   "dmup::residual_stack_backward");
+    } else {  // g += W_l^T dh
+      grad.addmm_(w_l.t(), dh);
+    }
+  }
+  // dW_l = dh_l in_l^T with in_l = x_l, or phi(x_l) for "pre": one batched GEMM over the layers.
+  const at::Tensor layer_states = states.narrow(0, 0, count), layer_grad_h = grad_h.narrow(0, 0, count);
+  at::Tensor inputs = layer_states;
+  if (run.form.input_phi) {
+    inputs = at::empty_like(layer_states);
+    check_launch(cuda::launch_activation(layer_states.const_data_ptr<T>(), inputs.mutable_data_ptr<T>(), inputs.numel(),
+                                         run.form.activation, run.stream),
+                 "dmup::residual_stack_backward");
+  }
+  at::Tensor layer_grad_weight = grad_weight.narrow(0, first, count);
+  at::bmm_out(layer_grad_weight, layer_grad_h, inputs.transpose(1, 2));
+  if (grad_bias.size(0) > 0) {
+    at::Tensor layer_grad_bias = grad_bias.narrow(0, first, count);
+    at::sum_out(layer_grad_bias, layer_grad_h, at::IntArrayRef{2});
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                                                                    const std::optional<at::Tensor>& bias_in,
                                                                    double scale, c10::string_view activation,
                                                                    c10::string_view block, bool mean_subtract,
-                                                                   bool save_for_backward) {
+                                                                   bool save_for_backward, int64_t checkpoint_every) {
   check_stack_inputs(x_in, weight_in, bias_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  const StackForm form(activation, block);
+  const StackRun run{
+      StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
   const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
   at::Tensor out, saved, mask;
-  std::tie(out, saved, mask) = empty_stack_outputs(x, depth, form.planes, save_for_backward);
-  // x_l is saved[l] when saving, else `last` updated in place; x_L is always `last`.
+  std::tie(out, saved, mask) = empty_stack_outputs(x, depth, run.form.planes, save_for_backward, checkpoint_every);
   const at::Tensor last = at::empty({width, batch}, x.options());
-  (save_for_backward ? saved.select(0, 0) : last).copy_(x.t());
-  at::Tensor h = at::empty({width, batch}, x.options());
-  const at::Tensor phi_x = form.input_phi ? at::empty({width, batch}, x.options()) : at::Tensor();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool checkpointed = save_for_backward && checkpoint_every > 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cuda", [&] {
-    for (int64_t l = 0; l < depth; ++l) {
-      const at::Tensor x_l = save_for_backward ? saved.select(0, l) : last;
-      const at::Tensor x_next = save_for_backward && l + 1 < depth ? saved.select(0, l + 1) : last;
-      if (form.input_phi) {
-        check_launch(cuda::launch_activation(x_l.const_data_ptr<scalar_t>(), phi_x.mutable_data_ptr<scalar_t>(),
-                                             x_l.numel(), form.activation, stream),
-                     "dmup::residual_stack");
-      }
-      at::mm_out(h, weight.select(0, l), form.input_phi ? phi_x : x_l);
-      check_launch(cuda::launch_stack_layer_forward(x_l.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
-                                                    layer_bias<scalar_t>(bias, l), x_next.mutable_data_ptr<scalar_t>(),
-                                                    layer_mask(mask, l), width, batch, scale, form.branch,
-                                                    mean_subtract, stream),
-                   "dmup::residual_stack");
-    }
+    forward_layers<scalar_t>(run, 0, depth, x.t(), save_for_backward && !checkpointed ? saved : at::Tensor(),
+                             checkpointed ? saved : at::Tensor(), checkpoint_every, mask, last);
   });
   out.copy_(last.t());
   return {out, saved, mask};
@@ -92,54 +164,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cuda(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
-    bool mean_subtract) {
+    bool mean_subtract, int64_t checkpoint_every) {
   check_stack_inputs(grad_out_in, weight_in, bias_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
   const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
   const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  const StackForm form(activation, block);
+  const StackRun run{
+      StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
-  check_stack_state(saved, mask, grad_out, depth, form.planes);
+  check_stack_state(saved, mask, grad_out, depth, run.form.planes, checkpoint_every);
   const auto options = grad_out.options();
   // g = dLoss/dx_l, feature-major, updated in place from layer L-1 down to 0.
-  at::Tensor grad = at::empty({width, batch}, options);
+  const at::Tensor grad = at::empty({width, batch}, options);
   grad.copy_(grad_out.t());
-  const at::Tensor grad_h = at::empty({depth, width, batch}, options);  // dh_l of every layer
-  at::Tensor h = form.recompute_h ? at::empty({width, batch}, options) : at::Tensor();
-  at::Tensor grad_phi = form.input_phi ? at::empty({width, batch}, options) : at::Tensor();  // dLoss/dphi(x_l)
-  // dW_l = dh_l in_l^T with in_l = x_l, or phi(x_l) for "pre": one batched GEMM over all layers.
-  at::Tensor inputs = saved;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor grad_weight = at::empty({depth, width, width}, options);
+  const at::Tensor grad_bias = at::empty({bias.defined() ? depth : 0, width}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cuda", [&] {
-    for (int64_t l = depth - 1; l >= 0; --l) {
-      const at::Tensor w_l = weight.select(0, l), x_l = saved.select(0, l), dh = grad_h.select(0, l);
-      if (form.recompute_h) at::mm_out(h, w_l, x_l);
-      check_launch(cuda::launch_stack_layer_backward(
-                       grad.const_data_ptr<scalar_t>(), form.recompute_h ? h.const_data_ptr<scalar_t>() : nullptr,
-                       layer_bias<scalar_t>(bias, l), layer_mask(mask, l), dh.mutable_data_ptr<scalar_t>(), width,
-                       batch, scale, form.branch, mean_subtract, stream),
-                   "dmup::residual_stack_backward");
-      if (form.input_phi) {  // g += phi'(x_l) * (W_l^T dh)
-        at::mm_out(grad_phi, w_l.t(), dh);
-        check_launch(cuda::launch_activation_backward_add(
-                         x_l.const_data_ptr<scalar_t>(), grad_phi.const_data_ptr<scalar_t>(),
-                         grad.mutable_data_ptr<scalar_t>(), grad.numel(), form.activation, stream),
-                     "dmup::residual_stack_backward");
-      } else {  // g += W_l^T dh
-        grad.addmm_(w_l.t(), dh);
-      }
+    if (checkpoint_every == 0) {
+      backward_layers<scalar_t>(run, 0, depth, saved, mask, grad, at::empty({depth, width, batch}, options),
+                                grad_weight, grad_bias);
+      return;
     }
-    if (form.input_phi) {
-      inputs = at::empty_like(saved);
-      check_launch(cuda::launch_activation(saved.const_data_ptr<scalar_t>(), inputs.mutable_data_ptr<scalar_t>(),
-                                           saved.numel(), form.activation, stream),
-                   "dmup::residual_stack_backward");
+    // Segment by segment from the last: recompute its states and sign bits from its checkpoint, then
+    // walk it back (docs/design.md §4.4).
+    const int64_t span = std::min(checkpoint_every, depth);
+    const at::Tensor states = at::empty({span, width, batch}, options), grad_h = at::empty_like(states);
+    const at::Tensor signs = at::empty({span, run.form.planes, width, mask_words(batch)}, options.dtype(at::kShort));
+    const at::Tensor last = at::empty({width, batch}, options);
+    for (int64_t segment = checkpoint_count(depth, checkpoint_every) - 1; segment >= 0; --segment) {
+      const int64_t first = segment * checkpoint_every, count = std::min(checkpoint_every, depth - first);
+      signs.zero_();  // the layer kernel only sets bits
+      forward_layers<scalar_t>(run, first, count, saved.select(0, segment), states, at::Tensor(), 1, signs, last);
+      backward_layers<scalar_t>(run, first, count, states, signs, grad, grad_h, grad_weight, grad_bias);
     }
   });
   at::Tensor grad_x = at::empty({batch, width}, options);
   grad_x.copy_(grad.t());
-  at::Tensor grad_weight = at::bmm(grad_h, inputs.transpose(1, 2));
-  at::Tensor grad_bias = bias.defined() ? grad_h.sum(2) : at::empty({0, width}, options);
   return {grad_x, grad_weight, grad_bias};
 }
 

@@ -9,15 +9,27 @@ from .. import reference
 from .._checks import (
     check_activation,
     check_block,
+    check_checkpoint,
     check_flag,
     check_like,
     check_scale,
     check_shape,
     check_tensor,
     check_width,
+    checkpoint_every,
 )
 from .._extension import HAS_CPP
-from .._layout import StackBackend, StackSettings, compute_rows, sign_planes, sign_words, stacked_states
+from .._layout import (
+    StackBackend,
+    StackGrads,
+    StackSettings,
+    checkpointed_stream,
+    compute_rows,
+    graph_backward,
+    sign_planes,
+    sign_words,
+    stacked_states,
+)
 from .._registration import register_autograd
 from ..triton import HAS_TRITON
 from ._backend import resolve_backend
@@ -55,6 +67,7 @@ def residual_stack(
     block: str = "post",
     mean_subtract: bool = True,
     backend: str = "auto",
+    checkpoint: int | str | None = None,
     return_states: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Applies ``weight.shape[0]`` residual blocks to ``x`` of shape (..., n).
@@ -66,45 +79,80 @@ def residual_stack(
     Args:
         weight: (L, n, n), ``nn.Linear`` layout per layer. bias: (L, n) or None.
         backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
+        checkpoint: what the forward keeps for the backward (docs/design.md §4.4). None: every layer's
+            input. An int k >= 1: the stream state every k layers only (x^0, x^k, x^2k, ...); the backward
+            recomputes each segment of k layers from its checkpoint, for about one more forward pass of
+            time, and on the cpp backend gives gradients bitwise equal to None's. "sqrt": k = ceil(sqrt(L)),
+            which keeps about 2 sqrt(L) states instead of L.
         return_states: also return the residual-stream states x^0..x^L, stacked into a tensor of shape
             (L + 1, ..., n) and detached from autograd (for diagnostics); the output stays differentiable.
+            Returning every state, the forward keeps every state: ``checkpoint`` then has no effect.
     """
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
+    checkpoint = check_checkpoint(checkpoint)
     check_flag(return_states, "return_states")
     backend = resolve_backend(backend, x.device)
     stack = REFERENCE_STACK if x.numel() == 0 else STACK_BACKENDS[backend]
     params = (x, weight) if bias is None else (x, weight, bias)
     save = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))
-    out, state = stack.forward(x, weight, bias, StackSettings(scale, activation, block, mean_subtract), save)
+    every = 0 if return_states else checkpoint_every(checkpoint, weight.shape[0])
+    out, state = stack.forward(x, weight, bias, StackSettings(scale, activation, block, mean_subtract, every), save)
     return (out, stack.states(state, x, out)) if return_states else out
 
 
 class ReferenceStack:
-    """Eager PyTorch; its state is the list of states, which autograd differentiates through."""
+    """Eager PyTorch; its state is the recorded stream x^0..x^L (x^0, x^k, ..., x^L with checkpoints),
+    which autograd differentiates through."""
 
     def forward(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
     ) -> tuple[Tensor, list[Tensor]]:
-        states = reference.residual_stream(x, weight, bias, **settings._asdict())
-        return states[-1], states
+        def run(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+            return reference.residual_stream(x, weight, bias, **settings.layer_options)[-1]
+
+        if save and settings.checkpoint_every:
+            stream = checkpointed_stream(run, x, weight, bias, settings.checkpoint_every)
+        else:
+            stream = reference.residual_stream(x, weight, bias, **settings.layer_options)
+        return stream[-1], stream
+
+    def backward(
+        self, grad_out: Tensor, state: list[Tensor], weight: Tensor, bias: Tensor | None, settings: StackSettings
+    ) -> StackGrads:
+        return graph_backward(grad_out, state, weight, bias)
 
     def states(self, state: list[Tensor], x: Tensor, out: Tensor) -> Tensor:
         return stacked_states(state, x)
 
 
 class CppStack:
-    """The C++ op dmup::residual_stack (CPU and CUDA kernels); its state is (states, signs): x^0..x^{L-1}
-    feature-major (L, n, B) and the sign bits (docs/design.md §4)."""
+    """The C++ op dmup::residual_stack (CPU and CUDA kernels); its state is (saved, signs): x^0..x^{L-1}
+    (or the checkpoints x^0, x^k, ...) feature-major (L, n, B) and the sign bits (docs/design.md §4)."""
 
     def forward(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        out, states, signs = torch.ops.dmup.residual_stack(*compute_rows(x, weight, bias), *settings, save)
-        return out.to(x.dtype).reshape(x.shape), (states, signs)
+        rows, weight, bias = compute_rows(x, weight, bias)
+        out, saved, signs = torch.ops.dmup.residual_stack(
+            rows, weight, bias, *settings.layer, save, settings.checkpoint_every
+        )
+        return out.to(x.dtype).reshape(x.shape), (saved, signs)
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        state: tuple[Tensor, Tensor],
+        weight: Tensor,
+        bias: Tensor | None,
+        settings: StackSettings,
+    ) -> StackGrads:
+        rows, weight, bias = compute_rows(grad_out, weight, bias)
+        grad_x, grad_weight, grad_bias = torch.ops.dmup.residual_stack_backward(rows, *state, weight, bias, *settings)
+        return grad_x.reshape(grad_out.shape), grad_weight, None if bias is None else grad_bias
 
     def states(self, state: tuple[Tensor, Tensor], x: Tensor, out: Tensor) -> Tensor:
-        states, _ = state
-        return stacked_states([*states.transpose(1, 2), out.reshape(-1, x.shape[-1])], x)
+        saved, _ = state
+        return stacked_states([*saved.transpose(1, 2), out.reshape(-1, x.shape[-1])], x)
 
 
 REFERENCE_STACK = ReferenceStack()
@@ -117,14 +165,20 @@ if HAS_TRITON:
 if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_stack")
-    def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward):
+    def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward, checkpoint_every=0):
         batch, width = x.shape
-        kept = weight.shape[0] if save_for_backward else 0
-        signs_shape = (kept, sign_planes(activation, block), width, sign_words(batch))
-        return x.new_empty(batch, width), x.new_empty(kept, width, batch), x.new_empty(signs_shape, dtype=torch.int16)
+        depth = weight.shape[0]
+        kept = -(-depth // checkpoint_every) if checkpoint_every else depth
+        masked = depth if save_for_backward and not checkpoint_every else 0
+        signs_shape = (masked, sign_planes(activation, block), width, sign_words(batch))
+        return (
+            x.new_empty(batch, width),
+            x.new_empty(kept if save_for_backward else 0, width, batch),
+            x.new_empty(signs_shape, dtype=torch.int16),
+        )
 
     @torch.library.register_fake("dmup::residual_stack_backward")
-    def _(grad_out, states, signs, weight, bias, scale, activation, block, mean_subtract):
+    def _(grad_out, states, signs, weight, bias, scale, activation, block, mean_subtract, checkpoint_every=0):
         bias_rows = 0 if bias is None else weight.shape[0]
         return (
             grad_out.new_empty(grad_out.shape),
@@ -133,19 +187,19 @@ if HAS_CPP:
         )
 
     def _setup_context(ctx, inputs, output) -> None:
-        _, weight, bias, *ctx.settings, ctx.saved_state = inputs
-        _, states, signs = output
-        ctx.mark_non_differentiable(states, signs)
-        ctx.save_for_backward(states, signs, weight, bias)
+        _, weight, bias, scale, activation, block, mean_subtract, ctx.saved_state, *every = inputs
+        ctx.settings = StackSettings(scale, activation, block, mean_subtract, *every)
+        ctx.non_tensor_inputs = len(inputs) - 3
+        _, saved, signs = output
+        ctx.mark_non_differentiable(saved, signs)
+        ctx.save_for_backward(saved, signs, weight, bias)
 
-    def _backward(ctx, grad_out, _grad_states, _grad_signs):
+    def _backward(ctx, grad_out, _grad_saved, _grad_signs):
         if not ctx.saved_state:
             raise RuntimeError("dmup::residual_stack ran with save_for_backward=False, so it cannot be differentiated")
-        states, signs, weight, bias = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.dmup.residual_stack_backward(
-            grad_out, states, signs, weight, bias, *ctx.settings
-        )
-        return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
+        saved, signs, weight, bias = ctx.saved_tensors
+        grads = CPP_STACK.backward(grad_out, (saved, signs), weight, bias, ctx.settings)
+        return *grads, *[None] * ctx.non_tensor_inputs
 
     register_autograd(
         "dmup::residual_stack", _backward, setup_context=_setup_context, backward_op="dmup::residual_stack_backward"

@@ -1,8 +1,8 @@
 """scaled_residual: out = x + scale * MS(phi(branch_out)), the epilogue of every residual block.
 
-The op ``dmup::scaled_residual`` is defined in csrc/ops.cpp with a kernel per device; this file adds
-its fake (shape) rule and its autograd rule, and the public function that validates arguments and
-picks a backend.
+The op ``dmup::scaled_residual`` is defined in csrc/ops.cpp with a kernel per device; ``CPP_EPILOGUE``
+registers its fake (shape) and autograd rules. This file holds the backends and the public function,
+which validates the arguments and dispatches to one.
 """
 
 from __future__ import annotations
@@ -13,8 +13,13 @@ from torch import Tensor
 from .. import reference
 from .._checks import check_activation, check_flag, check_like, check_scale, check_shape, check_tensor
 from .._extension import HAS_CPP
-from .._registration import register_epilogue_rules
+from .._layout import EpilogueBackend, EpilogueSettings
+from .._registration import OpEpilogue
+from ..triton import HAS_TRITON
 from ._backend import resolve_backend
+
+if HAS_TRITON:
+    from ..triton.ops import TRITON_EPILOGUE
 
 
 def scaled_residual(
@@ -46,15 +51,31 @@ def scaled_residual(
     check_activation(activation)
     check_flag(mean_subtract, "mean_subtract")
     backend = resolve_backend(backend, x.device)
-    if backend == "reference":
-        return reference.scaled_residual(x, branch_out, scale, activation, mean_subtract)
-    if x.dtype != branch_out.dtype:  # under autocast: compute in the wider dtype, as eager's x + s * v does
+    if backend != "reference" and x.dtype != branch_out.dtype:
+        # Under autocast: compute in the wider dtype, as eager's x + s * v does.
         common = torch.promote_types(x.dtype, branch_out.dtype)
         x, branch_out = x.to(common), branch_out.to(common)
-    if backend == "triton":
-        return torch.ops.dmup.triton_scaled_residual(x, branch_out, scale, activation, mean_subtract)
-    return torch.ops.dmup.scaled_residual(x, branch_out, scale, activation, mean_subtract)
+    out, _ = EPILOGUE_BACKENDS[backend].forward(x, branch_out, EpilogueSettings(scale, activation, mean_subtract))
+    return out
 
 
+class ReferenceEpilogue:
+    """Eager PyTorch, differentiated by autograd; its backward differentiates a recomputation."""
+
+    def forward(self, x: Tensor, branch_out: Tensor, settings: EpilogueSettings) -> tuple[Tensor, Tensor]:
+        return reference.scaled_residual(x, branch_out, *settings), branch_out
+
+    def backward(self, grad_out: Tensor, state: Tensor, settings: EpilogueSettings) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            branch_out = state.detach().requires_grad_()
+            out = reference.scaled_residual(torch.zeros_like(branch_out), branch_out, *settings)
+            (grad_branch_out,) = torch.autograd.grad(out, branch_out, grad_out)
+        return grad_out, grad_branch_out
+
+
+EPILOGUE_BACKENDS: dict[str, EpilogueBackend] = {"reference": ReferenceEpilogue()}
 if HAS_CPP:
-    register_epilogue_rules("dmup::scaled_residual", "dmup::scaled_residual_backward")
+    CPP_EPILOGUE = OpEpilogue("dmup::scaled_residual", "dmup::scaled_residual_backward")
+    EPILOGUE_BACKENDS["cpp"] = EPILOGUE_BACKENDS["cuda"] = CPP_EPILOGUE
+if HAS_TRITON:
+    EPILOGUE_BACKENDS["triton"] = TRITON_EPILOGUE

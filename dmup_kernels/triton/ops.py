@@ -16,13 +16,15 @@ the ops are plain custom ops, opaque to torch.compile.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from .. import reference
-from .._layout import StackSettings, compute_rows, stacked_states
-from .._registration import register_autograd, register_epilogue_rules
+from .._layout import StackGrads, StackSettings, checkpointed_stream, compute_rows, graph_backward, stacked_states
+from .._registration import OpEpilogue, register_autograd
 from . import INTERPRETED
 from .residual_stack import (
     allocate_stack_gradients,
@@ -44,7 +46,8 @@ _define_op("dmup::triton_scaled_residual_backward", mutates_args=())(scaled_resi
 triton_residual_stack = _define_op("dmup::triton_residual_stack", mutates_args=())(stack_forward)
 triton_residual_stack_backward = _define_op("dmup::triton_residual_stack_backward", mutates_args=())(stack_backward)
 
-register_epilogue_rules("dmup::triton_scaled_residual", "dmup::triton_scaled_residual_backward")
+TRITON_EPILOGUE = OpEpilogue("dmup::triton_scaled_residual", "dmup::triton_scaled_residual_backward")
+"""The Triton backend of scaled_residual."""
 
 
 @triton_residual_stack.register_fake
@@ -58,7 +61,8 @@ def _(grad_out, x, states, signs, pre, weight, bias, scale, activation, block, m
 
 
 def _setup_stack(ctx, inputs, output) -> None:
-    x, weight, bias, *ctx.settings, ctx.saved_state = inputs
+    x, weight, bias, scale, activation, block, mean_subtract, ctx.saved_state = inputs
+    ctx.settings = StackSettings(scale, activation, block, mean_subtract)
     _, states, signs, pre = output
     ctx.mark_non_differentiable(states, signs, pre)
     ctx.save_for_backward(x, states, signs, pre, weight, bias)
@@ -70,10 +74,8 @@ def _backward_stack(ctx, grad_out: Tensor, _grad_states, _grad_signs, _grad_pre)
             "dmup::triton_residual_stack ran with save_for_backward=False, so it cannot be differentiated"
         )
     x, states, signs, pre, weight, bias = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = triton_residual_stack_backward(
-        grad_out, x, states, signs, pre, weight, bias, *ctx.settings
-    )
-    return grad_x, grad_weight, None if bias is None else grad_bias, None, None, None, None, None
+    grads = TRITON_STACK.backward(grad_out, FusedState(x, states, signs, pre), weight, bias, ctx.settings)
+    return *grads, None, None, None, None, None
 
 
 register_autograd(
@@ -84,28 +86,70 @@ register_autograd(
 )
 
 
+class FusedState(NamedTuple):
+    """What the fused op keeps for its backward: its input rows and its (states, signs, pre)."""
+
+    x: Tensor
+    states: Tensor
+    signs: Tensor
+    pre: Tensor
+
+
 class TritonStack:
-    """The Triton backend of residual_stack. Its state is the inner states x^1..x^{L-1} as rows (B, n):
-    the fused op's ``states`` tensor, or the per-layer path's list."""
+    """The Triton backend of residual_stack: the fused op, or, for rows too wide for its register tiles
+    or too few to fill the GPU, a library GEMM per layer and the Triton epilogue kernel. Its state is the
+    fused op's ``FusedState``, or the stream autograd recorded (the per-layer path, and checkpointed
+    segments, which run under torch.utils.checkpoint)."""
 
     def forward(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
-    ) -> tuple[Tensor, Tensor | list[Tensor]]:
+    ) -> tuple[Tensor, FusedState | list[Tensor]]:
         rows, weight, bias = compute_rows(x, weight, bias)
-        width, itemsize = rows.shape[1], rows.element_size()
-        if uses_fused_kernels(width, itemsize) and fills_the_gpu(rows.shape[0], width, itemsize, sm_count(x.device)):
-            out, states, _, _ = torch.ops.dmup.triton_residual_stack(rows, weight, bias, *settings, save)
-        else:
-            # Rows too wide for one register tile, or too few of them to occupy the GPU: a library GEMM
-            # per layer, then the Triton epilogue kernel.
-            stream = reference.residual_stream(
-                rows, weight, bias, **settings._asdict(), epilogue=torch.ops.dmup.triton_scaled_residual
+        if save and settings.checkpoint_every:
+            stream = checkpointed_stream(
+                lambda rows, weight, bias: self._run(rows, weight, bias, settings, save)[0],
+                rows,
+                weight,
+                bias,
+                settings.checkpoint_every,
             )
-            out, states = stream[-1], stream[1:-1]
-        return out.to(x.dtype).reshape(x.shape), states
+            out, state = stream[-1], stream
+        else:
+            out, state = self._run(rows, weight, bias, settings, save)
+        return out.to(x.dtype).reshape(x.shape), state
 
-    def states(self, state: Tensor | list[Tensor], x: Tensor, out: Tensor) -> Tensor:
-        return stacked_states([x, *state, out], x)
+    @staticmethod
+    def _run(
+        rows: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
+    ) -> tuple[Tensor, FusedState | list[Tensor]]:
+        width, itemsize = rows.shape[1], rows.element_size()
+        if uses_fused_kernels(width, itemsize) and fills_the_gpu(rows.shape[0], width, itemsize, sm_count(rows.device)):
+            out, *state = torch.ops.dmup.triton_residual_stack(rows, weight, bias, *settings.layer, save)
+            return out, FusedState(rows, *state)
+        stream = reference.residual_stream(rows, weight, bias, **settings.layer_options, epilogue=TRITON_EPILOGUE.op)
+        return stream[-1], stream
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        state: FusedState | list[Tensor],
+        weight: Tensor,
+        bias: Tensor | None,
+        settings: StackSettings,
+    ) -> StackGrads:
+        if isinstance(state, FusedState):
+            rows, weight, bias = compute_rows(grad_out, weight, bias)
+            grad_x, grad_weight, grad_bias = triton_residual_stack_backward(rows, *state, weight, bias, *settings.layer)
+            grad_bias = None if bias is None else grad_bias
+        else:  # the stream autograd recorded, in rows of the compute dtype
+            rows = grad_out.reshape(-1, grad_out.shape[-1]).to(state[-1].dtype)
+            grad_x, grad_weight, grad_bias = graph_backward(rows, state, weight, bias)
+        return None if grad_x is None else grad_x.reshape(grad_out.shape), grad_weight, grad_bias
+
+    def states(self, state: FusedState | list[Tensor], x: Tensor, out: Tensor) -> Tensor:
+        if isinstance(state, FusedState):
+            return stacked_states([x, *state.states, out], x)
+        return stacked_states(state, x)
 
 
 TRITON_STACK = TritonStack()

@@ -276,8 +276,11 @@ Result reference(const Config& c, const std::vector<float>& x0, const std::vecto
 // the kernel
 // ---------------------------------------------------------------------------------------------
 
+// The kernel's output and gradients; with checkpoint_every = k > 0 the forward keeps x_0, x_k, ... only
+// and the backward recomputes each segment (checkpointed_backward).
 Result run_kernel(const Config& c, const std::vector<float>& x, const std::vector<float>& weight,
-                  const std::vector<float>& bias, float scale, const std::vector<float>& grad_out, int threads) {
+                  const std::vector<float>& bias, float scale, const std::vector<float>& grad_out, int threads,
+                  int64_t checkpoint_every = 0) {
   const int64_t n = c.width, B = c.batch, L = c.depth;
   const auto kernels = dmup::make_stack_kernels<Simd>(c.activation, c.block);
   const dmup::StackProblem<float> problem{B,
@@ -292,21 +295,30 @@ Result run_kernel(const Config& c, const std::vector<float>& x, const std::vecto
                                           dmup::stack_tile_rows(B, n, threads, sizeof(float))};
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const int planes = dmup::mask_planes(c.activation, c.block);
+  const int64_t kept = checkpoint_every ? dmup::checkpoint_count(L, checkpoint_every) : L;
+  const int64_t span = checkpoint_every ? std::min(checkpoint_every, L) : L;  // layers of scratch
   Result result;
   result.out.assign(B * n, nan);
-  std::vector<float> saved(L * n * B, nan), grad_h(L * n * B, nan);
-  std::vector<uint16_t> mask(L * planes * n * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
-  kernels.forward(problem, {x.data(), result.out.data(), saved.data(), mask.data()}, threads);
+  std::vector<float> saved(kept * n * B, nan), grad_h(span * n * B, nan), states(span * n * B, nan);
+  std::vector<float> grad_carry(n * B, nan);
+  std::vector<uint16_t> mask(span * planes * n * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
+  kernels.forward(problem,
+                  {x.data(), nullptr, result.out.data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
+                   checkpoint_every ? nullptr : mask.data()},
+                  threads);
   result.grad_x.assign(B * n, nan);
   result.grad_weight.assign(L * n * n, nan);
   result.grad_bias.assign(c.bias ? L * n : 0, nan);
-  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),
-                                                  saved.data(),
-                                                  mask.data(),
-                                                  result.grad_x.data(),
-                                                  grad_h.data(),
-                                                  result.grad_weight.data(),
-                                                  c.bias ? result.grad_bias.data() : nullptr};
+  float* grad_bias = c.bias ? result.grad_bias.data() : nullptr;
+  if (checkpoint_every) {
+    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, grad_out.data(), result.grad_x.data(),
+                                grad_carry.data(), {states.data(), mask.data(), grad_h.data()},
+                                result.grad_weight.data(), grad_bias, threads);
+    return result;
+  }
+  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),           saved.data(), mask.data(),
+                                                  result.grad_x.data(),      nullptr,      grad_h.data(),
+                                                  result.grad_weight.data(), grad_bias};
   kernels.backward_rows(problem, buffers, threads);
   kernels.backward_weights(problem, buffers, threads);
   return result;
@@ -364,12 +376,19 @@ void check_stack(const Config& c, std::mt19937& rng, bool poison) {
     expect(classes_match && err < kTolerance,
            name + " " + labels[i] + line + (classes_match ? "" : ", non-finite elements differ"));
   }
-  for (int threads : {2, 3}) {
-    const Result other = run_kernel(c, x, weight, bias, scale, grad_out, threads);
+  // Other thread counts, and checkpoints every 1 or 2 layers (2 divides none of the odd depths): the
+  // same bits as saving every layer on one thread.
+  const struct {
+    int threads;
+    int64_t checkpoint_every;
+  } variants[] = {{2, 0}, {3, 0}, {1, 1}, {3, 2}};
+  for (const auto& v : variants) {
+    const Result other = run_kernel(c, x, weight, bias, scale, grad_out, v.threads, v.checkpoint_every);
     const std::vector<float>* theirs[] = {&other.out, &other.grad_x, &other.grad_weight, &other.grad_bias};
     for (int i = 0; i < 4; ++i) {
       expect(bitwise_equal(*ours[i], *theirs[i]),
-             name + " " + labels[i] + ": 1 thread != " + std::to_string(threads) + " threads");
+             name + " " + labels[i] + ": 1 thread != " + std::to_string(v.threads) + " threads, checkpoint every " +
+                 std::to_string(v.checkpoint_every) + " layers");
     }
   }
 }
