@@ -3,8 +3,9 @@
 1. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns
    the interpreter on): tests/test_triton_kernels.py;
 2. the CUDA C++ tests: tests/test_cuda_kernels.py;
-   the op tests' Triton and CUDA cases (their parity with the reference): tests/test_scaled_residual.py,
-   tests/test_residual_stack.py with -k "triton or cuda";
+   the op tests' Triton and CUDA cases (their parity with the reference, and checkpoints against saving
+   every layer): tests/test_scaled_residual.py, tests/test_residual_stack.py, tests/test_checkpoint.py
+   with -k "triton or cuda";
 3. the non-finite, torch.compile and torch.func tests: tests/test_nonfinite.py, tests/test_compile.py,
    tests/test_func_transforms.py;
 4. a quick benchmark (python -m benchmarks.run --device cuda --quick --no-compile): its parity checks,
@@ -102,7 +103,14 @@ def main() -> int:
         run_step("CUDA C++ tests", [*PYTEST, "tests/test_cuda_kernels.py"]),
         run_step(
             "op tests: triton, cuda",
-            [*PYTEST, "-k", "triton or cuda", "tests/test_scaled_residual.py", "tests/test_residual_stack.py"],
+            [
+                *PYTEST,
+                "-k",
+                "triton or cuda",
+                "tests/test_scaled_residual.py",
+                "tests/test_residual_stack.py",
+                "tests/test_checkpoint.py",
+            ],
         ),  # fmt: skip
         run_step(
             "non-finite/compile/func",

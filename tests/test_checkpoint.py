@@ -3,7 +3,7 @@
 - cpp: output and every gradient bitwise equal to ``checkpoint=None`` on every instruction set, for every
   activation, block, MS and bias setting, and k = 1, k = L, k > L, k not dividing L and "sqrt"; also with
   several row tiles, and independent of the thread count;
-- triton (interpreter) and reference: within 1e-12 of their own save-all path in float64;
+- cuda, triton (interpreter on the CPU) and reference: within 1e-12 of their own save-all path in float64;
 - memory: the bytes autograd saves are at most (ceil(L/k) + 1) B n elements plus a small constant, and the
   peak memory of the backward (in a subprocess) grows by at most the gradients plus two segments of state;
 - the API: argument checks, the modules keep the setting through split() and from_linears().
@@ -23,7 +23,7 @@ import torch
 import dmup_kernels
 from dmup_kernels import DepthMuPNet, ResidualStack
 
-from conftest import backend_device, needs_cpp, needs_triton, num_threads, rel_err, saved_bytes
+from conftest import backend_device, needs_cpp, needs_cuda, needs_triton, num_threads, rel_err, saved_bytes
 from parity import stack_kwargs
 from sample_inputs import ACTIVATIONS, BLOCKS, StackCase, StackSpec, make_stack_case
 
@@ -83,10 +83,13 @@ def test_cpp_bitwise_equal_for_any_thread_count(spec, cpu_isa, seed):
         assert_bitwise_equal(got, save_all, f"checkpoint=4 on {threads} thread(s)")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=needs_triton), pytest.param("cuda", marks=needs_cuda)]
+)
 @pytest.mark.parametrize("activation,block", [("relu", "post"), ("abs", "post"), ("gelu", "post"), ("silu", "pre")])
-def test_unfused_checkpoints_match_their_save_all_path(backend, activation, block, seed):
-    """The backends without checkpoints of their own recompute segments with torch.utils.checkpoint."""
+def test_other_backends_checkpoints_match_their_save_all_path(backend, activation, block, seed):
+    """cuda recomputes segments in its host loop; triton and the reference, which have no checkpoints of
+    their own, with torch.utils.checkpoint. Either way, equal to their own save-all path to rounding."""
     spec = StackSpec(16, DEPTH, (9,), block, True, activation, True, "contiguous")
     case = make_stack_case(spec, torch.float64, seed).to(backend_device(backend))
     grad_out = torch.randn(case.x.shape, dtype=torch.float64).to(case.x.device)
