@@ -137,7 +137,10 @@ def checkpointed_stream(
     """x_0, x_k, x_2k, ..., x_L (k = ``every``) of a stack run segment by segment, ``run_segment(x_first,
     weight_segment, bias_segment)`` under ``torch.utils.checkpoint``: autograd keeps only the segments'
     inputs and recomputes each segment in the backward (docs/design.md §4.4), for the backends without
-    checkpoints of their own."""
+    checkpoints of their own. Under a torch.func transform, which does not support the saved-tensor
+    hooks torch.utils.checkpoint works by, the segments run plainly (same result, every state kept)."""
+    if torch._C._are_functorch_transforms_active():
+        return [x, run_segment(x, weight, bias)]
     # split, not slices: the backward of a slice writes a full-size gradient per segment.
     biases = [None] * len(weight.split(every)) if bias is None else bias.split(every)
     stream = [x]

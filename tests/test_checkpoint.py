@@ -100,6 +100,29 @@ def test_other_backends_checkpoints_match_their_save_all_path(backend, activatio
             assert rel_err(a, b) < 1e-12, f"{name} with checkpoint={checkpoint}"
 
 
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("cpp", marks=needs_cpp), pytest.param("triton", marks=needs_triton)]
+)
+def test_compile_and_func_grad_with_checkpoints(backend, seed):
+    """torch.compile(fullgraph=True) and torch.func.grad give the gradients of saving every layer."""
+    stack = ResidualStack(16, 7, bias=True, backend=backend, checkpoint=3, dtype=torch.float64)
+    stack = stack.to(backend_device(backend))
+    x = torch.randn(5, 16, dtype=torch.float64, device=backend_device(backend))
+    params = {name: p.detach() for name, p in stack.named_parameters()}
+
+    def loss(params, module):
+        return torch.func.functional_call(module, params, (x,)).square().sum()
+
+    save_all = torch.func.grad(loss)(params, ResidualStack(16, 7, bias=True, backend=backend).to(x))
+    for name, value in torch.func.grad(loss)(params, stack).items():
+        assert rel_err(value, save_all[name]) < 1e-12, f"torch.func.grad: {name}"
+    torch._dynamo.reset()
+    compiled = torch.compile(stack, fullgraph=True)
+    compiled(x).square().sum().backward()
+    for name, p in stack.named_parameters():
+        assert rel_err(p.grad, save_all[name]) < 1e-12, f"torch.compile: {name}"
+
+
 @needs_cpp
 @pytest.mark.parametrize("checkpoint,depth", [(1, 6), (4, 17), (5, 5), (9, 4), ("sqrt", 30)])
 @pytest.mark.parametrize("activation", ["relu", "abs", "gelu"])
