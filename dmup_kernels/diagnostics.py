@@ -195,32 +195,39 @@ def _loss(prediction: Tensor, target: Tensor) -> Tensor:
 
 
 def coord_check(
-    make_model: Callable[[int], nn.Module],
+    make_model: Callable[..., nn.Module],
     depths: Sequence[int],
     data: tuple[Tensor, Tensor],
     *,
+    widths: Sequence[int] | None = None,
     steps: int = 5,
     optimizer: str = "adam",
     lr: float,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Trains a fresh ``make_model(depth)`` for ``steps`` steps at each depth on the batch ``data`` and
+    """Trains a fresh model for ``steps`` steps at each depth (and width) on the batch ``data`` and
     records, before each step, the mean |coordinate| of the residual stream at relative depths 1/4, 1/2
     and 1 and of the output, and its change since the previous step (mean |x_t - x_{t-1}|; NaN at step
-    0). Under Depth-muP the values are flat in depth; without depth scaling they grow with it.
+    0). Under the default parametrization the values are flat in depth and width; without depth or width
+    scaling they grow.
 
     Args:
-        make_model: depth -> a model with ``.input``, ``.stack`` (a ResidualStack) and ``.output``, such
-            as ``DepthMuPNet``; called with the RNG seeded by ``seed``, so every depth starts alike.
+        make_model: ``make_model(depth)``, or ``make_model(depth, width)`` when ``widths`` is given: a model
+            with ``.input``, ``.stack`` (a ResidualStack) and ``.readout`` (or ``.output``), such as
+            ``DepthMuPNet``; called with the RNG seeded by ``seed``, so every size starts alike.
+        depths: the depths. widths: the widths, each trained at every depth (None: one width, the model's).
         data: (inputs, targets): integer targets train with cross-entropy, floating ones with MSE.
-        optimizer: "adam" (torch.optim.Adam) or "sgd", with ``param_groups(model, lr, optimizer)``.
+        optimizer: "adam" (torch.optim.Adam), "adamw" or "sgd", with ``param_groups(model, lr, optimizer)``.
     Returns:
-        rows ``{"depth", "step", "place", "mean_abs", "change"}``; ``pandas.DataFrame(rows)`` tabulates them.
+        rows ``{"width", "depth", "step", "place", "mean_abs", "change"}`` ("width": the model's stack
+        width); ``pandas.DataFrame(rows)`` tabulates them.
     """
     if not callable(make_model):
         raise TypeError(f"make_model must be a callable depth -> model; got {type(make_model).__name__}")
     for depth in depths:
         check_positive_int(depth, "depth")
+    for width in widths or ():
+        check_positive_int(width, "width")
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise TypeError(f"data must be a pair (inputs, targets); got {type(data).__name__}")
     inputs, targets = data
@@ -235,17 +242,19 @@ def coord_check(
     check_positive_int(steps, "steps")
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     check_non_negative(lr, "lr")
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    sizes = [(depth, ()) for depth in depths] if widths is None else [(d, (w,)) for w in widths for d in depths]
     rows: list[dict[str, Any]] = []
-    for depth in depths:
+    for depth, width in sizes:
         torch.manual_seed(seed)
-        model = make_model(depth)
-        groups = param_groups(model, lr, optimizer)
-        opt = torch.optim.Adam(groups) if optimizer == "adam" else torch.optim.SGD(groups)
+        model = make_model(depth, *width)
+        readout = getattr(model, "readout", model.output)
+        opt = optimizers[optimizer](param_groups(model, lr, optimizer))
         previous: dict[str, Tensor] = {}
         for step in range(steps):
             opt.zero_grad()
             out, states = model.stack(model.input(inputs), return_states=True)
-            prediction = model.output(out)
+            prediction = readout(out)
             probes = {
                 place: states[round(fraction * depth)]
                 for place, fraction in zip(COORD_CHECK_PLACES, COORD_CHECK_FRACTIONS)
@@ -255,6 +264,7 @@ def coord_check(
                 change = (value - previous[place]).abs().mean().item() if place in previous else math.nan
                 rows.append(
                     {
+                        "width": model.stack.width,
                         "depth": depth,
                         "step": step,
                         "place": place,
@@ -268,27 +278,35 @@ def coord_check(
     return rows
 
 
-def plot_coord_check(table: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Writes a PNG of a coord_check table: one panel per step, mean |x| against log2 depth, one line per
-    place. Returns the path."""
+def plot_coord_check(table: Sequence[dict[str, Any]], path: str | Path, *, against: str = "depth") -> Path:
+    """Writes a PNG of a coord_check table: one panel per step, mean |x| against log2 ``against`` ("depth"
+    or "width"), one line per place (and per value of the other size where the table has several).
+    Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    check_choice(against, "against", ("depth", "width"))
+    other = "width" if against == "depth" else "depth"
+    others = sorted({row[other] for row in table})
     steps = sorted({row["step"] for row in table})
     figure, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.0), squeeze=False, sharey=True)
     for axis, step in zip(axes[0], steps):
         for place in COORD_CHECK_PLACES:
-            points = sorted(
-                (row["depth"], row["mean_abs"]) for row in table if row["step"] == step and row["place"] == place
-            )
-            axis.plot([math.log2(d) for d, _ in points], [v for _, v in points], marker="o", label=place)
+            for value in others:
+                points = sorted(
+                    (row[against], row["mean_abs"])
+                    for row in table
+                    if row["step"] == step and row["place"] == place and row[other] == value
+                )
+                label = place if len(others) == 1 else f"{place}, {other} {value}"
+                axis.plot([math.log2(x) for x, _ in points], [v for _, v in points], marker="o", label=label)
         axis.set_title(f"step {step}")
-        axis.set_xlabel("log2 depth")
+        axis.set_xlabel(f"log2 {against}")
         axis.set_yscale("log")
     axes[0][0].set_ylabel("mean |x|")
-    axes[0][-1].legend(title="place")
+    axes[0][-1].legend(title="place", fontsize="small")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)

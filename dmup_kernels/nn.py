@@ -91,6 +91,9 @@ class ResidualStack(nn.Module):
             (default ``depth``). The branch scale s and the hidden learning rate (``param_groups``)
             are computed for it: Depth-muP scales by the depth of the network, so a pipeline stage
             holding some of its blocks (``split``) keeps the scale of the whole.
+        base_width: the width at which the width rules of ``param_groups`` (muP) are the identity; the
+            width multiplier is m_N = width / base_width (default None: base_width = width, no width
+            scaling). The forward does not depend on it.
         checkpoint: what the forward keeps for the backward: None (every layer's input), an int k >= 1
             (the stream state every k layers; the backward recomputes the rest), or "sqrt" (k =
             ceil(sqrt(depth))). See ``dmup_kernels.residual_stack``.
@@ -111,12 +114,14 @@ class ResidualStack(nn.Module):
         parametrization: DepthParametrization = DEPTH_MUP,
         backend: str = "auto",
         total_depth: int | None = None,
+        base_width: int | None = None,
         checkpoint: int | str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.width = check_positive_int(width, "width")
+        self.base_width = self.width if base_width is None else check_positive_int(base_width, "base_width")
         self.depth = check_positive_int(depth, "depth")
         self.total_depth = self.depth if total_depth is None else check_positive_int(total_depth, "total_depth")
         if self.total_depth < self.depth:
@@ -142,6 +147,11 @@ class ResidualStack(nn.Module):
         """The branch multiplier s = parametrization.branch_scale(total_depth)."""
         return self.parametrization.branch_scale(self.total_depth)
 
+    @property
+    def width_multiplier(self) -> float:
+        """m_N = width / base_width, the width ratio of the muP rules in ``param_groups``."""
+        return self.width / self.base_width
+
     def reset_parameters(self) -> None:
         _init_hidden(self.weight, self.bias)
 
@@ -156,6 +166,7 @@ class ResidualStack(nn.Module):
         parametrization: DepthParametrization = DEPTH_MUP,
         backend: str = "auto",
         total_depth: int | None = None,
+        base_width: int | None = None,
         checkpoint: int | str | None = None,
     ) -> ResidualStack:
         """A stack whose block l uses ``linears[l]``: W_l = ``linears[l].weight``, b_l = ``linears[l].bias``.
@@ -202,6 +213,7 @@ class ResidualStack(nn.Module):
             parametrization=parametrization,
             backend=backend,
             total_depth=total_depth,
+            base_width=base_width,
             checkpoint=checkpoint,
             device=first.weight.device,
             dtype=first.weight.dtype,
@@ -261,6 +273,7 @@ class ResidualStack(nn.Module):
                 parametrization=self.parametrization,
                 backend=self.backend,
                 total_depth=self.total_depth,
+                base_width=self.base_width,
                 checkpoint=self.checkpoint,
                 device=self.weight.device,
                 dtype=self.weight.dtype,
@@ -292,7 +305,7 @@ class ResidualStack(nn.Module):
     def extra_repr(self) -> str:
         p = self.parametrization
         return (
-            f"width={self.width}, depth={self.depth}, total_depth={self.total_depth}, "
+            f"width={self.width}, base_width={self.base_width}, depth={self.depth}, total_depth={self.total_depth}, "
             f"activation={self.activation!r}, block={self.block!r}, "
             f"mean_subtract={self.mean_subtract}, bias={self.bias is not None}, scale={self.scale:.6g}, "
             f"parametrization=(alpha={p.alpha}, gamma={p.gamma}, multiplier={p.multiplier}, "
@@ -374,15 +387,18 @@ def _copy_parameter(param: nn.Parameter, value: Tensor) -> None:
 
 
 class DepthMuPNet(nn.Module):
-    """input ``nn.Linear`` -> ``ResidualStack`` -> output ``nn.Linear``, initialised as muP prescribes.
+    """input ``nn.Linear`` -> ``ResidualStack`` -> readout, initialised and scaled as muP prescribes.
 
-    Input layer weights have variance 1/in_features, output layer weights 1/width^2 (or zeros with
-    ``readout_zero_init``); their biases start at zero. Only the stack's parameters get the
-    depth-scaled learning rate (see ``dmup_kernels.optim.param_groups``).
+    With m_N = width / base_width: input weights have variance 1/in_features; the readout computes
+    ``output(h / m_N)`` (mup's MuReadout multiplier), with output weights of standard deviation 1/base_width
+    (or zeros with ``readout_zero_init``), so its effective weights have standard deviation 1/width at
+    every width; biases start at zero. ``param_groups`` gives each part its learning rate, epsilon and
+    weight decay (the table in docs/design.md §1.3).
 
     Args:
         in_features, width, depth, out_features: the sizes.
         readout_zero_init: initialise the output layer to zero.
+        base_width: the width the hyperparameters were tuned at (default None: ``width``, no width scaling).
         **stack_kwargs: passed to ``ResidualStack`` (activation, block, parametrization, backend, checkpoint, ...).
     """
 
@@ -394,6 +410,7 @@ class DepthMuPNet(nn.Module):
         out_features: int,
         *,
         readout_zero_init: bool = False,
+        base_width: int | None = None,
         **stack_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -403,7 +420,7 @@ class DepthMuPNet(nn.Module):
         self.readout_zero_init = check_flag(readout_zero_init, "readout_zero_init")
         factory = {key: stack_kwargs[key] for key in ("device", "dtype") if key in stack_kwargs}
         self.input = nn.Linear(in_features, width, **factory)
-        self.stack = ResidualStack(width, depth, **stack_kwargs)
+        self.stack = ResidualStack(width, depth, base_width=base_width, **stack_kwargs)
         self.output = nn.Linear(width, out_features, **factory)
         self.reset_parameters()
 
@@ -414,13 +431,21 @@ class DepthMuPNet(nn.Module):
         if self.readout_zero_init:
             nn.init.zeros_(self.output.weight)
         else:
-            nn.init.normal_(self.output.weight, std=1.0 / self.stack.width)
+            nn.init.normal_(self.output.weight, std=1.0 / self.stack.base_width)
         nn.init.zeros_(self.output.bias)
+
+    def readout(self, h: Tensor) -> Tensor:
+        """The output layer on the stack's output: ``output(h / m_N)``."""
+        multiplier = self.stack.width_multiplier
+        return self.output(h if multiplier == 1 else h / multiplier)
 
     def forward(self, x: Tensor) -> Tensor:
         check_width(x, "x", self.input.in_features, "in_features")
         check_like(x, "x", self.input.weight, "input.weight", autocast=True)
-        return self.output(self.stack(self.input(x)))
+        return self.readout(self.stack(self.input(x)))
 
     def extra_repr(self) -> str:
-        return f"readout_zero_init={self.readout_zero_init}"
+        p = self.stack.parametrization
+        return (
+            f"readout_zero_init={self.readout_zero_init}, base_width={self.stack.base_width}, base_depth={p.base_depth}"
+        )

@@ -2,8 +2,11 @@
 scale with the depth L of a residual stack.
 
     branch_scale(L)      = multiplier * (L / base_depth) ** -alpha
-    lr_scale(L, "adam")  = (L / base_depth) ** -gamma
+    lr_scale(L, "adam")  = (L / base_depth) ** -gamma            (also "adamw")
     lr_scale(L, "sgd")   = (L / base_depth) ** (alpha - gamma)
+    eps_scale(L)         = (L / base_depth) ** -alpha            (Adam's epsilon of the hidden parameters)
+
+The width rules (muP) sit beside these in dmup_kernels.optim.param_groups.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Literal
 
 from ._checks import check_finite_real, check_positive_int
 
-Optimizer = Literal["adam", "sgd"]
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+Optimizer = Literal["adam", "adamw", "sgd"]
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+"""Adam with coupled L2 weight decay (torch.optim.Adam), AdamW (decoupled), and SGD."""
 
 
 @dataclass(frozen=True)
@@ -63,16 +67,21 @@ class DepthParametrization:
     def lr_scale(self, depth: int, optimizer: Optimizer = "adam") -> float:
         """Factor on the learning rate of the hidden weights of a stack of this depth.
 
-        ``(depth / base_depth) ** -gamma`` for "adam" (any Adam-like optimizer) and
+        ``(depth / base_depth) ** -gamma`` for "adam" and "adamw" (any Adam-like optimizer) and
         ``(depth / base_depth) ** (alpha - gamma)`` for "sgd".
         """
-        if optimizer == "adam":
+        if optimizer in ("adam", "adamw"):
             exponent = -self.gamma
         elif optimizer == "sgd":
             exponent = self.alpha - self.gamma
         else:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}")
         return self._scaled_power("lr_scale", depth, exponent)
+
+    def eps_scale(self, depth: int) -> float:
+        """``(depth / base_depth) ** -alpha``: the factor on Adam's epsilon for the hidden parameters,
+        whose gradients shrink like the branch multiplier (CompleteP's rule)."""
+        return self._scaled_power("eps_scale", depth, -self.alpha)
 
 
 DEPTH_MUP = DepthParametrization(alpha=0.5, gamma=0.5)

@@ -148,3 +148,24 @@ def test_coord_check_table_and_plot(tmp_path):
     assert all(r["change"] > 0 for r in step1)  # one Adam step moved every probe
     path = dg.plot_coord_check(table, tmp_path / "coord.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coord_check_across_width_is_flat_under_the_width_rules_and_grows_without():
+    """After 5 Adam steps at widths 32 and 512 (depth 8): with base_width 32 the output's magnitude stays
+    within 1.4x; without width scaling (base_width = width) it grows several-fold."""
+    import dmup_kernels as dk
+
+    generator = torch.Generator().manual_seed(11)
+    data = torch.randn(64, 16, generator=generator), torch.randint(0, 4, (64,), generator=generator)
+
+    def output_growth(base_width):
+        def make(depth, width):
+            return dk.DepthMuPNet(16, width, depth, 4, base_width=base_width)
+
+        table = dg.coord_check(make, [8], data, widths=[32, 512], steps=5, lr=1e-2)
+        assert {r["width"] for r in table} == {32, 512}
+        last = {r["width"]: r["mean_abs"] for r in table if r["step"] == 4 and r["place"] == "output"}
+        return last[512] / last[32]
+
+    assert 1 / 1.4 < output_growth(32) < 1.4
+    assert output_growth(None) > 3.0

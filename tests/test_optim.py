@@ -1,4 +1,6 @@
-"""dmup_kernels.param_groups: depth-scaled learning rates for the residual stacks (docs/design.md §1.3)."""
+"""dmup_kernels.param_groups: the width and depth rules for learning rate, Adam's epsilon and weight decay
+(docs/design.md §1.3), checked against the table written out independently here, and the readout
+multiplier of DepthMuPNet."""
 
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ DEEP = (1.0, 0.75, 4, 64)
 
 
 def expected_scale(alpha: float, gamma: float, base: int, depth: int, optimizer: str) -> float:
-    """The formula of docs/design.md §1.2, written out here."""
-    exponent = -gamma if optimizer == "adam" else alpha - gamma
+    """The depth factor of the hidden learning rate (docs/design.md §1.2), written out here."""
+    exponent = alpha - gamma if optimizer == "sgd" else -gamma
     return (depth / base) ** exponent
 
 
@@ -61,8 +63,7 @@ def test_learning_rates(optimizer):
     deep_lr = LR * expected_scale(*DEEP, optimizer)
     assert shallow_lr != pytest.approx(deep_lr) and shallow_lr != pytest.approx(LR)
     assert group_of(groups, shallow.weight)["lr"] == pytest.approx(shallow_lr, rel=1e-12)
-    assert group_of(groups, shallow.bias)["lr"] == pytest.approx(shallow_lr, rel=1e-12)
-    assert group_of(groups, shallow.weight) is group_of(groups, shallow.bias)
+    assert group_of(groups, shallow.bias)["lr"] == pytest.approx(shallow_lr, rel=1e-12)  # no width scaling here
     assert group_of(groups, deep.weight)["lr"] == pytest.approx(deep_lr, rel=1e-12)
     others = [
         model.embed.weight,
@@ -90,7 +91,7 @@ def test_every_trainable_parameter_exactly_once(optimizer):
     assert all(count == 1 for count in counts.values())
     assert id(model.norm.weight) not in counts
     for g in groups:
-        assert g["weight_decay"] == 0.01
+        assert g["weight_decay"] == 0.01  # coupled decay ("adam", "sgd") is never rescaled
         assert len(g["params"]) > 0
     assert all(isinstance(g["params"], list) for g in groups)
 
@@ -115,7 +116,7 @@ def test_depth_mup_net():
 def test_model_that_is_a_stack():
     stack = ResidualStack(6, 9)
     groups = param_groups(stack, 0.9, "adam")
-    assert len(groups) == 1 and groups[0]["params"][0] is stack.weight
+    assert len(groups) == 1 and groups[0]["params"][0] is stack.weight and groups[0]["name"] == "weight"
     assert groups[0]["lr"] == pytest.approx(0.3, rel=1e-12)
 
 
@@ -171,3 +172,82 @@ def test_adam_step_changes_every_parameter():
     head_step = (model.head.weight.detach() - before["head.weight"]).abs().max().item()
     assert deep_step == pytest.approx(1e-2 * expected_scale(*DEEP, "adam"), rel=1e-3)
     assert head_step == pytest.approx(1e-2, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the width x depth table
+# ---------------------------------------------------------------------------------------------------
+
+WIDTH, DEPTH, BASE_DEPTH = 64, 32, 2
+BASE_LR, BASE_EPS, BASE_WD = 0.01, 1e-8, 0.1
+
+
+def table_entry(part: str, optimizer: str, alpha: float, gamma: float, base_width: int | None) -> dict[str, float]:
+    """lr, eps and weight decay of one part, from the table of docs/design.md §1.3 written out here."""
+    m_n = WIDTH / (base_width or WIDTH)
+    m_l = DEPTH / BASE_DEPTH
+    sgd, adamw = optimizer == "sgd", optimizer == "adamw"
+    if part == "stack weight":
+        lr = BASE_LR * m_l ** (alpha - gamma) if sgd else BASE_LR / m_n * m_l**-gamma
+        eps, wd = BASE_EPS / m_n * m_l**-alpha, BASE_WD * m_n if adamw else BASE_WD
+    elif part == "stack bias":
+        lr = BASE_LR * m_n * m_l ** (alpha - gamma) if sgd else BASE_LR * m_l**-gamma
+        eps, wd = BASE_EPS / m_n * m_l**-alpha, 0.0 if adamw else BASE_WD
+    elif part in ("input weight", "input bias", "readout weight"):
+        lr, eps, wd = BASE_LR * m_n if sgd else BASE_LR, BASE_EPS, BASE_WD
+    else:  # readout bias
+        lr, eps, wd = BASE_LR, BASE_EPS, BASE_WD
+    return {"lr": lr, "eps": eps, "weight_decay": wd}
+
+
+@pytest.mark.parametrize("base_width", [None, 16], ids=["no-width-scaling", "base-width-16"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0], ids=["alpha-1/2", "alpha-1"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_every_group_follows_the_table(optimizer, alpha, base_width):
+    parametrization = DepthParametrization(alpha, 1.0 - alpha, base_depth=BASE_DEPTH)
+    net = DepthMuPNet(5, WIDTH, DEPTH, 3, bias=True, parametrization=parametrization, base_width=base_width)
+    groups = param_groups(net, BASE_LR, optimizer, weight_decay=BASE_WD, eps=BASE_EPS)
+    parts = {
+        "stack weight": net.stack.weight,
+        "stack bias": net.stack.bias,
+        "input weight": net.input.weight,
+        "input bias": net.input.bias,
+        "readout weight": net.output.weight,
+        "readout bias": net.output.bias,
+    }
+    for part, param in parts.items():
+        group = group_of(groups, param)
+        expected = table_entry(part, optimizer, alpha, 1.0 - alpha, base_width)
+        if optimizer == "sgd":
+            assert "eps" not in group, part
+            expected.pop("eps")
+        for key, value in expected.items():
+            assert group[key] == pytest.approx(value, rel=1e-12), f"{part}: {key}"
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
+def test_groups_go_straight_into_adam_and_adamw(optimizer_class):
+    net = DepthMuPNet(5, 32, 8, 3, bias=True, base_width=8)
+    name = "adamw" if optimizer_class is torch.optim.AdamW else "adam"
+    groups = param_groups(net, 1e-3, name, weight_decay=0.01)
+    optimizer = optimizer_class(groups)
+    assert [g["eps"] for g in optimizer.param_groups] == [g["eps"] for g in groups]
+    net(torch.randn(4, 5)).square().sum().backward()
+    optimizer.step()
+
+
+def test_readout_multiplier_and_init():
+    """output(h / m_N), with output weights of std 1/base_width: effective std 1/width at any width; with
+    base_width = width (the default) the net is what it was without width scaling."""
+    torch.manual_seed(0)
+    net = DepthMuPNet(5, 256, 4, 3, base_width=64)
+    h = torch.randn(7, 256)
+    torch.testing.assert_close(net.readout(h), net.output(h / 4))
+    assert net.output.weight.std().item() == pytest.approx(1 / 64, rel=0.05)
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(net(x), net.output(net.stack(net.input(x)) / 4))
+    plain = DepthMuPNet(5, 256, 4, 3)
+    assert plain.stack.base_width == 256 and plain.stack.width_multiplier == 1
+    assert plain.output.weight.std().item() == pytest.approx(1 / 256, rel=0.05)
+    assert "base_width=64" in repr(net) and "base_depth=1" in repr(net)

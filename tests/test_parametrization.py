@@ -1,4 +1,5 @@
-"""Depth parametrization (docs/design.md §1.2): branch scale and learning-rate scale formulas, presets, validation."""
+"""Depth parametrization (docs/design.md §1.2): branch scale, learning-rate and epsilon scale formulas, presets,
+validation."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def test_lr_scale_formula(alpha, gamma, multiplier, base_depth):
         assert p.lr_scale(depth, "adam") == pytest.approx(power(relative, -gamma), rel=1e-12), depth
         assert p.lr_scale(depth, "sgd") == pytest.approx(power(relative, alpha - gamma), rel=1e-12), depth
         assert p.lr_scale(depth) == p.lr_scale(depth, "adam")  # adam is the default
+        assert p.lr_scale(depth, "adamw") == p.lr_scale(depth, "adam")
+        assert p.eps_scale(depth) == pytest.approx(power(relative, -alpha), rel=1e-12), depth
     # independent of the multiplier: the multiplier only scales the branch
     other = DepthParametrization(alpha, gamma, 7.0, base_depth)
     assert other.lr_scale(17, "sgd") == p.lr_scale(17, "sgd")
@@ -126,5 +129,5 @@ def test_bad_depth(depth, error):
 
 
 def test_bad_optimizer_name():
-    with pytest.raises(ValueError, match=r"optimizer.*'adamw'"):
-        DEPTH_MUP.lr_scale(4, "adamw")
+    with pytest.raises(ValueError, match=r"optimizer.*'adagrad'"):
+        DEPTH_MUP.lr_scale(4, "adagrad")
