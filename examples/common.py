@@ -27,9 +27,11 @@ def digits() -> tuple[Tensor, Tensor]:
     return torch.tensor(data.data / 16.0, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
 
 
-def make_net(depth: int, parametrization: dk.DepthParametrization, width: int = 128) -> dk.DepthMuPNet:
+def make_net(
+    depth: int, parametrization: dk.DepthParametrization, width: int = 128, base_width: int | None = None
+) -> dk.DepthMuPNet:
     """DepthMuPNet with the input and output layers frozen, as in the paper's experiments."""
-    net = dk.DepthMuPNet(64, width, depth, 10, parametrization=parametrization)
+    net = dk.DepthMuPNet(64, width, depth, 10, parametrization=parametrization, base_width=base_width)
     for layer in (net.input, net.output):
         layer.requires_grad_(False)
     return net

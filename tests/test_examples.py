@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("sklearn", reason="the examples train on scikit-learn's digits")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import coord_check  # noqa: E402
 import depth_limit  # noqa: E402
 import hp_transfer  # noqa: E402
 
@@ -30,12 +31,28 @@ def test_hp_transfer_writes_runs_plot_and_best_lrs(tmp_path, capsys):
     assert "best log2 lr per depth" in capsys.readouterr().out
 
 
+def test_hp_transfer_width_sweep_applies_the_width_rules(tmp_path, capsys, monkeypatch):
+    """--sweep width trains at each width with and without base_width (the width rules of param_groups)."""
+    monkeypatch.setattr(hp_transfer, "WIDTH_SWEEP_DEPTH", 2)
+    built = []
+    make = hp_transfer.make_net
+    monkeypatch.setattr(hp_transfer, "make_net", lambda *a, **k: built.append(k) or make(*a, **k))
+    out = tmp_path / "hpw"
+    result = hp_transfer.main(["--sweep", "width", "--widths", "16", "32", "--log2-lrs", "-6", "--steps", "3",
+                               "--seeds", "1", "--batch", "16", "--out", str(out)])  # fmt: skip
+    assert len(result["runs"]) == 2 * 2  # settings x widths
+    assert {run["width"] for run in result["runs"]} == {16, 32}
+    assert sorted(k.get("base_width") or 0 for k in built) == [0, 0, 64, 64]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "best log2 lr per width" in capsys.readouterr().out
+
+
 def test_best_log2_lr_picks_the_lowest_finite_loss():
     runs = [
-        {"parametrization": "p", "depth": 8, "log2_lr": -6.0, "loss": 0.5},
-        {"parametrization": "p", "depth": 8, "log2_lr": -5.0, "loss": 0.2},
-        {"parametrization": "p", "depth": 8, "log2_lr": -4.0, "loss": math.inf},
-        {"parametrization": "p", "depth": 16, "log2_lr": -4.0, "loss": math.inf},
+        {"setting": "p", "size": 8, "log2_lr": -6.0, "loss": 0.5},
+        {"setting": "p", "size": 8, "log2_lr": -5.0, "loss": 0.2},
+        {"setting": "p", "size": 8, "log2_lr": -4.0, "loss": math.inf},
+        {"setting": "p", "size": 16, "log2_lr": -4.0, "loss": math.inf},
     ]
     assert hp_transfer.best_log2_lrs(runs) == {"p": {8: -5.0, 16: None}}
 
@@ -47,3 +64,16 @@ def test_depth_limit_reports_alignment_of_consecutive_depths(tmp_path):
         assert 0.0 <= rows[0]["mutual_knn"] <= 1.0 and 0.0 < rows[0]["cka"] <= 1.0 + 1e-9
     assert json.loads((tmp_path / "dl.json").read_text())["alignment"] == result["alignment"]
     assert (tmp_path / "dl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_coord_check_example_sweeps_width_and_depth_per_setting(tmp_path, capsys):
+    tables = coord_check.main(["--widths", "16", "32", "--width-sweep-depth", "2", "--depths", "2", "4",
+                               "--depth-sweep-width", "16", "--adam-steps", "1", "--batch", "16",
+                               "--out", str(tmp_path / "cc")])  # fmt: skip
+    assert tables.keys() == coord_check.SETTINGS.keys()
+    for sweeps in tables.values():
+        assert {r["width"] for r in sweeps["width"]} == {16, 32} and {r["depth"] for r in sweeps["width"]} == {2}
+        assert {r["depth"] for r in sweeps["depth"]} == {2, 4} and {r["width"] for r in sweeps["depth"]} == {16}
+        assert {r["step"] for r in sweeps["width"]} == {0, 1}  # before the step and after it
+    assert (tmp_path / "cc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "max/min over sizes" in capsys.readouterr().out
