@@ -6,19 +6,24 @@ Every variant builds an ``nn.Module`` for a case whose forward takes the case's 
 case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANTS``; it is skipped
 wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device). "cpp-avx2"
 is the cpp backend pinned to AVX2: listed only on machines that run AVX2 but default to another
-instruction set (AVX-512), so that one run shows both.
+instruction set (AVX-512), so that one run shows both. ``CHECKPOINT_SWEEP_VARIANTS`` are the peers of
+the checkpoint sweep (``checkpoint_sweep.py``): each stack saving every layer for the backward, and
+each keeping only every k-th state and recomputing the rest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import dmup_kernels
-from dmup_kernels import DEPTH_MUP
+from dmup_kernels import DEPTH_MUP, reference
 from dmup_kernels._extension import pinned_cpu_isa, runnable_cpu_isas
 from dmup_kernels.ops import resolve_backend
 
@@ -50,9 +55,10 @@ def eager_module(case: Case, params: dict[str, Tensor], device: torch.device | s
 
 
 def backend_module(
-    case: Case, params: dict[str, Tensor], backend: str, device: torch.device | str = "cpu"
+    case: Case, params: dict[str, Tensor], backend: str, device: torch.device | str = "cpu", **stack_options: Any
 ) -> nn.Module:
-    """The dmup_kernels module of ``case`` running on ``backend``, with ``params`` copied in."""
+    """The dmup_kernels module of ``case`` running on ``backend``, with ``params`` copied in.
+    ``stack_options``: further ``ResidualStack`` keywords (``checkpoint``)."""
     if case.op == "scaled_residual":
         return ScaledResidualModule(case, backend)
     weight = params["weight"]
@@ -67,6 +73,7 @@ def backend_module(
         backend=backend,
         device=device,
         dtype=weight.dtype,
+        **stack_options,
     )
     if module.scale != case.scale:
         raise AssertionError(f"ResidualStack scale {module.scale} != case scale {case.scale}")
@@ -77,17 +84,64 @@ def backend_module(
     return module
 
 
+def sqrt_segments(depth: int) -> int:
+    """ceil(sqrt(depth)), the segment count of "sqrt" checkpointing: the forward keeps one state per
+    segment and the backward one segment's layers at a time, about 2 * sqrt(L) layers' worth in all."""
+    return math.isqrt(depth - 1) + 1
+
+
+class SegmentCheckpointedStack(nn.Module):
+    """The eager stack ``stack`` (a reference-backend ``ResidualStack``) cut into ``segments`` runs of
+    consecutive layers (lengths differing by at most one), each run through ``torch.utils.checkpoint``
+    (non-reentrant): the forward keeps only the stream entering each segment, and the backward recomputes
+    one segment's layers at a time. The eager peer of ``ResidualStack(..., checkpoint=k)``."""
+
+    def __init__(self, stack: dmup_kernels.ResidualStack, segments: int) -> None:
+        super().__init__()
+        if not 1 <= segments <= stack.depth:
+            raise ValueError(f"segments must be in [1, depth={stack.depth}]; got {segments}")
+        self.stack = stack
+        short, longer = divmod(stack.depth, segments)
+        self.segment_depths = [short + 1] * longer + [short] * (segments - longer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # split, not one slice per segment: the backward of split concatenates the segments' weight
+        # gradients once, where each slice's backward would write a zero-filled (L, n, n) gradient.
+        weights = self.stack.weight.split(self.segment_depths)
+        biases = [None] * len(weights) if self.stack.bias is None else self.stack.bias.split(self.segment_depths)
+        for weight, bias in zip(weights, biases):
+            x = torch.utils.checkpoint.checkpoint(self.segment, x, weight, bias, use_reentrant=False)
+        return x
+
+    def segment(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The stack's layers for ``weight`` (and ``bias``), a slice of its own, in eager PyTorch."""
+        stack = self.stack
+        return reference.residual_stack(
+            x,
+            weight,
+            bias,
+            scale=stack.scale,
+            activation=stack.activation,
+            block=stack.block,
+            mean_subtract=stack.mean_subtract,
+        )
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A timed peer. kind "eager": the reference module; "compile": ``torch.compile`` of that same
-    module (default options, ``dynamic=False``; dynamo's caches are reset first so each case compiles
-    from scratch); "backend": ``dmup_kernels`` with ``backend=backend or name``, its float32 CPU
-    kernels pinned to ``cpu_isa`` when that is set (run its calls inside ``pinned()``)."""
+    """A timed peer. kind "eager": the reference module; "eager-checkpoint": that module under
+    ``torch.utils.checkpoint`` over ceil(sqrt(L)) segments (``SegmentCheckpointedStack``); "compile":
+    ``torch.compile`` of the reference module (default options, ``dynamic=False``; dynamo's caches are
+    reset first so each case compiles from scratch); "backend": ``dmup_kernels`` with
+    ``backend=backend or name``, its float32 CPU kernels pinned to ``cpu_isa`` when that is set (run its
+    calls inside ``pinned()``), and with ``ResidualStack(..., checkpoint=checkpoint)`` when that is set
+    (the others save every layer, ResidualStack's default)."""
 
     name: str
     kind: str
     backend: str | None = None
     cpu_isa: str | None = None
+    checkpoint: int | str | None = None
 
     def unavailable(self, device: torch.device | str = "cpu") -> str | None:
         """Why this variant cannot run on ``device`` here, or None if it can."""
@@ -106,11 +160,14 @@ class Variant:
     def build(self, case: Case, params: dict[str, Tensor], device: torch.device | str = "cpu") -> nn.Module:
         if self.kind == "eager":
             return eager_module(case, params, device)
+        if self.kind == "eager-checkpoint":
+            return SegmentCheckpointedStack(eager_module(case, params, device), sqrt_segments(case.depth))
         if self.kind == "compile":
             torch._dynamo.reset()
             return torch.compile(eager_module(case, params, device), dynamic=False)
         if self.kind == "backend":
-            return backend_module(case, params, self.backend or self.name, device)
+            options = {} if self.checkpoint is None else {"checkpoint": self.checkpoint}
+            return backend_module(case, params, self.backend or self.name, device, **options)
         raise ValueError(f"unknown variant kind {self.kind!r}")
 
 
@@ -128,3 +185,16 @@ VARIANTS: tuple[Variant, ...] = (
 
 PEERS = ("eager", "compile")
 """The variants every other variant is compared with (ratio = peer median / variant median)."""
+
+CHECKPOINT_SWEEP_VARIANTS: tuple[Variant, ...] = (
+    Variant("eager", "eager"),
+    Variant("eager-sqrt", "eager-checkpoint"),
+    Variant("cpp", "backend"),
+    Variant("cpp-sqrt", "backend", backend="cpp", checkpoint="sqrt"),
+)
+"""The checkpoint sweep's variants, in table order: eager and cpp saving every layer, and each keeping
+the stream every ceil(sqrt(L)) layers only."""
+
+SAVE_ALL_PEERS: dict[str, str] = {"eager-sqrt": "eager", "cpp-sqrt": "cpp"}
+"""Each checkpointing variant of the sweep and the variant that saves every layer of the same stack: the
+sweep reports the ratio of their step times (the cost of the recomputation)."""
