@@ -8,6 +8,8 @@ Sets of cases:
   step (``fwd+bwd``: forward and backward of ``loss = y.square().mean()``) and inference (``fwd``).
 - target table rows: training step at five (n, B, L), each with speed-up targets for a fused backend
   (docs/design.md §6.6).
+- checkpoint sweep (``checkpoint_sweep.py``, not part of the runner): training step of ``ResidualStack``
+  at (n, B) = (128, 1024) and depths 2^10..2^16.
 All stacks: relu, block "post", mean subtraction, no bias, float32, Depth-muP branch scale 1/sqrt(L).
 """
 
@@ -61,6 +63,14 @@ SWEEP_DEPTHS_QUICK: tuple[int, ...] = (64, 256)
 
 SCALED_RESIDUAL_SHAPES: tuple[tuple[int, int], ...] = ((64, 64), (256, 128), (1024, 256), (4096, 512))  # (B, n)
 SCALED_RESIDUAL_SHAPES_QUICK: tuple[tuple[int, int], ...] = ((64, 64), (1024, 256))
+
+CHECKPOINT_SWEEP_WIDTH = 128
+CHECKPOINT_SWEEP_BATCH = 1024
+CHECKPOINT_SWEEP_DEPTHS: tuple[int, ...] = tuple(2**k for k in range(10, 17))
+"""Depths of the checkpoint sweep. At (n, B) = (128, 1024) one state of the stream is 0.5 MiB, and a
+training step that saves every layer peaks at about 1.7 MiB per layer on cpp and 2.4 MiB on eager
+(measured at L=1024), so the deepest stacks need far more memory than a workstation has without
+checkpointing."""
 
 COMPILE_MAX_DEPTH = 256
 """Full run: torch.compile is timed for every case with depth <= this, and for every target table row.
@@ -199,6 +209,19 @@ def runner_cases(quick: bool = False, compile_all: bool = False) -> list[Case]:
     return _merge(cases)
 
 
+def checkpoint_sweep_case(depth: int) -> Case:
+    """The checkpoint sweep's training step at ``depth`` (any depth: the sweep also measures shallow
+    stacks to estimate the memory of deep ones)."""
+    return Case(
+        "residual_stack", CHECKPOINT_SWEEP_BATCH, CHECKPOINT_SWEEP_WIDTH, depth, "fwd+bwd", tags=("checkpoint_sweep",)
+    )
+
+
+def checkpoint_sweep_cases(max_depth: int = CHECKPOINT_SWEEP_DEPTHS[-1]) -> list[Case]:
+    """The checkpoint sweep's cases with depth at most ``max_depth``, shallowest first."""
+    return [checkpoint_sweep_case(depth) for depth in CHECKPOINT_SWEEP_DEPTHS if depth <= max_depth]
+
+
 def pytest_cases() -> list[Case]:
     """Small cases for the pytest-benchmark tests: two shapes per op, training step."""
     return [
@@ -231,15 +254,26 @@ class Problem:
         ]
 
 
+NORMAL_DRAW_ELEMENTS = 1 << 22
+"""make_problem draws its float64 normals this many at a time (32 MiB) and casts each piece into the
+case's dtype, so that a deep stack's weight never exists whole in float64 (8 GiB at n=128, L=2^16, on top
+of the 4 GiB float32 result). A multiple of 16: torch's CPU sampler transforms normals in blocks of 16,
+so pieces of such sizes give the same values as one draw of the whole tensor."""
+
+
 def make_problem(case: Case) -> Problem:
     """Random inputs for ``case`` (fresh seed per case, never zeros, docs/design.md §5.2).
 
     x and branch_out ~ N(0, 1); stack weights ~ N(0, 1/n) (the muP init); biases ~ N(0, BIAS_STD^2).
+    Drawn in float64 (NORMAL_DRAW_ELEMENTS at a time) and rounded to the case's dtype.
     """
     gen = torch.Generator().manual_seed(case.seed)
 
     def randn(*shape: int, std: float = 1.0) -> Tensor:
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).to(case.dtype)
+        out = torch.empty(shape, dtype=case.dtype)
+        for piece in out.view(-1).split(NORMAL_DRAW_ELEMENTS):
+            piece.copy_(torch.randn(piece.numel(), generator=gen, dtype=torch.float64) * std)
+        return out
 
     inputs = {"x": randn(case.batch, case.width)}
     params: dict[str, Tensor] = {}

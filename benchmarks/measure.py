@@ -1,6 +1,6 @@
 """How things are measured: the step that is timed, parity against the float64 reference
-(docs/design.md §5), round-robin timing, saved-activation bytes, and the facts about the machine
-(docs/design.md §6)."""
+(docs/design.md §5), round-robin timing, saved-activation bytes, the process's memory, and the facts
+about the machine (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -183,6 +183,32 @@ def saved_activation_bytes(module: nn.Module, inputs: Sequence[Tensor]) -> int:
     del y
     kept.clear()
     return sum(nbytes for ptr, nbytes in storages.items() if ptr not in parameter_storages)
+
+
+def proc_kib(path: str, field: str) -> int:
+    """The value of ``field`` (a "Name:  value kB" line) in the Linux proc file ``path``, in bytes."""
+    for line in Path(path).read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) * 1024
+    raise KeyError(f"{field} not in {path}")
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (VmRSS)."""
+    return proc_kib("/proc/self/status", "VmRSS")
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size (VmHWM, the high-water mark of its address space). Not
+    ``resource.getrusage().ru_maxrss``: on Linux a child started by (v)fork and exec starts that at its
+    parent's peak (a child of a 519 MiB parent reported 519 MiB while 11 MiB was resident)."""
+    return proc_kib("/proc/self/status", "VmHWM")
+
+
+def available_memory_bytes() -> int:
+    """Memory the kernel can give new allocations without swapping (MemAvailable of /proc/meminfo)."""
+    return proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def wall_clock_timer(call: Callable[[], object]) -> float:

@@ -1,5 +1,6 @@
 """The benchmark report: a table per case, the target table, the header that states the machine, the
-plot of throughput against depth, and the JSON file (benchmarks/run.py measures, this module writes).
+plot of throughput against depth, and the JSON file (benchmarks/run.py measures, this module writes);
+and the checkpoint sweep's table and plot (benchmarks/checkpoint_sweep.py measures).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from .cases import CHECKPOINT_COST_TARGET, Case
 from .measure import one_flip_error
 from .traffic import VARIANT_MODELS, layer_shape, model_bytes_per_layer
-from .variants import CHECKPOINT_VARIANT, PEERS
+from .variants import CHECKPOINT_VARIANT, PEERS, SAVE_ALL_PEERS
 
 BUSY_LOAD_FRACTION = 0.5
 """The header warns that timings will be noisy when the 1-minute load average at start exceeds this
@@ -246,6 +247,110 @@ def plot(records: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> 
     return True
 
 
+GIB = 2**30
+
+
+def checkpoint_sweep_table(records: list[dict[str, Any]], skipped: list[dict[str, Any]], variants: list[str]) -> str:
+    """The checkpoint sweep as a markdown table, a row per depth: for each of ``variants`` the median time
+    per step in seconds and the peak GiB (above the process's resident size before the problem was
+    built), or "needs X GiB" for a point not run for lack of memory; then, for each checkpointing variant
+    and its save-all peer (``SAVE_ALL_PEERS``) both in ``variants``, the ratio of their step times.
+    Calibration points are left out; errors and other reasons for not running are spelt out below."""
+    measured = {(r["variant"], r["depth"]): r for r in records if not r["calibration"]}
+    not_run = {(s["variant"], s["depth"]): s for s in skipped}
+    depths = sorted({depth for _, depth in measured} | {depth for _, depth in not_run})
+    ratios = [(name, peer) for name, peer in SAVE_ALL_PEERS.items() if name in variants and peer in variants]
+    head = ["L"] + [f"{name} {unit}" for name in variants for unit in ("s/step", "peak GiB")]
+    head += [f"{name} / {peer}" for name, peer in ratios]
+    lines = [
+        "== checkpoint sweep: time per training step (median, s) and peak memory (GiB above the process "
+        "before the problem was built)",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    notes: dict[str, None] = {}  # ordered, each note once
+    for depth in depths:
+        cells = [str(depth)]
+        for name in variants:
+            record, skip = measured.get((name, depth)), not_run.get((name, depth))
+            if record is not None and record["median_ms"] is not None:
+                cells += [f"{record['median_ms'] / 1e3:.2f}", f"{record['peak_bytes'] / GIB:.2f}"]
+            elif record is not None:
+                cells += ["ERROR", "-"]
+                notes[f"!!! ERROR {name} L={depth}: {record['error']}"] = None
+            elif skip is not None and skip["needs_bytes"] is not None:
+                cells += ["-", f"needs {skip['needs_bytes'] / GIB:.1f} GiB"]
+            elif skip is not None:
+                cells += ["-", "not run"]
+                notes[f"{name} not run: {skip['reason']}"] = None
+            else:
+                cells += ["-", "-"]
+        for name, peer in ratios:
+            times = [measured.get((variant, depth), {}).get("median_ms") for variant in (name, peer)]
+            cells.append("-" if None in times else f"{times[0] / times[1]:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + list(notes))
+
+
+def plot_checkpoint_sweep(
+    records: list[dict[str, Any]], skipped: list[dict[str, Any]], machine: dict[str, Any], path: Path
+) -> bool:
+    """Two panels against depth (log2 x axis), one line per variant: peak memory (GiB above the process
+    before the problem was built; the estimates of points not run for lack of memory dotted, hollow
+    markers; MemAvailable at the start dashed) and median time per training step. Calibration points
+    are left out. Returns False when no point was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    measured = [r for r in records if not r["calibration"] and r["median_ms"] is not None]
+    if not measured:
+        return False
+    fig, (memory_ax, time_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for index, name in enumerate(machine["run"]["variants"]):
+        color = f"C{index}"  # one colour per variant in both panels, whichever of its points exist
+        points = sorted((r["depth"], r["peak_bytes"], r["median_ms"] / 1e3) for r in measured if r["variant"] == name)
+        if points:
+            depths, peaks, seconds = zip(*points)
+            memory_ax.plot(depths, [nbytes / GIB for nbytes in peaks], marker="o", color=color, label=name)
+            time_ax.plot(depths, seconds, marker="o", color=color, label=name)
+        needs = sorted((s["depth"], s["needs_bytes"]) for s in skipped if s["variant"] == name and s["needs_bytes"])
+        if needs:
+            estimates = points[-1:] + needs  # the dotted line starts at the deepest measured point
+            memory_ax.plot(
+                [point[0] for point in estimates],
+                [point[1] / GIB for point in estimates],
+                linestyle=":",
+                marker="o",
+                markerfacecolor="none",
+                color=color,
+                label=f"{name}: estimate, not run",
+            )
+    memory_ax.axhline(machine["mem_available_start"] / GIB, linestyle="--", color="gray", label="MemAvailable at start")
+    memory_ax.set_ylabel("peak memory, GiB")
+    time_ax.set_ylabel("time per training step, s (median)")
+    for ax in (memory_ax, time_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))  # 0.1 1 10, not 10^k
+        ax.yaxis.set_minor_formatter(ticker.LogFormatter(minor_thresholds=(2, 0.5)))  # 2 3 5 on short ranges
+        ax.set_xlabel("depth L")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    case = measured[0]
+    fig.suptitle(
+        f"ResidualStack training step, n={case['width']}, B={case['batch']}, {case['dtype']}: "
+        f"{machine['cpu_model']}, {machine['threads']} threads, torch {machine['torch']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def finite_json(value: Any) -> Any:
     """``value`` with every non-finite float written as the string "inf"/"-inf"/"nan" (strict JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -258,7 +363,7 @@ def finite_json(value: Any) -> Any:
 
 
 def write_json(
-    path: Path, machine: dict[str, Any], records: list[dict[str, Any]], skipped: list[dict[str, str]]
+    path: Path, machine: dict[str, Any], records: list[dict[str, Any]], skipped: list[dict[str, Any]]
 ) -> None:
     """Writes {"machine", "records", "skipped"} atomically (after every case, so a stopped run keeps its results)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,9 @@ case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANT
 wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device). "cpp-avx2"
 is the cpp backend pinned to AVX2: listed only on machines that run AVX2 but default to another
 instruction set (AVX-512), so that one run shows both. "cpp-sqrt" is the cpp backend with
-``checkpoint="sqrt"``. Both are timed on the target table's cases only.
+``checkpoint="sqrt"``. Both are timed on the target table's cases only. ``CHECKPOINT_SWEEP_VARIANTS`` are
+the peers of the checkpoint sweep (``checkpoint_sweep.py``): eager and cpp saving every layer for the
+backward, and each keeping only every k-th state and recomputing the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 import dmup_kernels
@@ -144,3 +147,17 @@ VARIANTS: tuple[Variant, ...] = (
 
 PEERS = ("eager", "compile")
 """The variants every other variant is compared with (ratio = peer median / variant median)."""
+
+CHECKPOINT_SWEEP_VARIANTS: tuple[Variant, ...] = (
+    Variant("eager", "eager"),
+    Variant("eager-sqrt", "backend", backend="reference", checkpoint="sqrt"),
+    Variant("cpp", "backend"),
+    CHECKPOINT_VARIANT,
+)
+"""The checkpoint sweep's variants, in table order: eager and cpp saving every layer, and each keeping
+the stream every ceil(sqrt(L)) layers only (the reference backend through torch.utils.checkpoint over
+its segments, the cpp backend in its kernels)."""
+
+SAVE_ALL_PEERS: dict[str, str] = {"eager-sqrt": "eager", "cpp-sqrt": "cpp"}
+"""Each checkpointing variant of the sweep and the variant that saves every layer of the same stack: the
+sweep reports the ratio of their step times (the cost of the recomputation)."""
