@@ -7,19 +7,20 @@ from typing import Any
 from torch import nn
 
 from ._checks import check_choice, check_non_negative
-from .nn import ResidualStack
+from .nn import DepthScaledStack
 from .parametrization import OPTIMIZERS
 
 
 def param_groups(
     model: nn.Module, lr: float, optimizer: str = "adam", weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Param groups for ``torch.optim``: each ResidualStack's parameters get
+    """Param groups for ``torch.optim``: the parameters of each stack (``ResidualStack``, ``ResidualMLPStack``:
+    every ``DepthScaledStack``) get
     ``lr * stack.parametrization.lr_scale(stack.total_depth, optimizer)``, all other parameters ``lr``
     (``total_depth``: the depth of the whole network, also for a pipeline stage of it).
 
     Args:
-        model: any module tree; every ``ResidualStack`` in it gets its own group.
+        model: any module tree; every stack in it gets its own group.
         lr: the base learning rate (eta).
         optimizer: "adam" for Adam-like optimizers (AdamW, ...), "sgd" for SGD.
         weight_decay: set on every group.
@@ -44,7 +45,7 @@ def param_groups(
         return params
 
     for name, module in model.named_modules():
-        if isinstance(module, ResidualStack):
+        if isinstance(module, DepthScaledStack):
             params = claim([p for p in module.parameters() if p.requires_grad], f"stack {name!r}")
             scale = module.parametrization.lr_scale(module.total_depth, optimizer)
             groups.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay, "name": name or "stack"})
