@@ -17,15 +17,20 @@ from .._checks import (
     check_width,
     checkpoint_every,
 )
+from .._extension import HAS_CPP
 from .._layout import (
     MlpStackBackend,
     MlpStackGrads,
     MlpStackSettings,
     MlpWeights,
     checkpointed_stream,
+    compute_rows,
     graph_backward,
+    sign_planes,
+    sign_words,
     stacked_states,
 )
+from .._registration import register_autograd
 from ._backend import resolve_backend
 
 
@@ -137,8 +142,89 @@ class RecordedMlpStack:
         return stacked_states(state, x)
 
 
+class CppMlpStack:
+    """The C++ op dmup::residual_mlp_stack (CPU and CUDA kernels); its state is (saved, signs): x^0..x^{L-1}
+    (or the checkpoints) feature-major (L, n, B) and the sign bits of the hidden pre-activation (docs/design.md
+    §4.4, §4.5)."""
+
+    def forward(
+        self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        rows, *weights = compute_rows(x, *weights)
+        out, saved, signs = torch.ops.dmup.residual_mlp_stack(
+            rows, *weights, *settings.layer, save, settings.checkpoint_every
+        )
+        return out.to(x.dtype).reshape(x.shape), (saved, signs)
+
+    def backward(
+        self, grad_out: Tensor, state: tuple[Tensor, Tensor], weights: MlpWeights, settings: MlpStackSettings
+    ) -> MlpStackGrads:
+        rows, *weights = compute_rows(grad_out, *weights)
+        grad_x, *grads = torch.ops.dmup.residual_mlp_stack_backward(rows, *state, *weights, *settings)
+        grad_bias1, grad_bias2 = (None if b is None else g for b, g in zip(weights[2:], grads[2:]))
+        return grad_x.reshape(grad_out.shape), *grads[:2], grad_bias1, grad_bias2
+
+    def states(self, state: tuple[Tensor, Tensor], x: Tensor, out: Tensor) -> Tensor:
+        saved, _ = state
+        return stacked_states([*saved.transpose(1, 2), out.reshape(-1, x.shape[-1])], x)
+
+
 REFERENCE_MLP_STACK = RecordedMlpStack()
-# Every backend runs the eager blocks until its fused kernels exist.
+CPP_MLP_STACK = CppMlpStack()
+# The Triton backend runs the eager blocks until it has kernels of its own.
 MLP_STACK_BACKENDS: dict[str, MlpStackBackend] = {
-    name: REFERENCE_MLP_STACK for name in ("reference", "cpp", "cuda", "triton")
+    "reference": REFERENCE_MLP_STACK,
+    "cpp": CPP_MLP_STACK,
+    "cuda": CPP_MLP_STACK,
+    "triton": REFERENCE_MLP_STACK,
 }
+
+
+if HAS_CPP:
+
+    @torch.library.register_fake("dmup::residual_mlp_stack")
+    def _(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, save_for_backward, checkpoint_every=0):
+        batch, width = x.shape
+        depth, hidden_width = weight1.shape[:2]
+        kept = -(-depth // checkpoint_every) if checkpoint_every else depth
+        masked = depth if save_for_backward and not checkpoint_every else 0
+        return (
+            x.new_empty(batch, width),
+            x.new_empty(kept if save_for_backward else 0, width, batch),
+            x.new_empty(masked, sign_planes(activation, "post"), hidden_width, sign_words(batch), dtype=torch.int16),
+        )
+
+    @torch.library.register_fake("dmup::residual_mlp_stack_backward")
+    def _(grad_out, saved, signs, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, checkpoint_every=0):
+        depth, hidden_width, width = weight1.shape
+        return (
+            grad_out.new_empty(grad_out.shape),
+            weight1.new_empty(weight1.shape),
+            weight2.new_empty(weight2.shape),
+            weight1.new_empty(0 if bias1 is None else depth, hidden_width),
+            weight1.new_empty(0 if bias2 is None else depth, width),
+        )
+
+    def _setup_context(ctx, inputs, output) -> None:
+        _, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, ctx.saved_state, *every = inputs
+        ctx.settings = MlpStackSettings(scale, activation, mean_subtract, *every)
+        ctx.non_tensor_inputs = len(inputs) - 5
+        _, saved, signs = output
+        ctx.mark_non_differentiable(saved, signs)
+        ctx.save_for_backward(saved, signs, weight1, weight2, bias1, bias2)
+
+    def _backward(ctx, grad_out, _grad_saved, _grad_signs):
+        if not ctx.saved_state:
+            raise RuntimeError(
+                "dmup::residual_mlp_stack ran with save_for_backward=False, so it cannot be differentiated"
+            )
+        saved, signs, *weights = ctx.saved_tensors
+        grads = CPP_MLP_STACK.backward(grad_out, (saved, signs), MlpWeights(*weights), ctx.settings)
+        return *grads, *[None] * ctx.non_tensor_inputs
+
+    register_autograd(
+        "dmup::residual_mlp_stack",
+        _backward,
+        setup_context=_setup_context,
+        backward_op="dmup::residual_mlp_stack_backward",
+    )
