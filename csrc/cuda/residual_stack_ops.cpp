@@ -150,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cuda(const at::Ten
       StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
   const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
   at::Tensor out, saved, mask;
-  std::tie(out, saved, mask) = empty_stack_outputs(x, depth, run.form.planes, save_for_backward, checkpoint_every);
+  std::tie(out, saved, mask) =
+      empty_stack_outputs(x, depth, run.form.planes, width, save_for_backward, checkpoint_every);
   const at::Tensor last = at::empty({width, batch}, x.options());
   const bool checkpointed = save_for_backward && checkpoint_every > 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cuda", [&] {
@@ -172,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
   const StackRun run{
       StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
-  check_stack_state(saved, mask, grad_out, depth, run.form.planes, checkpoint_every);
+  check_stack_state(saved, mask, grad_out, depth, run.form.planes, width, checkpoint_every, "residual_stack");
   const auto options = grad_out.options();
   // g = dLoss/dx_l, feature-major, updated in place from layer L-1 down to 0.
   const at::Tensor grad = at::empty({width, batch}, options);

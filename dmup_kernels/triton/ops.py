@@ -109,8 +109,7 @@ class TritonStack:
             stream = checkpointed_stream(
                 lambda rows, weight, bias: self._run(rows, weight, bias, settings, save)[0],
                 rows,
-                weight,
-                bias,
+                (weight, bias),
                 settings.checkpoint_every,
             )
             out, state = stream[-1], stream
