@@ -1,6 +1,7 @@
-"""The contract between residual_stack and its backends, and what the fused stacks save for the
-derivative of phi (docs/design.md §3.7, §4). It sits below dmup_kernels.ops and dmup_kernels.triton,
-which both import it.
+"""The contract between the stack ops (residual_stack, residual_mlp_stack) and their backends, and what the
+fused stacks save for the derivative of phi (docs/design.md §3.7, §4); also RecordedMlpStack, the eager MLP
+stack that the reference and the Triton backend both run. It sits below dmup_kernels.ops and
+dmup_kernels.triton, which both import it.
 
 One vocabulary for every backend: ``states`` are the residual-stream states x^0..x^L (or the part of
 them a kernel keeps), ``signs`` the saved sign bits of h, ``sign_planes`` their planes per element.
