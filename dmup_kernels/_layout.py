@@ -1,6 +1,7 @@
-"""The contract between residual_stack and its backends, and what the fused stacks save for the
-derivative of phi (docs/design.md §3.7, §4). It sits below dmup_kernels.ops and dmup_kernels.triton,
-which both import it.
+"""The contract between the stack ops (residual_stack, residual_mlp_stack) and their backends, and what the
+fused stacks save for the derivative of phi (docs/design.md §3.7, §4); also RecordedMlpStack, the eager MLP
+stack that the reference and the Triton backend both run. It sits below dmup_kernels.ops and
+dmup_kernels.triton, which both import it.
 
 One vocabulary for every backend: ``states`` are the residual-stream states x^0..x^L (or the part of
 them a kernel keeps), ``signs`` the saved sign bits of h, ``sign_planes`` their planes per element.
@@ -15,6 +16,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from . import reference
 
 SIGN_WORD_BITS = 16
 """Rows per word of the C++ ops' sign bits: they are int16, bit r % 16 of word r // 16 is row r."""
@@ -199,3 +202,37 @@ def checkpointed_stream(
     for segment_params in zip(*pieces):
         stream.append(checkpoint(run_segment, stream[-1], *segment_params, use_reentrant=False))
     return stream
+
+
+class RecordedMlpStack:
+    """A backend of residual_mlp_stack of eager MLP blocks (``reference.mlp_block``) whose output epilogue is
+    ``epilogue``, the reference's or a kernel's, recorded by autograd: its state is the stream x^0..x^L (x^0,
+    x^k, ..., x^L with checkpoints, the segments under ``torch.utils.checkpoint``), which ``backward``
+    differentiates. With ``kernel_operands`` the blocks run on the kernels' operands (``compute_rows``: rows,
+    half types in float32); otherwise on the tensors as given (the eager reference, in their own dtype)."""
+
+    def __init__(self, epilogue: reference.Epilogue = reference.scaled_residual, kernel_operands: bool = False) -> None:
+        self.epilogue = epilogue
+        self.kernel_operands = kernel_operands
+
+    def forward(
+        self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        def stream(x: Tensor, *weights: Tensor | None) -> list[Tensor]:
+            return reference.residual_mlp_stream(x, *weights, **settings.layer_options, epilogue=self.epilogue)
+
+        first, *operands = compute_rows(x, *weights) if self.kernel_operands else (x, *weights)
+        if save and settings.checkpoint_every:
+            states = checkpointed_stream(lambda *args: stream(*args)[-1], first, operands, settings.checkpoint_every)
+        else:
+            states = stream(first, *operands)
+        return states[-1].to(x.dtype).reshape(x.shape), states
+
+    def backward(
+        self, grad_out: Tensor, state: list[Tensor], weights: MlpWeights, settings: MlpStackSettings
+    ) -> MlpStackGrads:
+        grad_x, *grads = graph_backward(grad_out.reshape(state[-1].shape).to(state[-1].dtype), state, *weights)
+        return None if grad_x is None else grad_x.reshape(grad_out.shape), *grads
+
+    def states(self, state: list[Tensor], x: Tensor, out: Tensor) -> Tensor:
+        return stacked_states(state, x)

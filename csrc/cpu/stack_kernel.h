@@ -739,15 +739,14 @@ template <class T, class Problem, class Backward>
 void checkpointed_backward(const Kernels<T, Problem, Backward>& kernels, const Problem& p, const T* checkpoints,
                            int64_t every, const Backward& whole, const SegmentScratch<T>& scratch, int threads) {
   const int64_t segments = checkpoint_count(p.depth, every);
-  for (int64_t segment = segments - 1; segment >= 0; --segment) {
-    const int64_t first = segment * every;
-    const Problem part = p.layers(first, std::min(every, p.depth - first));
+  for_each_segment_from_last(p.depth, every, [&](int64_t segment, int64_t first, int64_t count) {
     const StackForwardBuffers<T> recompute{
         nullptr, checkpoints + state_offset(segment, 0, p.width, p.batch), nullptr, scratch.states, 1, scratch.mask};
     const Backward backward = whole.segment(p, first, scratch, segment == segments - 1, segment == 0);
+    const Problem part = p.layers(first, count);
     kernels.recompute_backward_rows(part, recompute, backward, threads);
     kernels.backward_weights(part, backward, threads);
-  }
+  });
 }
 
 }  // namespace dmup

@@ -17,6 +17,7 @@
 #include "../op_args.h"
 #include "check_launch.h"
 #include "launchers.h"
+#include "layer_views.h"
 
 namespace dmup {
 namespace {
@@ -38,17 +39,6 @@ struct StackForm {
     recompute_h = branch != Activation::Identity && planes == 0;
   }
 };
-
-template <class T>
-const T* layer_bias(const at::Tensor& bias, int64_t layer) {
-  return bias.defined() ? bias.const_data_ptr<T>() + layer * bias.stride(0) : nullptr;
-}
-
-// The sign-bit planes of one layer, or nullptr when the form saves none (or nothing is saved).
-uint16_t* layer_mask(const at::Tensor& mask, int64_t layer) {
-  if (mask.size(0) == 0 || mask.size(1) == 0) return nullptr;
-  return reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()) + layer * mask.stride(0);
-}
 
 // The settings every layer of one stack shares.
 struct StackRun {
@@ -192,12 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
     const at::Tensor states = at::empty({span, width, batch}, options), grad_h = at::empty_like(states);
     const at::Tensor signs = at::empty({span, run.form.planes, width, mask_words(batch)}, options.dtype(at::kShort));
     const at::Tensor last = at::empty({width, batch}, options);
-    for (int64_t segment = checkpoint_count(depth, checkpoint_every) - 1; segment >= 0; --segment) {
-      const int64_t first = segment * checkpoint_every, count = std::min(checkpoint_every, depth - first);
+    for_each_segment_from_last(depth, checkpoint_every, [&](int64_t segment, int64_t first, int64_t count) {
       signs.zero_();  // the layer kernel only sets bits
       forward_layers<scalar_t>(run, first, count, saved.select(0, segment), states, at::Tensor(), 1, signs, last);
       backward_layers<scalar_t>(run, first, count, states, signs, grad, grad_h, grad_weight, grad_bias);
-    }
+    });
   });
   at::Tensor grad_x = at::empty({batch, width}, options);
   grad_x.copy_(grad.t());

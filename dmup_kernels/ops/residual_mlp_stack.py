@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._checks import (
     check_activation,
     check_checkpoint,
@@ -23,15 +22,18 @@ from .._layout import (
     MlpStackGrads,
     MlpStackSettings,
     MlpWeights,
-    checkpointed_stream,
+    RecordedMlpStack,
     compute_rows,
-    graph_backward,
     sign_planes,
     sign_words,
     stacked_states,
 )
 from .._registration import register_autograd
+from ..triton import HAS_TRITON
 from ._backend import resolve_backend
+
+if HAS_TRITON:
+    from ..triton.ops import TRITON_MLP_STACK
 
 
 def check_mlp_stack_args(
@@ -113,35 +115,6 @@ def residual_mlp_stack(
     return (out, stack.states(state, x, out)) if return_states else out
 
 
-class RecordedMlpStack:
-    """An MLP stack of eager blocks whose output epilogue is ``epilogue`` (the reference's, or a kernel's);
-    its state is the recorded stream x^0..x^L (x^0, x^k, ..., x^L with checkpoints, the segments under
-    torch.utils.checkpoint), which autograd differentiates through."""
-
-    def __init__(self, epilogue: reference.Epilogue = reference.scaled_residual) -> None:
-        self.epilogue = epilogue
-
-    def forward(
-        self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool
-    ) -> tuple[Tensor, list[Tensor]]:
-        def stream(x: Tensor, *weights: Tensor | None) -> list[Tensor]:
-            return reference.residual_mlp_stream(x, *weights, **settings.layer_options, epilogue=self.epilogue)
-
-        if save and settings.checkpoint_every:
-            states = checkpointed_stream(lambda *args: stream(*args)[-1], x, weights, settings.checkpoint_every)
-        else:
-            states = stream(x, *weights)
-        return states[-1], states
-
-    def backward(
-        self, grad_out: Tensor, state: list[Tensor], weights: MlpWeights, settings: MlpStackSettings
-    ) -> MlpStackGrads:
-        return graph_backward(grad_out, state, *weights)
-
-    def states(self, state: list[Tensor], x: Tensor, out: Tensor) -> Tensor:
-        return stacked_states(state, x)
-
-
 class CppMlpStack:
     """The C++ op dmup::residual_mlp_stack (CPU and CUDA kernels); its state is (saved, signs): x^0..x^{L-1}
     (or the checkpoints) feature-major (L, n, B) and the sign bits of the hidden pre-activation (docs/design.md
@@ -171,13 +144,13 @@ class CppMlpStack:
 
 REFERENCE_MLP_STACK = RecordedMlpStack()
 CPP_MLP_STACK = CppMlpStack()
-# The Triton backend runs the eager blocks until it has kernels of its own.
 MLP_STACK_BACKENDS: dict[str, MlpStackBackend] = {
     "reference": REFERENCE_MLP_STACK,
     "cpp": CPP_MLP_STACK,
     "cuda": CPP_MLP_STACK,
-    "triton": REFERENCE_MLP_STACK,
 }
+if HAS_TRITON:
+    MLP_STACK_BACKENDS["triton"] = TRITON_MLP_STACK
 
 
 if HAS_CPP:
