@@ -532,10 +532,12 @@ def test_depth_mup_net_with_hidden_width(seed):
     assert isinstance(net.stack, ResidualMLPStack) and net.stack.hidden_width == 40
     out = net(torch.randn(5, 3, dtype=torch.float64))
     assert out.shape == (5, 2)
-    groups = param_groups(net, lr=1.0)
-    (stack_group,) = [g for g in groups if g["name"] == "stack"]
-    assert {id(p) for p in stack_group["params"]} == {id(p) for p in net.stack.parameters()}
-    assert stack_group["lr"] == pytest.approx(net.stack.parametrization.lr_scale(4, "adam"))
+    groups = {g["name"]: g for g in param_groups(net, lr=1.0)}
+    stack = net.stack
+    assert [id(p) for p in groups["stack.weight"]["params"]] == [id(stack.weight1), id(stack.weight2)]
+    assert [id(p) for p in groups["stack.bias"]["params"]] == [id(stack.bias1), id(stack.bias2)]
+    for name in ("stack.weight", "stack.bias"):  # no width scaling (base_width = width): the depth rule
+        assert groups[name]["lr"] == pytest.approx(stack.parametrization.lr_scale(4, "adam"))
     with pytest.raises(TypeError, match="block"):
         DepthMuPNet(3, 16, 4, 2, hidden_width=40, block="pre")
 
