@@ -7,10 +7,11 @@ Sets of cases:
 - depth sweep: ``ResidualStack`` at depths 64..1024 for (n, B) = (32, 64) and (64, 128), training
   step (``fwd+bwd``: forward and backward of ``loss = y.square().mean()``) and inference (``fwd``).
 - target table rows: training step at five (n, B, L), each with speed-up targets for a fused backend
-  (docs/design.md §6.6).
+  (docs/design.md §6.6), and at three (n, m, B, L) of ``ResidualMLPStack`` (hidden width m).
 - checkpoint sweep (``checkpoint_sweep.py``, not part of the runner): training step of ``ResidualStack``
   at (n, B) = (128, 1024) and depths 2^10..2^16.
-All stacks: relu, block "post", mean subtraction, no bias, float32, Depth-muP branch scale 1/sqrt(L).
+All stacks: relu, no bias, float32, Depth-muP branch scale 1/sqrt(L); ``ResidualStack`` block "post" with mean
+subtraction, ``ResidualMLPStack`` without (the op's default).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from torch import Tensor
 
 from dmup_kernels import DEPTH_MUP
 
-OPS: tuple[str, ...] = ("scaled_residual", "residual_stack")
+OPS: tuple[str, ...] = ("scaled_residual", "residual_stack", "residual_mlp_stack")
+STACK_OPS: tuple[str, ...] = ("residual_stack", "residual_mlp_stack")
+"""The ops of many layers: their cases have a depth, weights, a branch scale and GEMM flops."""
 MODES: tuple[str, ...] = ("fwd", "fwd+bwd")
 
 SCALED_RESIDUAL_SCALE = 0.5
@@ -44,6 +47,24 @@ class TableRow:
     depth: int
     target_vs_eager: float
     target_vs_compile: float
+    hidden_width: int = 0
+    """0: a row of ResidualStack; m >= 1: of ResidualMLPStack with hidden width m."""
+
+    def case(self, compile: bool) -> Case:
+        """The training step this row times."""
+        mlp = self.hidden_width > 0
+        return Case(
+            "residual_mlp_stack" if mlp else "residual_stack",
+            self.batch,
+            self.width,
+            self.depth,
+            "fwd+bwd",
+            mean_subtract=not mlp,
+            hidden_width=self.hidden_width,
+            tags=("table",),
+            compile=compile,
+            targets=(self.target_vs_eager, self.target_vs_compile),
+        )
 
 
 TABLE_ROWS: tuple[TableRow, ...] = (
@@ -52,6 +73,9 @@ TABLE_ROWS: tuple[TableRow, ...] = (
     TableRow(128, 256, 256, 2.0, 1.4),
     TableRow(256, 512, 128, 1.2, 1.1),
     TableRow(128, 8, 256, 4.0, 3.0),
+    TableRow(32, 64, 512, 6.0, 3.0, hidden_width=128),
+    TableRow(64, 128, 256, 3.0, 2.0, hidden_width=256),
+    TableRow(128, 256, 128, 1.5, 1.2, hidden_width=512),
 )
 
 CHECKPOINT_COST_TARGET = 1.35
@@ -82,11 +106,12 @@ COMPILE_MAX_DEPTH_QUICK = 64
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmarked configuration. ``depth`` is 1 for ``scaled_residual``.
+    """One benchmarked configuration. ``depth`` is 1 for ``scaled_residual``; ``hidden_width`` is the m of
+    ``residual_mlp_stack`` (0 for the other ops).
 
-    ``tags`` say which sets the case belongs to ("scaled_residual", "sweep", "table"); ``compile`` says
-    whether this run times the torch.compile peer on it; ``targets`` holds the speed-up targets
-    (vs eager, vs compile) of a table row.
+        ``tags`` say which sets the case belongs to ("scaled_residual", "sweep", "table"); ``compile`` says
+        whether this run times the torch.compile peer on it; ``targets`` holds the speed-up targets
+        (vs eager, vs compile) of a table row.
     """
 
     op: str
@@ -99,6 +124,7 @@ class Case:
     mean_subtract: bool = True
     bias: bool = False
     dtype: torch.dtype = torch.float32
+    hidden_width: int = 0
     tags: tuple[str, ...] = field(default=(), compare=False)
     compile: bool = field(default=True, compare=False)
     targets: tuple[float, float] | None = field(default=None, compare=False)
@@ -110,12 +136,16 @@ class Case:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
         if self.op == "scaled_residual" and (self.depth != 1 or self.bias or self.block != "post"):
             raise ValueError("scaled_residual cases have depth 1, no bias and block 'post'")
+        if (self.op == "residual_mlp_stack") != (self.hidden_width > 0):
+            raise ValueError("residual_mlp_stack cases, and only they, have a hidden_width >= 1")
 
     @property
     def name(self) -> str:
-        """Short unique name, e.g. ``residual_stack/n64/B128/L512/fwd+bwd`` (``--only`` matches it)."""
-        parts = [self.op, f"n{self.width}", f"B{self.batch}"]
-        if self.op == "residual_stack":
+        """Short unique name, e.g. ``residual_stack/n64/B128/L512/fwd+bwd`` or
+        ``residual_mlp_stack/n32/m128/B64/L512/noMS/fwd+bwd`` (``--only`` matches it)."""
+        parts = [self.op, f"n{self.width}"] + ([f"m{self.hidden_width}"] if self.hidden_width else [])
+        parts.append(f"B{self.batch}")
+        if self.op in STACK_OPS:
             parts.append(f"L{self.depth}")
         flavour = []
         if self.activation != "relu":
@@ -137,21 +167,22 @@ class Case:
     @property
     def scale(self) -> float:
         """The branch scale s: Depth-muP 1/sqrt(L) for stacks."""
-        if self.op == "residual_stack":
+        if self.op in STACK_OPS:
             return DEPTH_MUP.branch_scale(self.depth)
         return SCALED_RESIDUAL_SCALE
 
     @property
     def gemms_per_layer(self) -> int:
-        """GEMMs of one layer (docs/design.md §6.5): 1 forward, 3 for a training step (h, dx, dW)."""
-        return 3 if self.mode == "fwd+bwd" else 1
+        """GEMMs of one layer (docs/design.md §6.5): 1 forward, 3 for a training step (h, dx, dW); twice as
+        many for an MLP block, which has two weights."""
+        return (3 if self.mode == "fwd+bwd" else 1) * (2 if self.hidden_width else 1)
 
     @property
     def flops(self) -> int | None:
-        """GEMM flops of one call (2*B*n*n per GEMM); None for ops without a GEMM."""
-        if self.op != "residual_stack":
+        """GEMM flops of one call (2*B*n*n per GEMM, 2*B*n*m for an MLP block's); None for ops without a GEMM."""
+        if self.op not in STACK_OPS:
             return None
-        return 2 * self.batch * self.width * self.width * self.depth * self.gemms_per_layer
+        return 2 * self.batch * self.width * (self.hidden_width or self.width) * self.depth * self.gemms_per_layer
 
     @property
     def seed(self) -> int:
@@ -194,18 +225,7 @@ def runner_cases(quick: bool = False, compile_all: bool = False) -> list[Case]:
                     Case("residual_stack", batch, width, depth, mode, tags=("sweep",), compile=compiles(depth, False))
                 )
     for row in TABLE_ROWS:
-        cases.append(
-            Case(
-                "residual_stack",
-                row.batch,
-                row.width,
-                row.depth,
-                "fwd+bwd",
-                tags=("table",),
-                compile=compiles(row.depth, True),
-                targets=(row.target_vs_eager, row.target_vs_compile),
-            )
-        )
+        cases.append(row.case(compiles(row.depth, True)))
     return _merge(cases)
 
 
@@ -229,6 +249,7 @@ def pytest_cases() -> list[Case]:
         Case("scaled_residual", 1024, 256, tags=("pytest",)),
         Case("residual_stack", 64, 32, 16, tags=("pytest",)),
         Case("residual_stack", 128, 64, 16, tags=("pytest",)),
+        Case("residual_mlp_stack", 64, 32, 16, mean_subtract=False, hidden_width=128, tags=("pytest",)),
     ]
 
 
@@ -237,8 +258,9 @@ class Problem:
     """The random tensors of one case, in the case's dtype on the CPU.
 
     ``inputs`` are the forward arguments, in order (``x`` and, for scaled_residual, ``branch_out``);
-    ``params`` are the op's parameters (``weight`` and ``bias`` of a stack), copied into every variant's
-    module so that all variants (and the float64 reference) see the same values.
+    ``params`` are the op's parameters by their module names (``weight`` and ``bias`` of a stack; ``weight1``,
+    ``weight2``, ``bias1``, ``bias2`` of an MLP stack), copied into every variant's module so that all variants
+    (and the float64 reference) see the same values.
     """
 
     case: Case
@@ -264,7 +286,7 @@ so pieces of such sizes give the same values as one draw of the whole tensor."""
 def make_problem(case: Case) -> Problem:
     """Random inputs for ``case`` (fresh seed per case, never zeros, docs/design.md §5.2).
 
-    x and branch_out ~ N(0, 1); stack weights ~ N(0, 1/n) (the muP init); biases ~ N(0, BIAS_STD^2).
+    x and branch_out ~ N(0, 1); stack weights ~ N(0, 1/fan_in) (the muP init); biases ~ N(0, BIAS_STD^2).
     Drawn in float64 (NORMAL_DRAW_ELEMENTS at a time) and rounded to the case's dtype.
     """
     gen = torch.Generator().manual_seed(case.seed)
@@ -277,10 +299,17 @@ def make_problem(case: Case) -> Problem:
 
     inputs = {"x": randn(case.batch, case.width)}
     params: dict[str, Tensor] = {}
+    n, m, depth = case.width, case.hidden_width, case.depth
     if case.op == "scaled_residual":
-        inputs["branch_out"] = randn(case.batch, case.width)
-    else:
-        params["weight"] = randn(case.depth, case.width, case.width, std=1.0 / math.sqrt(case.width))
+        inputs["branch_out"] = randn(case.batch, n)
+    elif case.op == "residual_stack":
+        params["weight"] = randn(depth, n, n, std=1.0 / math.sqrt(n))
         if case.bias:
-            params["bias"] = randn(case.depth, case.width, std=BIAS_STD)
+            params["bias"] = randn(depth, n, std=BIAS_STD)
+    else:
+        params["weight1"] = randn(depth, m, n, std=1.0 / math.sqrt(n))
+        params["weight2"] = randn(depth, n, m, std=1.0 / math.sqrt(m))
+        if case.bias:
+            params["bias1"] = randn(depth, m, std=BIAS_STD)
+            params["bias2"] = randn(depth, n, std=BIAS_STD)
     return Problem(case, inputs, params)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 import dmup_kernels
 from dmup_kernels._extension import runnable_cpu_isas
 
-from .cases import Case, Problem
+from .cases import STACK_OPS, Case, Problem
 from .variants import eager_module
 
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -119,10 +119,10 @@ and float64 can take different sides, and the gradients of that one element diff
 
 def one_flip_error(case: Case) -> float | None:
     """Order of magnitude of the relative gradient error that one such activation-mask flip causes in a
-    training step of a stack: s / sqrt(B * n) (the flipped element's du ~ s * g, against ||g|| over B*n
-    elements). At (n, B, L) = (64, 128, 256) about 7e-4, above the float32 tolerance; eager float32
-    itself flips 0-2 of the B*n*L elements there. None where it does not apply."""
-    if case.op != "residual_stack" or case.mode != "fwd+bwd" or case.activation not in KINKED_ACTIVATIONS:
+    training step of a stack (in the hidden layer of an MLP stack): s / sqrt(B * n) (the flipped element's du ~
+    s * g, against ||g|| over B*n elements). At (n, B, L) = (64, 128, 256) about 7e-4, above the float32
+    tolerance; eager float32 itself flips 0-2 of the B*n*L elements there. None where it does not apply."""
+    if case.op not in STACK_OPS or case.mode != "fwd+bwd" or case.activation not in KINKED_ACTIVATIONS:
         return None
     return case.scale / math.sqrt(case.batch * case.width)
 

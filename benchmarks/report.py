@@ -151,9 +151,10 @@ def target_summary(records: list[dict[str, Any]]) -> str:
     ]
     if not rows:
         return ""
-    lines = ["== target table (training step): speed-up of each backend vs its targets"]
-    lines.append(f"{'variant':<9}  {'n':>4}  {'B':>4}  {'L':>5}  {'median ms':>10}  {'x eager (target)':>18}  "
-                 f"{'x compile (target)':>19}  verdict")  # fmt: skip
+    lines = ["== target table (training step; m: the hidden width of an MLP stack): speed-up of each backend vs its "
+             "targets"]  # fmt: skip
+    lines.append(f"{'variant':<9}  {'n':>4}  {'m':>4}  {'B':>4}  {'L':>5}  {'median ms':>10}  "
+                 f"{'x eager (target)':>18}  {'x compile (target)':>19}  verdict")  # fmt: skip
     for r in rows:
         verdicts = []
         for peer, key in (("eager", "vs_eager"), ("compile", "vs_compile")):
@@ -166,7 +167,8 @@ def target_summary(records: list[dict[str, Any]]) -> str:
         if not r["parity_ok"]:
             verdict = "PARITY FAIL; " + verdict
         lines.append(
-            f"{r['variant']:<9}  {r['width']:>4}  {r['batch']:>4}  {r['depth']:>5}  {fmt(r['median_ms'], '10.3f')}  "
+            f"{r['variant']:<9}  {r['width']:>4}  {r['hidden_width'] or '-':>4}  {r['batch']:>4}  {r['depth']:>5}  "
+            f"{fmt(r['median_ms'], '10.3f')}  "
             f"{fmt(r['ratio_vs_eager'], '.2f', 'x'):>9} ({r['targets']['vs_eager']:>4g}x)  "
             f"{fmt(r['ratio_vs_compile'], '.2f', 'x'):>10} ({r['targets']['vs_compile']:>4g}x)  {verdict}"
         )
@@ -187,7 +189,8 @@ def checkpoint_summary(records: list[dict[str, Any]]) -> str:
         cost = r["median_ms"] / save_all
         verdict = "met" if cost <= CHECKPOINT_COST_TARGET else "MISSED"
         lines.append(
-            f"{r['width']:>4}  {r['batch']:>4}  {r['depth']:>5}  {save_all:>10.3f}  {r['median_ms']:>10.3f}  "
+            f"{r['width']:>4}  {r['hidden_width'] or '-':>4}  {r['batch']:>4}  {r['depth']:>5}  {save_all:>10.3f}  "
+            f"{r['median_ms']:>10.3f}  "
             f"{cost:>6.2f}x  {verdict}"
         )
     if not lines:
@@ -196,23 +199,23 @@ def checkpoint_summary(records: list[dict[str, Any]]) -> str:
         f"== depth checkpoints: {CHECKPOINT_VARIANT.name} ({CHECKPOINT_VARIANT.backend}, checkpoint="
         f"{CHECKPOINT_VARIANT.checkpoint!r}) vs {CHECKPOINT_VARIANT.backend}, target <= {CHECKPOINT_COST_TARGET:g}x"
     )
-    header_line = f"{'n':>4}  {'B':>4}  {'L':>5}  {'save-all ms':>10}  {'ckpt ms':>10}  {'cost':>7}  verdict"
+    header_line = f"{'n':>4}  {'m':>4}  {'B':>4}  {'L':>5}  {'save-all ms':>10}  {'ckpt ms':>10}  {'cost':>7}  verdict"
     return "\n".join([title, header_line, *lines])
 
 
 def plot(records: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> bool:
-    """GFLOP/s vs depth (log2 x axis), one panel per (width, batch, mode), one line per variant, with the
-    matmul ceiling dashed. Panels with a single depth are left out unless no panel has more.
+    """GFLOP/s vs depth (log2 x axis), one panel per (op, width, hidden width, batch, mode), one line per variant,
+    with the matmul ceiling dashed. Panels with a single depth are left out unless no panel has more.
     Returns False when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[tuple[int, int, str], dict[str, list[tuple[int, float]]]] = {}
+    groups: dict[tuple[str, int, int, int, str], dict[str, list[tuple[int, float]]]] = {}
     for r in records:
         if r["gflops"] is not None:
-            key = (r["width"], r["batch"], r["mode"])
+            key = (r["op"], r["width"], r["hidden_width"], r["batch"], r["mode"])
             groups.setdefault(key, {}).setdefault(r["variant"], []).append((r["depth"], r["gflops"]))
     swept = {k: v for k, v in groups.items() if len({d for pts in v.values() for d, _ in pts}) > 1}
     groups = dict(sorted((swept or groups).items()))
@@ -222,7 +225,7 @@ def plot(records: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> 
     rows = math.ceil(len(groups) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
     ceiling = machine["sgemm"]["median_gflops"]
-    for ax, ((width, batch, mode), lines) in zip(axes.flat, groups.items()):
+    for ax, ((op, width, hidden_width, batch, mode), lines) in zip(axes.flat, groups.items()):
         for variant, points in lines.items():
             points.sort()
             ax.plot([d for d, _ in points], [g for _, g in points], marker="o", label=variant)
@@ -230,14 +233,14 @@ def plot(records: list[dict[str, Any]], machine: dict[str, Any], path: Path) -> 
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("depth L")
-        ax.set_ylabel("GFLOP/s (2·B·n² per GEMM)")
-        ax.set_title(f"n={width}, B={batch}, {mode}")
+        ax.set_ylabel("GFLOP/s (2·B·n² per GEMM, 2·B·n·m for an MLP block's)")
+        ax.set_title(f"{op}, n={width}" + (f", m={hidden_width}" if hidden_width else "") + f", B={batch}, {mode}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(groups) :]:
         ax.set_visible(False)
     fig.suptitle(
-        f"dmup_kernels ResidualStack throughput: {machine['cpu_model']}, {machine['threads']} threads, "
+        f"dmup_kernels stack throughput: {machine['cpu_model']}, {machine['threads']} threads, "
         f"torch {machine['torch']}",
         fontsize=9,
     )

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .cases import Case, make_problem, runner_cases
+from .cases import STACK_OPS, Case, make_problem, runner_cases
 from .measure import (
     TOLERANCE,
     copy_gbps,
@@ -58,13 +58,13 @@ dmup_kernels.reference), "compile" (torch.compile of that same module) and each 
 in fwd+bwd mode, input and weight gradients are compared with the float64 eager reference
 (rel_err = max ||out - ref|| / ||ref||). Then warm-up, then repeats interleaved round-robin across
 variants; median/min/max in ms. "x eager"/"x compile" = that peer's median / this median (speed-up,
-from the same run). GFLOP/s counts 2*B*n*n per GEMM, 1 GEMM per layer in fwd, 3 in fwd+bwd; the
-ceiling is a 2048x2048 float32 matmul measured at start-up. "saved" = bytes saved for backward by one
-forward (saved_tensors_hooks, storages counted once, parameters left out). Below each stack case: the
-DRAM bytes per layer that eager and each GPU kernel must move (benchmarks/traffic.py, a model from the
-shapes); on a GPU also the bandwidth that model implies at the measured time, against the measured copy
-bandwidth. On a GPU, times come from CUDA events, and inference cases with B*n <= %(graph_max)d replay
-a CUDA graph of the call.
+from the same run). GFLOP/s counts 2*B*n*n per GEMM, 1 GEMM per layer in fwd, 3 in fwd+bwd (an MLP layer:
+2*B*n*m per GEMM, 2 in fwd, 6 in fwd+bwd); the ceiling is a 2048x2048 float32 matmul measured at start-up.
+"saved" = bytes saved for backward by one forward (saved_tensors_hooks, storages counted once, parameters
+left out). Below each stack case: the DRAM bytes per layer that eager and each GPU kernel must move
+(benchmarks/traffic.py, a model from the shapes); on a GPU also the bandwidth that model implies at the
+measured time, against the measured copy bandwidth. On a GPU, times come from CUDA events, and inference
+cases with B*n <= %(graph_max)d replay a CUDA graph of the call.
 """
 
 EPILOG = """\
@@ -74,7 +74,8 @@ cases (see benchmarks/cases.py; list them with --list):
   full run: scaled_residual at (B,n) = (64,64) (256,128) (1024,256) (4096,512), fwd and fwd+bwd;
             ResidualStack depth sweep L = 64 128 256 512 1024 at (n,B) = (32,64) and (64,128), fwd and
             fwd+bwd; the target rows (n,B,L) = (32,64,1024) (64,128,512) (128,256,256) (256,512,128)
-            (128,8,256), fwd+bwd. torch.compile is timed on cases with L <= 256 and on the target rows
+            (128,8,256), fwd+bwd, and of ResidualMLPStack (n,m,B,L) = (32,128,64,512) (64,256,128,256)
+            (128,512,256,128), fwd+bwd. torch.compile is timed on cases with L <= 256 and on the target rows
             (compiling a training step took 70-90 s at L=256 and 330 s at L=1024 on 2 cores); about
             25 minutes on 2 cores.
   --quick:  scaled_residual at (64,64) and (1024,256); sweep L = 64 and 256; the target rows;
@@ -156,6 +157,7 @@ def base_record(case: Case, variant: Variant, threads: int) -> dict[str, Any]:
         "dtype": case.dtype_name,
         "batch": case.batch,
         "width": case.width,
+        "hidden_width": case.hidden_width,
         "depth": case.depth,
         "mode": case.mode,
         "activation": case.activation,
@@ -248,7 +250,7 @@ def run_case(
         seconds = records[name]["median_ms"] / 1e3
         if case.flops is not None:
             records[name]["gflops"] = case.flops / seconds / 1e9
-        if case.op == "residual_stack":
+        if case.op in STACK_OPS:
             records[name]["rows_layers_per_s"] = case.batch * case.depth / seconds
         if records[name]["model_bytes_per_layer"] is not None:
             records[name]["model_gbps"] = records[name]["model_bytes_per_layer"] * case.depth / seconds / 1e9

@@ -1,9 +1,9 @@
 """The peers timed side by side (docs/design.md §6.2): eager PyTorch, torch.compile of the same module, and each
 dmup_kernels backend.
 
-Every variant builds an ``nn.Module`` for a case whose forward takes the case's inputs
-(``x`` for a stack; ``x, branch_out`` for scaled_residual) and whose parameters hold copies of the
-case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANTS``; it is skipped
+Every variant builds an ``nn.Module`` for a case whose forward takes the case's inputs (``x`` for a stack,
+``ResidualStack`` or ``ResidualMLPStack``; ``x, branch_out`` for scaled_residual) and whose parameters hold
+copies of the case's parameters. Each backend is one ``Variant(name, "backend")`` in ``VARIANTS``; it is skipped
 wherever ``dmup_kernels`` says it cannot run (missing extension or triton, wrong device). "cpp-avx2"
 is the cpp backend pinned to AVX2: listed only on machines that run AVX2 but default to another
 instruction set (AVX-512), so that one run shows both. "cpp-sqrt" is the cpp backend with
@@ -64,26 +64,25 @@ def backend_module(
     copied in."""
     if case.op == "scaled_residual":
         return ScaledResidualModule(case, backend)
-    weight = params["weight"]
-    module = dmup_kernels.ResidualStack(
-        case.width,
-        case.depth,
+    settings = dict(
         activation=case.activation,
-        block=case.block,
         mean_subtract=case.mean_subtract,
         bias=case.bias,
         parametrization=DEPTH_MUP,
         backend=backend,
         checkpoint=checkpoint,
         device=device,
-        dtype=weight.dtype,
+        dtype=next(iter(params.values())).dtype,
     )
+    if case.op == "residual_stack":
+        module = dmup_kernels.ResidualStack(case.width, case.depth, block=case.block, **settings)
+    else:
+        module = dmup_kernels.ResidualMLPStack(case.width, case.hidden_width, case.depth, **settings)
     if module.scale != case.scale:
-        raise AssertionError(f"ResidualStack scale {module.scale} != case scale {case.scale}")
+        raise AssertionError(f"{type(module).__name__} scale {module.scale} != case scale {case.scale}")
     with torch.no_grad():
-        module.weight.copy_(weight)
-        if case.bias:
-            module.bias.copy_(params["bias"])
+        for name, value in params.items():
+            getattr(module, name).copy_(value)
     return module
 
 

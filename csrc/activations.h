@@ -44,6 +44,14 @@ DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + k
 DMUP_HOST_DEVICE constexpr int64_t checkpoint_count(int64_t depth, int64_t every) {
   return (depth + every - 1) / every;
 }
+// The segments of a checkpointed backward, from the last: f(segment, first layer, layer count).
+template <class F>
+void for_each_segment_from_last(int64_t depth, int64_t every, F&& f) {
+  for (int64_t segment = checkpoint_count(depth, every) - 1; segment >= 0; --segment) {
+    const int64_t first = segment * every;
+    f(segment, first, depth - first < every ? depth - first : every);
+  }
+}
 
 template <class T>
 DMUP_HOST_DEVICE T select(bool cond, T a, T b) {

@@ -39,49 +39,73 @@ inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor
   TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
 }
 
-// The inputs of residual_stack (x, or grad_out in the backward): x (B, n) and weight (L, n, n) of
+// x (B, n) of a stack: float32 or float64 on a device of type `device`.
+inline void check_stack_rows(const at::Tensor& x, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x must be float32 or float64 for the ", device, " stack kernel; got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().type() == device, "x must be a ", device, " tensor; got one on ", x.device());
+}
+
+// A parameter of a stack (weight or bias): of `shape`, with the dtype and device of x.
+inline void check_stack_param(const at::Tensor& param, const char* name, at::IntArrayRef shape, const char* shape_names,
+                              const at::Tensor& x) {
+  TORCH_CHECK_VALUE(param.sizes() == shape, name, " must have shape ", shape_names, " = ", shape, "; got ",
+                    param.sizes());
+  TORCH_CHECK_TYPE(param.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(),
+                   "); got ", param.scalar_type());
+  TORCH_CHECK_VALUE(param.device() == x.device(), name, " must be on the device of x (", x.device(), "); got ",
+                    param.device());
+}
+
+// The inputs of residual_stack (x, or grad_out in the backward): x (B, n) and weight (L, n, n) with L >= 1 of
 // one float dtype on one device of type `device`, bias (L, n) or none.
 inline void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::DeviceType device) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
-  TORCH_CHECK_VALUE(
-      weight.dim() == 3 && weight.size(0) >= 1 && weight.size(1) == x.size(1) && weight.size(2) == x.size(1),
-      "weight must have shape (depth, width, width) with width = x.size(1) = ", x.size(1), "; got ", weight.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "x must be float32 or float64 for the ", device, " stack kernel; got ", x.scalar_type());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have the dtype of x (", x.scalar_type(),
-                   "); got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(x.device().type() == device && weight.device() == x.device(), "x and weight must be ", device,
-                    " tensors on one device; got ", x.device(), " and ", weight.device());
-  if (bias) {
-    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == weight.size(0) && bias->size(1) == x.size(1),
-                      "bias must have shape (depth, width) = (", weight.size(0), ", ", x.size(1), "); got ",
-                      bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have the dtype of x (", x.scalar_type(),
-                     "); got ", bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), "bias must be on the device of x (", x.device(), "); got ",
-                      bias->device());
-  }
+  check_stack_rows(x, device);
+  const int64_t width = x.size(1), depth = weight.dim() == 3 ? weight.size(0) : 0;
+  TORCH_CHECK_VALUE(depth >= 1, "weight must have shape (depth, width, width) with depth >= 1; got ", weight.sizes());
+  check_stack_param(weight, "weight", {depth, width, width}, "(depth, width, width)", x);
+  if (bias) check_stack_param(*bias, "bias", {depth, width}, "(depth, width)", x);
 }
 
-// The checkpoint spacing of residual_stack: 0 saves every layer's input and sign bits; k >= 1 saves
-// only x_0, x_k, x_2k, ... (docs/design.md §4.4).
+// The inputs of residual_mlp_stack (x, or grad_out in the backward): x (B, n), weight1 (L, m, n) and weight2
+// (L, n, m) with L, m >= 1, bias1 (L, m) and bias2 (L, n) or none, all of one float dtype on one device of
+// type `device`.
+inline void check_mlp_stack_inputs(const at::Tensor& x, const at::Tensor& weight1, const at::Tensor& weight2,
+                                   const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
+                                   c10::DeviceType device) {
+  check_stack_rows(x, device);
+  TORCH_CHECK_VALUE(weight1.dim() == 3 && weight1.size(0) >= 1 && weight1.size(1) >= 1,
+                    "weight1 must have shape (depth, hidden_width, width) with depth, hidden_width >= 1; got ",
+                    weight1.sizes());
+  const int64_t depth = weight1.size(0), hidden_width = weight1.size(1), width = x.size(1);
+  check_stack_param(weight1, "weight1", {depth, hidden_width, width}, "(depth, hidden_width, width)", x);
+  check_stack_param(weight2, "weight2", {depth, width, hidden_width}, "(depth, width, hidden_width)", x);
+  if (bias1) check_stack_param(*bias1, "bias1", {depth, hidden_width}, "(depth, hidden_width)", x);
+  if (bias2) check_stack_param(*bias2, "bias2", {depth, width}, "(depth, width)", x);
+}
+
+// The checkpoint spacing of the stacks: 0 saves every layer's input and sign bits; k >= 1 saves only x_0, x_k,
+// x_2k, ... (docs/design.md §4.4).
 inline void check_checkpoint_every(int64_t checkpoint_every) {
   TORCH_CHECK_VALUE(checkpoint_every >= 0, "checkpoint_every must be 0 (save every layer) or a layer count >= 1; got ",
                     checkpoint_every);
 }
 
-// The layers of residual_stack's saved state: every layer's input, or the checkpoints.
+// The layers of a stack's saved state: every layer's input, or the checkpoints.
 inline int64_t saved_layers(int64_t depth, int64_t checkpoint_every) {
   return checkpoint_every == 0 ? depth : checkpoint_count(depth, checkpoint_every);
 }
 
-// residual_stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved
-// (saved_layers, n, B) allocated by `empty` (a device may have a better allocation for large state),
-// and mask (L, planes, n, ceil(B/16)) int16, zeroed (the CUDA kernels only set bits). Without
-// save_for_backward (inference) saved and mask have 0 layers; with checkpoints mask has 0 layers.
+// A stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved (saved_layers, n, B)
+// allocated by `empty` (a device may have a better allocation for large state), and mask (L, planes,
+// signed_features, ceil(B/16)) int16, zeroed (the CUDA kernels only set bits); signed_features is n for
+// residual_stack, m (the hidden width) for residual_mlp_stack. Without save_for_backward (inference) saved
+// and mask have 0 layers; with checkpoints mask has 0 layers.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(
-    const at::Tensor& x, int64_t depth, int planes, bool save_for_backward, int64_t checkpoint_every,
+    const at::Tensor& x, int64_t depth, int planes, int64_t signed_features, bool save_for_backward,
+    int64_t checkpoint_every,
     at::Tensor (*empty)(at::IntArrayRef, at::TensorOptions) = [](at::IntArrayRef sizes, at::TensorOptions options) {
       return at::empty(sizes, options);
     }) {
@@ -90,24 +114,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(
   const int64_t kept = save_for_backward ? saved_layers(depth, checkpoint_every) : 0;
   const int64_t masked = save_for_backward && checkpoint_every == 0 ? depth : 0;
   return {at::empty({batch, width}, x.options()), empty({kept, width, batch}, x.options()),
-          at::zeros({masked, planes, width, mask_words(batch)}, x.options().dtype(at::kShort))};
+          at::zeros({masked, planes, signed_features, mask_words(batch)}, x.options().dtype(at::kShort))};
 }
 
-// The state residual_stack returned for residual_stack_backward: saved (saved_layers, n, B) of
-// grad_out's dtype and mask (L or 0 layers, planes, n, ceil(B/16)) int16, both contiguous and on
-// grad_out's device.
+// The state the forward op `op` (residual_stack, residual_mlp_stack) returned for its backward: saved
+// (saved_layers, n, B) of grad_out's dtype and mask (L or 0 layers, planes, signed_features, ceil(B/16))
+// int16, both contiguous and on grad_out's device.
 inline void check_stack_state(const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& grad_out,
-                              int64_t depth, int planes, int64_t checkpoint_every) {
+                              int64_t depth, int planes, int64_t signed_features, int64_t checkpoint_every,
+                              const char* op) {
   check_checkpoint_every(checkpoint_every);
   const int64_t batch = grad_out.size(0), width = grad_out.size(1);
   const int64_t kept = saved_layers(depth, checkpoint_every), masked = checkpoint_every == 0 ? depth : 0;
   TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({kept, width, batch}) && saved.is_contiguous() &&
                         saved.scalar_type() == grad_out.scalar_type() && saved.device() == grad_out.device(),
-                    "saved must be the contiguous (", kept, ", width, batch) state returned by residual_stack; got ",
+                    "saved must be the contiguous (", kept, ", width, batch) state returned by ", op, "; got ",
                     saved.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({masked, planes, width, mask_words(batch)}) &&
+  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({masked, planes, signed_features, mask_words(batch)}) &&
                         mask.is_contiguous() && mask.scalar_type() == at::kShort && mask.device() == grad_out.device(),
-                    "mask must be the state returned by residual_stack; got ", mask.sizes());
+                    "mask must be the state returned by ", op, "; got ", mask.sizes());
 }
 
 }  // namespace dmup

@@ -70,4 +70,16 @@ TORCH_LIBRARY(dmup, m) {
       "residual_stack_backward(Tensor grad_out, Tensor saved, Tensor mask, Tensor weight, Tensor? bias, "
       "float scale, str activation, str block, bool mean_subtract, int checkpoint_every=0) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // L MLP blocks in one call, x <- x + s * MS(phi(x W1_l^T + b1_l) W2_l^T + b2_l) (docs/design.md §2.5, §3.8); x is
+  // (B, n), weight1 (L, m, n), weight2 (L, n, m). The state is residual_stack's, with the sign bits of the hidden
+  // pre-activation x W1_l^T + b1_l: mask (L, planes, m, ceil(B/16)) for relu/abs.
+  m.def(
+      "residual_mlp_stack(Tensor x, Tensor weight1, Tensor weight2, Tensor? bias1, Tensor? bias2, float scale, "
+      "str activation, bool mean_subtract, bool save_for_backward, int checkpoint_every=0) -> (Tensor out, "
+      "Tensor saved, Tensor mask)");
+  // Gradients of residual_mlp_stack wrt x, weight1, weight2, bias1 and bias2 (a bias's has 0 rows when it is None).
+  m.def(
+      "residual_mlp_stack_backward(Tensor grad_out, Tensor saved, Tensor mask, Tensor weight1, Tensor weight2, "
+      "Tensor? bias1, Tensor? bias2, float scale, str activation, bool mean_subtract, int checkpoint_every=0) -> "
+      "(Tensor grad_x, Tensor grad_weight1, Tensor grad_weight2, Tensor grad_bias1, Tensor grad_bias2)");
 }

@@ -1,6 +1,7 @@
-"""The contract between residual_stack and its backends, and what the fused stacks save for the
-derivative of phi (docs/design.md §3.7, §4). It sits below dmup_kernels.ops and dmup_kernels.triton,
-which both import it.
+"""The contract between the stack ops (residual_stack, residual_mlp_stack) and their backends, and what the
+fused stacks save for the derivative of phi (docs/design.md §3.7, §4); also RecordedMlpStack, the eager MLP
+stack that the reference and the Triton backend both run. It sits below dmup_kernels.ops and
+dmup_kernels.triton, which both import it.
 
 One vocabulary for every backend: ``states`` are the residual-stream states x^0..x^L (or the part of
 them a kernel keeps), ``signs`` the saved sign bits of h, ``sign_planes`` their planes per element.
@@ -15,6 +16,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from . import reference
 
 SIGN_WORD_BITS = 16
 """Rows per word of the C++ ops' sign bits: they are int16, bit r % 16 of word r // 16 is row r."""
@@ -105,11 +108,64 @@ class StackBackend(Protocol):
         ...
 
 
-def compute_rows(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The kernels' operands: x as rows (B, n), all in float32 or float64 (half types run with a float32
-    residual stream)."""
+class MlpStackSettings(NamedTuple):
+    """The non-tensor arguments of the residual_mlp_stack ops, in their schemas' order."""
+
+    scale: float
+    activation: str
+    mean_subtract: bool
+    checkpoint_every: int = 0
+    """As in StackSettings: 0 saves every layer's input, k >= 1 only x_0, x_k, x_2k, ..."""
+
+    @property
+    def layer(self) -> tuple[float, str, bool]:
+        """What every layer shares: (scale, activation, mean_subtract)."""
+        return self.scale, self.activation, self.mean_subtract
+
+    @property
+    def layer_options(self) -> dict[str, Any]:
+        """``layer`` by name, as dmup_kernels.reference.residual_mlp_stream takes it."""
+        return dict(zip(("scale", "activation", "mean_subtract"), self.layer))
+
+
+class MlpWeights(NamedTuple):
+    """The parameters of a stack of MLP blocks (docs/design.md §2.5): weight1 (L, m, n), weight2 (L, n, m),
+    bias1 (L, m) or None, bias2 (L, n) or None."""
+
+    weight1: Tensor
+    weight2: Tensor
+    bias1: Tensor | None
+    bias2: Tensor | None
+
+
+MlpStackGrads = tuple[Tensor, Tensor, Tensor, "Tensor | None", "Tensor | None"]
+"""(grad_x, grad_weight1, grad_weight2, grad_bias1, grad_bias2) of an MLP stack; a bias's is None without it."""
+
+
+class MlpStackBackend(Protocol):
+    """One backend of residual_mlp_stack, with the contract of StackBackend: its forward, its backward, and
+    the states for ``return_states``."""
+
+    def forward(self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool) -> tuple[Tensor, Any]:
+        """The output for ``x`` of shape (..., n) in x's dtype, and the backend's state. ``save``: keep
+        what ``backward`` and ``states`` need (otherwise neither may be used)."""
+        ...
+
+    def backward(self, grad_out: Tensor, state: Any, weights: MlpWeights, settings: MlpStackSettings) -> MlpStackGrads:
+        """The gradients of the forward that returned ``state``, given ``grad_out`` = dLoss/d(output)."""
+        ...
+
+    def states(self, state: Any, x: Tensor, out: Tensor) -> Tensor:
+        """The states x^0..x^L of a forward with ``checkpoint_every`` 0 that returned ``state`` and
+        ``out``, shape (L + 1, ..., n), x's dtype, detached."""
+        ...
+
+
+def compute_rows(x: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The kernels' operands: x as rows (B, n) and the parameters (None stays None), all in float32 or
+    float64 (half types run with a float32 residual stream)."""
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    return x.reshape(-1, x.shape[-1]).to(compute), weight.to(compute), None if bias is None else bias.to(compute)
+    return x.reshape(-1, x.shape[-1]).to(compute), *(None if p is None else p.to(compute) for p in params)
 
 
 def stacked_states(states: Sequence[Tensor], x: Tensor) -> Tensor:
@@ -117,33 +173,66 @@ def stacked_states(states: Sequence[Tensor], x: Tensor) -> Tensor:
     return torch.stack([state.detach().to(x.dtype).reshape(x.shape) for state in states])
 
 
-def graph_backward(grad_out: Tensor, stream: Sequence[Tensor], weight: Tensor, bias: Tensor | None) -> StackGrads:
+def graph_backward(grad_out: Tensor, stream: Sequence[Tensor], *params: Tensor | None) -> tuple[Tensor | None, ...]:
     """The backward of a forward that autograd recorded, from its first state ``stream[0]`` (x) to its
-    last (the output): the gradients of the inputs that require grad, None for the others."""
-    inputs = (stream[0], weight, bias)
+    last (the output): the gradients of x and of each of ``params`` that requires grad, None for the
+    others (and for the params that are None)."""
+    inputs = (stream[0], *params)
     wanted = [t for t in inputs if t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(stream[-1], wanted, grad_out))
-    grad_x, grad_weight, grad_bias = (next(grads) if t is not None and t.requires_grad else None for t in inputs)
-    return grad_x, grad_weight, grad_bias
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
 def checkpointed_stream(
-    run_segment: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    every: int,
+    run_segment: Callable[..., Tensor], x: Tensor, params: Sequence[Tensor | None], every: int
 ) -> list[Tensor]:
     """x_0, x_k, x_2k, ..., x_L (k = ``every``) of a stack run segment by segment, ``run_segment(x_first,
-    weight_segment, bias_segment)`` under ``torch.utils.checkpoint``: autograd keeps only the segments'
-    inputs and recomputes each segment in the backward (docs/design.md §4.4), for the backends without
-    checkpoints of their own. Under a torch.func transform, which does not support the saved-tensor
-    hooks torch.utils.checkpoint works by, the segments run plainly (same result, every state kept)."""
+    *params_segment)`` under ``torch.utils.checkpoint``, where each of ``params`` (per-layer tensors of
+    shape (L, ...), or None) is cut into segments of k layers: autograd keeps only the segments' inputs and
+    recomputes each segment in the backward (docs/design.md §4.4), for the backends without checkpoints of
+    their own. Under a torch.func transform, which does not support the saved-tensor hooks
+    torch.utils.checkpoint works by, the segments run plainly (same result, every state kept)."""
     if torch._C._are_functorch_transforms_active():
-        return [x, run_segment(x, weight, bias)]
+        return [x, run_segment(x, *params)]
     # split, not slices: the backward of a slice writes a full-size gradient per segment.
-    biases = [None] * len(weight.split(every)) if bias is None else bias.split(every)
+    depth = next(p for p in params if p is not None).shape[0]
+    segments = -(-depth // every)
+    pieces = [[None] * segments if p is None else p.split(every) for p in params]
     stream = [x]
-    for weight_segment, bias_segment in zip(weight.split(every), biases):
-        stream.append(checkpoint(run_segment, stream[-1], weight_segment, bias_segment, use_reentrant=False))
+    for segment_params in zip(*pieces):
+        stream.append(checkpoint(run_segment, stream[-1], *segment_params, use_reentrant=False))
     return stream
+
+
+class RecordedMlpStack:
+    """A backend of residual_mlp_stack of eager MLP blocks (``reference.mlp_block``) whose output epilogue is
+    ``epilogue``, the reference's or a kernel's, recorded by autograd: its state is the stream x^0..x^L (x^0,
+    x^k, ..., x^L with checkpoints, the segments under ``torch.utils.checkpoint``), which ``backward``
+    differentiates. With ``kernel_operands`` the blocks run on the kernels' operands (``compute_rows``: rows,
+    half types in float32); otherwise on the tensors as given (the eager reference, in their own dtype)."""
+
+    def __init__(self, epilogue: reference.Epilogue = reference.scaled_residual, kernel_operands: bool = False) -> None:
+        self.epilogue = epilogue
+        self.kernel_operands = kernel_operands
+
+    def forward(
+        self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        def stream(x: Tensor, *weights: Tensor | None) -> list[Tensor]:
+            return reference.residual_mlp_stream(x, *weights, **settings.layer_options, epilogue=self.epilogue)
+
+        first, *operands = compute_rows(x, *weights) if self.kernel_operands else (x, *weights)
+        if save and settings.checkpoint_every:
+            states = checkpointed_stream(lambda *args: stream(*args)[-1], first, operands, settings.checkpoint_every)
+        else:
+            states = stream(first, *operands)
+        return states[-1].to(x.dtype).reshape(x.shape), states
+
+    def backward(
+        self, grad_out: Tensor, state: list[Tensor], weights: MlpWeights, settings: MlpStackSettings
+    ) -> MlpStackGrads:
+        grad_x, *grads = graph_backward(grad_out.reshape(state[-1].shape).to(state[-1].dtype), state, *weights)
+        return None if grad_x is None else grad_x.reshape(grad_out.shape), *grads
+
+    def states(self, state: list[Tensor], x: Tensor, out: Tensor) -> Tensor:
+        return stacked_states(state, x)

@@ -5,6 +5,7 @@ With m_N = width / base_width and m_L = total_depth / base_depth of each stack, 
 parametrization (alpha, gamma):
 
     group            Adam / AdamW lr       eps                      AdamW decay   SGD lr
+    (stack: every ResidualStack / ResidualMLPStack; its weights weight, weight1, weight2, its biases)
     stack weights    lr m_N^-1 m_L^-gamma  eps m_N^-1 m_L^-alpha    wd m_N        lr m_L^(alpha-gamma)
     stack biases     lr m_L^-gamma         eps m_N^-1 m_L^-alpha    0             lr m_N m_L^(alpha-gamma)
     input layer      lr                    eps                      wd            lr m_N
@@ -22,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ._checks import check_choice, check_non_negative
-from .nn import DepthMuPNet, ResidualStack
+from .nn import DepthMuPNet, DepthScaledStack
 from .parametrization import OPTIMIZERS
 
 
@@ -35,7 +36,8 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for ``torch.optim.Adam`` / ``AdamW`` / ``SGD`` following the table above.
 
-    Every ``ResidualStack`` gets a group for its weights and one for its biases, by its own width
+    Every stack (``ResidualStack``, ``ResidualMLPStack``) gets a group for its weights and one for its
+    biases, by its own width
     multiplier m_N = width / base_width, depth ratio m_L = total_depth / base_depth (the depth of the
     whole network, also for a pipeline stage) and parametrization. A ``DepthMuPNet`` also gets groups for
     its input layer and its readout weight and bias (the readout's 1/m_N multiplier is in its forward).
@@ -89,13 +91,16 @@ def param_groups(
             add(f"{prefix}input", list(module.input.parameters()), width_ratio if sgd else 1.0, 1.0, 1.0)
             add(f"{prefix}output.weight", [module.output.weight], width_ratio if sgd else 1.0, 1.0, 1.0)
             add(f"{prefix}output.bias", [module.output.bias], 1.0, 1.0, 1.0)
-        elif isinstance(module, ResidualStack):
+        elif isinstance(module, DepthScaledStack):
             width_ratio, rules = module.width_multiplier, module.parametrization
             depth_lr = rules.lr_scale(module.total_depth, optimizer)
             hidden_eps = rules.eps_scale(module.total_depth) / width_ratio
+            params = dict(module.named_parameters())
+            weights = [p for key, p in params.items() if key.startswith("weight")]
+            biases = [p for key, p in params.items() if key.startswith("bias")]
             weight_lr = depth_lr if sgd else depth_lr / width_ratio
-            add(f"{prefix}weight", [module.weight], weight_lr, hidden_eps, width_ratio if decoupled else 1.0)
+            add(f"{prefix}weight", weights, weight_lr, hidden_eps, width_ratio if decoupled else 1.0)
             bias_lr = depth_lr * width_ratio if sgd else depth_lr
-            add(f"{prefix}bias", [module.bias], bias_lr, hidden_eps, 0.0 if decoupled else 1.0)
+            add(f"{prefix}bias", biases, bias_lr, hidden_eps, 0.0 if decoupled else 1.0)
     add("other", [p for p in model.parameters() if id(p) not in seen], 1.0, 1.0, 1.0)
     return groups

@@ -81,9 +81,22 @@ BLOCK_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"post": post_block, "pre": 
 """The block of each form in ``BLOCKS``, by name."""
 
 
-def mlp_block(x: Tensor, weight1: Tensor, weight2: Tensor, *, scale: float, activation: str = "relu") -> Tensor:
-    """Block depth 2: x + s * (phi(x @ W1^T) @ W2^T), W1 of shape (m, n) and W2 of shape (n, m)."""
-    return x + scale * F.linear(ACTIVATIONS[activation](F.linear(x, weight1)), weight2)
+def mlp_block(
+    x: Tensor,
+    weight1: Tensor,
+    weight2: Tensor,
+    bias1: Tensor | None = None,
+    bias2: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    mean_subtract: bool = False,
+    epilogue: Epilogue = scaled_residual,
+) -> Tensor:
+    """MLP block, a branch of two matrices: x + s * MS(phi(x @ W1^T + b1) @ W2^T + b2), W1 of shape (m, n),
+    W2 (n, m), b1 (m,), b2 (n,); MS only when ``mean_subtract``."""
+    hidden = ACTIVATIONS[activation](F.linear(x, weight1, bias1))
+    return epilogue(x, F.linear(hidden, weight2, bias2), scale, "identity", mean_subtract)
 
 
 def residual_stream(
@@ -122,6 +135,37 @@ def residual_stream(
     return states
 
 
+def residual_mlp_stream(
+    x: Tensor,
+    weight1: Tensor,
+    weight2: Tensor,
+    bias1: Tensor | None = None,
+    bias2: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    mean_subtract: bool = False,
+    epilogue: Epilogue = scaled_residual,
+) -> list[Tensor]:
+    """The states [x^0, ..., x^L] of L MLP blocks in sequence; ``weight1`` is (L, m, n), ``weight2`` (L, n, m),
+    ``bias1`` (L, m) and ``bias2`` (L, n) or None:
+
+    x_{l+1} = x_l + s * MS(phi(x_l @ W1_l^T + b1_l) @ W2_l^T + b2_l)      (MS only when ``mean_subtract``)
+    """
+    depth = weight1.shape[0]
+    # unbind, not indexing, as in residual_stream
+    biases1 = [None] * depth if bias1 is None else bias1.unbind(0)
+    biases2 = [None] * depth if bias2 is None else bias2.unbind(0)
+    states = [x]
+    for layer in zip(weight1.unbind(0), weight2.unbind(0), biases1, biases2):
+        states.append(
+            mlp_block(
+                states[-1], *layer, scale=scale, activation=activation, mean_subtract=mean_subtract, epilogue=epilogue
+            )
+        )
+    return states
+
+
 def residual_stack(
     x: Tensor,
     weight: Tensor,
@@ -135,4 +179,21 @@ def residual_stack(
     """x^L of ``residual_stream``: L blocks in sequence."""
     return residual_stream(
         x, weight, bias, scale=scale, activation=activation, block=block, mean_subtract=mean_subtract
+    )[-1]
+
+
+def residual_mlp_stack(
+    x: Tensor,
+    weight1: Tensor,
+    weight2: Tensor,
+    bias1: Tensor | None = None,
+    bias2: Tensor | None = None,
+    *,
+    scale: float,
+    activation: str = "relu",
+    mean_subtract: bool = False,
+) -> Tensor:
+    """x^L of ``residual_mlp_stream``: L MLP blocks in sequence."""
+    return residual_mlp_stream(
+        x, weight1, weight2, bias1, bias2, scale=scale, activation=activation, mean_subtract=mean_subtract
     )[-1]

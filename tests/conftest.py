@@ -14,6 +14,8 @@
   shows up as NaN. The previous settings are restored after the test.
 - ``num_threads(count)``: a context manager that runs its body with ``count`` torch threads.
 - ``saved_bytes(fn, exclude)``: the bytes autograd saves for backward while ``fn()`` runs.
+- ``OpLog``: a dispatch mode that records the ops a call runs; ``graph_nodes(tensor)``: the autograd nodes
+  behind a tensor (a fused op is one node, an eager loop one per layer and op).
 - ``cpu_isa``: runs a test once per instruction set this CPU can run (``CPU_ISAS``), with the float32
   CPU kernels pinned to it. float64 always runs the portable kernel, so a float64 case runs once.
 """
@@ -31,6 +33,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 import torch.utils.deterministic
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmup_kernels
 from dmup_kernels._extension import _C, pinned_cpu_isa, runnable_cpu_isas
@@ -162,6 +165,32 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> 
         out = fn()
     out.sum().backward()
     return sum(storages.values())
+
+
+class OpLog(TorchDispatchMode):
+    """Records the ops that reach the dispatcher (names in ``calls``, the last arguments in ``args``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+        self.args: dict[str, tuple] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
+        self.args[str(func)] = args
+        return func(*args, **(kwargs or {}))
+
+
+def graph_nodes(tensor: torch.Tensor) -> list[str]:
+    seen, names, todo = set(), [], [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
 
 
 CPU_ISAS: tuple[str, ...] = runnable_cpu_isas()

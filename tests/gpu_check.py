@@ -4,8 +4,8 @@
    the interpreter on): tests/test_triton_kernels.py;
 2. the CUDA C++ tests: tests/test_cuda_kernels.py;
    the op tests' Triton and CUDA cases (their parity with the reference, and checkpoints against saving
-   every layer): tests/test_scaled_residual.py, tests/test_residual_stack.py, tests/test_checkpoint.py
-   with -k "triton or cuda";
+   every layer): tests/test_scaled_residual.py, tests/test_residual_stack.py, tests/test_residual_mlp_stack.py,
+   tests/test_checkpoint.py with -k "triton or cuda";
 3. the non-finite, torch.compile and torch.func tests: tests/test_nonfinite.py, tests/test_compile.py,
    tests/test_func_transforms.py;
 4. a quick benchmark (python -m benchmarks.run --device cuda --quick --no-compile): its parity checks,
@@ -109,6 +109,7 @@ def main() -> int:
                 "triton or cuda",
                 "tests/test_scaled_residual.py",
                 "tests/test_residual_stack.py",
+                "tests/test_residual_mlp_stack.py",
                 "tests/test_checkpoint.py",
             ],
         ),  # fmt: skip

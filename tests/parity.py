@@ -13,7 +13,7 @@ import dmup_kernels
 from dmup_kernels import reference
 
 from conftest import num_threads, rel_err
-from sample_inputs import ResidualCase, StackCase
+from sample_inputs import MlpStackCase, ResidualCase, StackCase
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -90,15 +90,67 @@ def check_stack(case: StackCase, dtype: torch.dtype, backend: str) -> None:
     grad_out = torch.randn(case.x.shape, dtype=dtype).to(case.x.device)
     got = run_stack(case, grad_out, backend)
     ref = run_stack_reference(case, grad_out)
-    tol = TOLERANCE[dtype]
-    names = ("output", "grad x", "grad weight", "grad bias")
     out, dx, dw, db = got
-    assert out.dtype == dtype and out.shape == case.x.shape
-    assert dx.shape == case.x.shape and dw.shape == case.weight.shape
+    assert out.shape == case.x.shape and dx.shape == case.x.shape and dw.shape == case.weight.shape
     assert (db is None) == (case.bias is None)
+    assert_within_tolerance(("output", "grad x", "grad weight", "grad bias"), got, ref, dtype, case.x.device)
+
+
+def assert_within_tolerance(
+    names: tuple[str, ...], got, ref, dtype: torch.dtype, device: torch.device, tol: float | None = None
+) -> None:
+    """Each result of ``got`` of ``dtype`` on ``device`` and within ``tol`` (TOLERANCE[dtype] by default) of
+    the reference's result of that name; results the reference does not have (None) are skipped."""
+    tol = TOLERANCE[dtype] if tol is None else tol
     for name, value, expected in zip(names, got, ref):
         if expected is None:
             continue
-        assert value.dtype == dtype and value.device == case.x.device, name
+        assert value.dtype == dtype and value.device == device, name
         err = rel_err(value, expected)
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# residual_mlp_stack
+# ---------------------------------------------------------------------------------------------------
+
+MLP_RESULTS = ("output", "grad x", "grad weight1", "grad weight2", "grad bias1", "grad bias2")
+"""The names of what run_mlp_stack returns, in order."""
+
+
+def mlp_stack_kwargs(case: MlpStackCase) -> dict:
+    spec = case.spec
+    return dict(scale=case.scale, activation=spec.activation, mean_subtract=spec.mean_subtract)
+
+
+def mlp_outputs_and_grads(
+    case: MlpStackCase, grad_out: Tensor, backend: str, dtype: torch.dtype | None = None, **options
+) -> list[Tensor | None]:
+    """Output and gradients (x, weight1, weight2, bias1, bias2; None without biases) of one backend, from
+    fresh leaf copies of the case's tensors (cast to ``dtype`` if given), so repeated calls do not
+    accumulate; ``options`` go to residual_mlp_stack (checkpoint, ...)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in (case.x, *case.params)]
+    func = reference.residual_mlp_stack if backend == "eager" else dmup_kernels.residual_mlp_stack
+    if backend != "eager":
+        options["backend"] = backend
+    out = func(*leaves, **mlp_stack_kwargs(case), **options)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def run_mlp_stack_reference(case: MlpStackCase, grad_out: Tensor, dtype: torch.dtype = torch.float64):
+    """Output and gradients of the eager reference on the CPU in ``dtype`` from the case's inputs cast to it."""
+    with num_threads(1):  # as in run_stack_reference
+        return mlp_outputs_and_grads(case.to("cpu"), grad_out.to("cpu"), "eager", dtype)
+
+
+def check_mlp_stack(case: MlpStackCase, dtype: torch.dtype, backend: str, tol: float | None = None) -> None:
+    """Output and every gradient of ``backend`` within ``tol`` (TOLERANCE[dtype] by default) of the float64
+    reference."""
+    grad_out = torch.randn(case.x.shape, dtype=dtype).to(case.x.device)
+    got = mlp_outputs_and_grads(case, grad_out, backend)
+    ref = run_mlp_stack_reference(case, grad_out)
+    for name, value, tensor in zip(MLP_RESULTS, got, (case.x, case.x, *case.params)):
+        assert (value is None) == (tensor is None), name
+        assert value is None or value.shape == tensor.shape, name
+    assert_within_tolerance(MLP_RESULTS, got, ref, dtype, case.x.device, tol)

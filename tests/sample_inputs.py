@@ -369,3 +369,122 @@ TRITON_WIDE_STACK_SPECS: list[StackSpec] = [
 ]
 """The wide routes of the Triton stack (docs/design.md §7.8): one launch per layer (n = 300, 37 rows: not a
 multiple of the row tile) and the library GEMM with the epilogue kernel (n = 1100)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLP stacks (ResidualMLPStack, functional residual_mlp_stack)
+# ---------------------------------------------------------------------------------------------------
+
+
+class MlpStackSpec(NamedTuple):
+    width: int
+    hidden_width: int
+    depth: int
+    batch_shape: tuple[int, ...]
+    bias: bool
+    activation: str
+    mean_subtract: bool
+    layout: str = "contiguous"
+
+    @property
+    def id(self) -> str:
+        batch = "x".join(map(str, self.batch_shape))
+        return (
+            f"n{self.width}-m{self.hidden_width}-L{self.depth}-B{batch}-{'bias' if self.bias else 'nobias'}-"
+            f"{self.activation}-{'ms' if self.mean_subtract else 'noms'}-{self.layout}"
+        )
+
+
+MLP_STACK_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    # (n, m, B, L): every n twice, every m twice, every B and every L three times
+    (1, 5, 64, 17),
+    (1, 300, 3, 2),
+    (7, 64, 1, 300),
+    (7, 1, 1000, 17),
+    (32, 128, 1000, 2),
+    (32, 256, 3, 17),
+    (64, 256, 64, 2),
+    (64, 5, 3, 300),
+    (96, 300, 1, 300),
+    (96, 64, 64, 1),
+    (200, 1, 1, 1),
+    (200, 128, 1000, 1),
+)
+"""(n, m, B, L) of the MLP parity cases, n in {1, 7, 32, 64, 96, 200}, m in {1, 5, 64, 128, 256, 300}, B in
+{1, 3, 64, 1000}, L in {1, 2, 17, 300}: every width and hidden width twice and every batch and depth three
+times, not a cross product; the deepest stacks have few rows or narrow layers, to keep the cost down."""
+
+MLP_STACK_BIG_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (32, 128, 256, 64),
+    (200, 300, 300, 5),
+    (64, 256, 3, 300),
+)
+"""A few larger (n, m, B, L): several row tiles per thread, the widest layers over many rows, a deep stack
+of wide hidden layers."""
+
+
+def _mlp_stack_specs() -> list[MlpStackSpec]:
+    """Every (activation, mean_subtract, bias) combination (20), each with the next shape of MLP_STACK_SHAPES
+    (all 12 used, the first 8 twice, with other activations); then the big shapes."""
+    combos = [
+        (activation, mean_subtract, bias)
+        for bias in (False, True)
+        for mean_subtract in (False, True)
+        for activation in ACTIVATIONS
+    ]  # the activation changes fastest, so neighbouring shapes get different activations
+    specs = [
+        MlpStackSpec(width, hidden, depth, (batch,), bias, activation, mean_subtract)
+        for index, (activation, mean_subtract, bias) in enumerate(combos)
+        for width, hidden, batch, depth in [MLP_STACK_SHAPES[index % len(MLP_STACK_SHAPES)]]
+    ]
+    big_combos = [("relu", False, False), ("gelu", True, True), ("abs", False, True)]
+    for (width, hidden, batch, depth), (activation, mean_subtract, bias) in zip(MLP_STACK_BIG_SHAPES, big_combos):
+        specs.append(MlpStackSpec(width, hidden, depth, (batch,), bias, activation, mean_subtract))
+    return specs
+
+
+MLP_STACK_SPECS: list[MlpStackSpec] = _mlp_stack_specs()
+
+MLP_STACK_LAYOUT_SPECS: list[MlpStackSpec] = [
+    MlpStackSpec(32, 64, 5, (2, 5), True, "relu", True, "contiguous"),
+    MlpStackSpec(7, 5, 2, (2, 5), False, "gelu", False, "transposed"),
+    MlpStackSpec(96, 128, 3, (3, 1, 7), True, "abs", False, "sliced"),
+    MlpStackSpec(64, 300, 2, (37,), True, "silu", True, "transposed"),
+]
+"""Leading batch dims and non-contiguous x."""
+
+
+@dataclass
+class MlpStackCase:
+    x: Tensor
+    weight1: Tensor
+    weight2: Tensor
+    bias1: Tensor | None
+    bias2: Tensor | None
+    spec: MlpStackSpec
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.spec.depth)
+
+    @property
+    def params(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(weight1, weight2, bias1, bias2), the order of residual_mlp_stack's arguments."""
+        return self.weight1, self.weight2, self.bias1, self.bias2
+
+    def to(self, device: str) -> MlpStackCase:
+        """The case on ``device`` (layouts kept)."""
+        moved = [None if t is None else t.to(device) for t in (self.x, *self.params)]
+        return dataclasses.replace(self, **dict(zip(("x", "weight1", "weight2", "bias1", "bias2"), moved)))
+
+
+def make_mlp_stack_case(spec: MlpStackSpec, dtype: torch.dtype, seed: int) -> MlpStackCase:
+    """x of shape (*batch, n); weight1 (L, m, n) with std 1/sqrt(n), weight2 (L, n, m) with std 1/sqrt(m) (muP);
+    bias1 (L, m) and bias2 (L, n) small and non-zero."""
+    generator = torch.Generator().manual_seed(seed)
+    n, m, depth = spec.width, spec.hidden_width, spec.depth
+    x = random_tensor((*spec.batch_shape, n), dtype, generator, spec.layout)
+    weight1 = (random_tensor((depth, m, n), torch.float64, generator) / math.sqrt(n)).to(dtype)
+    weight2 = (random_tensor((depth, n, m), torch.float64, generator) / math.sqrt(m)).to(dtype)
+    biases = [(0.1 * random_tensor((depth, k), torch.float64, generator)).to(dtype) for k in (m, n)]
+    return MlpStackCase(x, weight1, weight2, *(biases if spec.bias else (None, None)), spec)

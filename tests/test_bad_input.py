@@ -16,9 +16,11 @@ from torch import nn
 from dmup_kernels import (
     DepthMuPNet,
     DepthParametrization,
+    ResidualMLPStack,
     ResidualStack,
     ScaledResidual,
     param_groups,
+    residual_mlp_stack,
     residual_stack,
     scaled_residual,
 )
@@ -37,6 +39,8 @@ def t(*shape, dtype=torch.float32, device="cpu"):
 
 X = lambda: t(4, 8)  # noqa: E731
 W = lambda: t(3, 8, 8)  # noqa: E731
+W1 = lambda: t(3, 5, 8)  # noqa: E731  (depth 3, hidden width 5, width 8)
+W2 = lambda: t(3, 8, 5)  # noqa: E731
 COMPLEX = torch.complex64
 INT = torch.int64
 
@@ -269,6 +273,74 @@ STACK_CASES = [
         r"return_states.*bool",
     ),
 ]
+
+MLP_STACK_CASES = [
+    ("weight1-2d", lambda b: residual_mlp_stack(X(), t(5, 8), W2(), scale=0.5, backend=b), ValueError,
+     r"weight1.*\(depth, hidden_width, width\)"),
+    ("weight1-depth-0", lambda b: residual_mlp_stack(X(), t(0, 5, 8), t(0, 8, 5), scale=0.5, backend=b), ValueError,
+     r"weight1.*depth >= 1"),
+    ("hidden-width-0", lambda b: residual_mlp_stack(X(), t(3, 0, 8), t(3, 8, 0), scale=0.5, backend=b), ValueError,
+     r"weight1.*hidden width.*>= 1.*\(3, 0, 8\)"),
+    ("weight2-disagrees", lambda b: residual_mlp_stack(X(), W1(), t(3, 8, 6), scale=0.5, backend=b), ValueError,
+     r"weight2.*\(3, 8, 5\).*weight1 \(3, 5, 8\).*\(3, 8, 6\)"),
+    ("weight2-depth", lambda b: residual_mlp_stack(X(), W1(), t(2, 8, 5), scale=0.5, backend=b), ValueError,
+     r"weight2.*\(3, 8, 5\)"),
+    ("weight2-transposed", lambda b: residual_mlp_stack(X(), W1(), t(3, 5, 8), scale=0.5, backend=b), ValueError,
+     r"weight2.*\(depth, width, hidden_width\)"),
+    ("weight1-not-tensor", lambda b: residual_mlp_stack(X(), [[1.0]], W2(), scale=0.5, backend=b), TypeError,
+     r"weight1.*Tensor"),
+    ("weight2-int", lambda b: residual_mlp_stack(X(), W1(), t(3, 8, 5, dtype=INT), scale=0.5, backend=b), TypeError,
+     r"weight2.*floating"),
+    ("x-wrong-width", lambda b: residual_mlp_stack(t(4, 5), W1(), W2(), scale=0.5, backend=b), ValueError,
+     r"\bx\b.*\(\.\.\., 8\)"),
+    ("x-int", lambda b: residual_mlp_stack(t(4, 8, dtype=INT), W1(), W2(), scale=0.5, backend=b), TypeError,
+     r"\bx\b.*floating"),
+    ("weight1-dtype", lambda b: residual_mlp_stack(X(), W1().double(), W2(), scale=0.5, backend=b), TypeError,
+     r"weight1.*dtype of x \(torch\.float32\).*float64"),
+    ("weight2-dtype", lambda b: residual_mlp_stack(X(), W1(), W2().double(), scale=0.5, backend=b), TypeError,
+     r"weight2.*dtype of x \(torch\.float32\).*float64"),
+    ("x-half", lambda b: residual_mlp_stack(t(4, 8, dtype=torch.bfloat16), W1(), W2(), scale=0.5, backend=b),
+     TypeError, r"weight1.*dtype of x \(torch\.bfloat16\)"),
+    ("weight2-on-meta", lambda b: residual_mlp_stack(X(), W1(), t(3, 8, 5, device="meta"), scale=0.5, backend=b),
+     ValueError, r"weight2.*device of x \(cpu\)"),
+    ("x-on-meta", lambda b: residual_mlp_stack(t(4, 8, device="meta"), W1(), W2(), scale=0.5, backend=b), ValueError,
+     r"weight1.*device of x \(meta\)"),
+    ("bias1-shape", lambda b: residual_mlp_stack(X(), W1(), W2(), t(3, 8), scale=0.5, backend=b), ValueError,
+     r"bias1.*\(3, 5\).*\(3, 8\)"),
+    ("bias2-shape", lambda b: residual_mlp_stack(X(), W1(), W2(), t(3, 5), t(3, 5), scale=0.5, backend=b), ValueError,
+     r"bias2.*\(3, 8\).*\(3, 5\)"),
+    ("bias1-dtype", lambda b: residual_mlp_stack(X(), W1(), W2(), t(3, 5).double(), scale=0.5, backend=b), TypeError,
+     r"bias1.*dtype"),
+    ("bias2-on-meta", lambda b: residual_mlp_stack(X(), W1(), W2(), None, t(3, 8, device="meta"), scale=0.5,
+                                                   backend=b), ValueError, r"bias2.*device"),
+    ("bias2-not-tensor", lambda b: residual_mlp_stack(X(), W1(), W2(), None, 0.0, scale=0.5, backend=b), TypeError,
+     r"bias2"),
+    ("scale-nan", lambda b: residual_mlp_stack(X(), W1(), W2(), scale=math.nan, backend=b), ValueError,
+     r"scale.*finite"),
+    ("activation", lambda b: residual_mlp_stack(X(), W1(), W2(), scale=0.5, activation="elu", backend=b), ValueError,
+     r"activation.*'elu'"),
+    ("mean_subtract", lambda b: residual_mlp_stack(X(), W1(), W2(), scale=0.5, mean_subtract=0, backend=b), TypeError,
+     r"mean_subtract.*bool"),
+    ("checkpoint", lambda b: residual_mlp_stack(X(), W1(), W2(), scale=0.5, checkpoint=0, backend=b), ValueError,
+     r"checkpoint must be None"),
+    ("return_states", lambda b: residual_mlp_stack(X(), W1(), W2(), scale=0.5, return_states=1, backend=b), TypeError,
+     r"return_states.*bool"),
+    ("mlp-module-hidden-0", lambda b: ResidualMLPStack(8, 0, 3, backend=b), ValueError, r"hidden_width.*>= 1"),
+    ("mlp-module-width-float", lambda b: ResidualMLPStack(8.0, 5, 3, backend=b), TypeError, r"width"),
+    ("mlp-module-depth-0", lambda b: ResidualMLPStack(8, 5, 0, backend=b), ValueError, r"depth.*>= 1"),
+    ("mlp-module-activation", lambda b: ResidualMLPStack(8, 5, 3, activation="tanh", backend=b), ValueError,
+     r"activation.*'tanh'"),
+    ("mlp-module-checkpoint", lambda b: ResidualMLPStack(8, 5, 3, checkpoint="log", backend=b), TypeError,
+     r"checkpoint"),
+    ("mlp-module-total-depth", lambda b: ResidualMLPStack(8, 5, 3, total_depth=2, backend=b), ValueError,
+     r"total_depth must be >= depth \(3\)"),
+    ("mlp-module-x-width", lambda b: ResidualMLPStack(8, 5, 2, backend=b)(t(3, 5)), ValueError,
+     r"\bx\b.*\(\.\.\., 8\).*\(3, 5\)"),
+    ("mlp-module-x-dtype", lambda b: ResidualMLPStack(8, 5, 2, backend=b)(t(3, 8, dtype=torch.float64)), TypeError,
+     r"\bx\b.*dtype of weight1 \(torch\.float32\)"),
+    ("mlp-net-hidden-0", lambda b: DepthMuPNet(3, 8, 2, 2, hidden_width=0, backend=b), ValueError,
+     r"hidden_width.*>= 1"),
+]  # fmt: skip
 
 OVERFLOWING = DepthParametrization(alpha=200.0, gamma=0.0, base_depth=10**6)  # (1e-6) ** -200 is not a float
 
@@ -508,6 +580,13 @@ def test_scaled_residual_bad_input(call, error, match, backend):
 @pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
 @pytest.mark.parametrize("call,error,match", _params(STACK_CASES), ids=_ids(STACK_CASES))
 def test_residual_stack_bad_input(call, error, match, backend):
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("call,error,match", _params(MLP_STACK_CASES), ids=_ids(MLP_STACK_CASES))
+def test_residual_mlp_stack_bad_input(call, error, match, backend):
     with pytest.raises(error, match=match):
         call(backend)
 

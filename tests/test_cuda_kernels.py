@@ -4,6 +4,9 @@ rule and one backward contract serve both devices). Their float64/float32 parity
 with every backend in test_scaled_residual.py and test_residual_stack.py. Needs a GPU and dmup_kernels._C
 built with its CUDA kernels; skipped otherwise (tests/test_cuda_sources.py still compile-checks them).
 
+The MLP stack (residual_mlp_stack): its saved state against the CPU op's, each device's backward on the
+other's state, and half types.
+
 Tolerance: bfloat16/float16 at most 2x the error of eager PyTorch in the same dtype plus 1e-3 (docs/design.md
 §5.5).
 """
@@ -19,14 +22,16 @@ import dmup_kernels
 from dmup_kernels import ResidualStack, reference
 
 from conftest import needs_cuda, rel_err
-from parity import stack_kwargs
+from parity import MLP_RESULTS, mlp_outputs_and_grads, run_mlp_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
     RESIDUAL_SPECS,
+    MlpStackSpec,
     ResidualSpec,
     StackCase,
     StackSpec,
+    make_mlp_stack_case,
     make_residual_case,
     make_stack_case,
     random_tensor,
@@ -201,5 +206,55 @@ def test_scaled_residual_half_types_within_twice_eager_error(spec: ResidualSpec,
     eager = residual_grads(case, grad_out, "reference", DEVICE, dtype)
     expected = residual_grads(case, grad_out, "reference", "cpu", torch.float64)
     for name, value, eager_value, ref in zip(("output", "grad x", "grad branch_out"), got, eager, expected):
+        assert value.dtype == dtype, name
+        assert rel_err(value, ref) <= 2 * rel_err(eager_value, ref) + 1e-3, name
+
+
+# ---------------------------------------------------------------------------------------------------
+# residual_mlp_stack: the saved state against the CPU op's, half types
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 2])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_mlp_state_matches_cpu_op(activation, checkpoint_every, seed):
+    """The same saved state and sign bits as the CPU op (37 rows: a partial mask word), and either device's
+    backward on either device's state gives the CPU op's gradients."""
+    case = make_mlp_stack_case(MlpStackSpec(20, 27, 5, (37,), True, activation, True), torch.float64, seed)
+    settings = (case.scale, activation, True)
+    cpu = torch.ops.dmup.residual_mlp_stack(case.x, *case.params, *settings, True, checkpoint_every)
+    gpu = torch.ops.dmup.residual_mlp_stack(
+        *to_device((case.x, *case.params), DEVICE), *settings, True, checkpoint_every
+    )
+    assert rel_err(gpu[0], cpu[0]) < 1e-13 and rel_err(gpu[1], cpu[1]) < 1e-13
+    assert gpu[2].shape == cpu[2].shape and torch.equal(gpu[2].cpu(), cpu[2])
+    grad_out = torch.randn_like(case.x)
+    expected = torch.ops.dmup.residual_mlp_stack_backward(grad_out, *cpu[1:], *case.params, *settings, checkpoint_every)
+    for state in (gpu[1:], to_device(cpu[1:], DEVICE)):
+        got = torch.ops.dmup.residual_mlp_stack_backward(
+            *to_device((grad_out, *state, *case.params), DEVICE), *settings, checkpoint_every
+        )
+        for name, value, ref in zip(MLP_RESULTS[1:], got, expected):
+            assert value.device.type == "cuda" and rel_err(value, ref) < 1e-12, name
+
+
+MLP_HALF_SPECS = [
+    MlpStackSpec(32, 128, 3, (64,), True, "relu", False),
+    MlpStackSpec(7, 5, 2, (5,), False, "gelu", True),
+    MlpStackSpec(64, 256, 1, (1,), True, "abs", True),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "f16"])
+@pytest.mark.parametrize("spec", MLP_HALF_SPECS, ids=[s.id for s in MLP_HALF_SPECS])
+def test_mlp_half_types_within_twice_eager_error(spec: MlpStackSpec, dtype, seed):
+    case = make_mlp_stack_case(spec, dtype, seed)
+    grad_out = torch.randn(case.x.shape, dtype=dtype)
+    got = mlp_outputs_and_grads(case.to(DEVICE), grad_out.to(DEVICE), "cuda")
+    eager = run_mlp_stack_reference(case, grad_out, dtype)
+    expected = run_mlp_stack_reference(case, grad_out)
+    for name, value, eager_value, ref in zip(MLP_RESULTS, got, eager, expected):
+        if ref is None:
+            continue
         assert value.dtype == dtype, name
         assert rel_err(value, ref) <= 2 * rel_err(eager_value, ref) + 1e-3, name

@@ -57,7 +57,8 @@ def test_nvcc_compiles_without_warnings(source: Path, tmp_path: Path):
 
 
 def test_cuda_sources_do_not_include_torch():
-    for source in CUDA_SOURCES + [CSRC / "cuda" / "launchers.h", CSRC / "activations.h"]:
+    headers = [*(CSRC / "cuda").glob("*.cuh"), CSRC / "cuda" / "launchers.h", CSRC / "activations.h"]
+    for source in CUDA_SOURCES + headers:
         includes = [line for line in source.read_text().splitlines() if line.startswith("#include")]
         assert not [i for i in includes if "torch" in i or "ATen" in i or "c10" in i], (source, includes)
 

@@ -85,8 +85,11 @@ def np_pre_block(x, w, bias, scale, activation, mean_subtract):
     return x + scale * h
 
 
-def np_mlp_block(x, w1, w2, scale, activation):
-    return x + scale * np_linear(np_phi(activation, np_linear(x, w1)), w2)
+def np_mlp_block(x, w1, w2, scale, activation, b1=None, b2=None, mean_subtract=False):
+    h = np_linear(np_phi(activation, np_linear(x, w1, b1)), w2, b2)
+    if mean_subtract:
+        h = np_mean_subtract(h)
+    return x + scale * h
 
 
 def rand(shape, seed, scale=1.0):
@@ -192,15 +195,72 @@ def test_pre_block_defaults(seed):
     assert rel_err(got, torch.from_numpy(np_pre_block(t2n(x), t2n(w), None, 0.5, "relu", False))) < TOL
 
 
+@pytest.mark.parametrize("mean_subtract", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_mlp_block(activation, seed):
+def test_mlp_block(activation, bias, mean_subtract, seed):
     n, m = 12, 31
     x = rand((3, 4, n), seed)
     w1, w2 = rand((m, n), seed + 1, 1 / math.sqrt(n)), rand((n, m), seed + 2, 1 / math.sqrt(m))
-    got = reference.mlp_block(x, w1, w2, scale=0.25, activation=activation)
+    b1, b2 = (rand((m,), seed + 3, 0.1), rand((n,), seed + 4, 0.1)) if bias else (None, None)
+    got = reference.mlp_block(x, w1, w2, b1, b2, scale=0.25, activation=activation, mean_subtract=mean_subtract)
     assert got.shape == x.shape
-    expected = np_mlp_block(t2n(x), t2n(w1), t2n(w2), 0.25, activation)
+    biases = (None, None) if b1 is None else (t2n(b1), t2n(b2))
+    expected = np_mlp_block(t2n(x), t2n(w1), t2n(w2), 0.25, activation, *biases, mean_subtract)
     assert rel_err(got, torch.from_numpy(expected)) < TOL
+
+
+def test_mlp_block_defaults(seed):
+    """mlp_block defaults: relu, no biases, no mean subtraction."""
+    x, w1, w2 = rand((4, 9), seed), rand((5, 9), seed + 1), rand((9, 5), seed + 2)
+    got = reference.mlp_block(x, w1, w2, scale=0.5)
+    assert rel_err(got, torch.from_numpy(np_mlp_block(t2n(x), t2n(w1), t2n(w2), 0.5, "relu"))) < TOL
+
+
+@pytest.mark.parametrize(
+    "depth,activation,mean_subtract,bias",
+    [(1, "relu", False, False), (3, "abs", True, True), (17, "gelu", False, True)],
+)
+def test_residual_mlp_stack(depth, activation, mean_subtract, bias, seed):
+    n, m = 10, 23
+    x = rand((5, n), seed)
+    w1, w2 = rand((depth, m, n), seed + 1, 1 / math.sqrt(n)), rand((depth, n, m), seed + 2, 1 / math.sqrt(m))
+    b1, b2 = (rand((depth, m), seed + 3, 0.1), rand((depth, n), seed + 4, 0.1)) if bias else (None, None)
+    scale = 1 / math.sqrt(depth)
+    kwargs = dict(scale=scale, activation=activation, mean_subtract=mean_subtract)
+    got = reference.residual_mlp_stack(x, w1, w2, b1, b2, **kwargs)
+    states = reference.residual_mlp_stream(x, w1, w2, b1, b2, **kwargs)
+    assert len(states) == depth + 1 and states[0] is x and torch.equal(states[-1], got)
+    expected = t2n(x)
+    for l in range(depth):
+        biases = (None, None) if b1 is None else (t2n(b1[l]), t2n(b2[l]))
+        expected = np_mlp_block(expected, t2n(w1[l]), t2n(w2[l]), scale, activation, *biases, mean_subtract)
+    assert rel_err(got, torch.from_numpy(expected)) < 1e-12
+
+
+@pytest.mark.parametrize("mean_subtract", [True, False])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_mlp_block_backward_matches_spec(activation, mean_subtract, seed):
+    """The reference's autograd gradients equal the hand-written backward of docs/design.md §2.5."""
+    n, m, scale = 9, 14, 0.6
+    x = rand((2, 3, n), seed).requires_grad_()
+    w1 = rand((m, n), seed + 1, 1 / math.sqrt(n)).requires_grad_()
+    w2 = rand((n, m), seed + 2, 1 / math.sqrt(m)).requires_grad_()
+    b1, b2 = rand((m,), seed + 3).requires_grad_(), rand((n,), seed + 4).requires_grad_()
+    g = rand((2, 3, n), seed + 5)
+    reference.mlp_block(x, w1, w2, b1, b2, scale=scale, activation=activation, mean_subtract=mean_subtract).backward(g)
+
+    xn, w1n, w2n, gn = t2n(x).reshape(-1, n), t2n(w1), t2n(w2), t2n(g).reshape(-1, n)
+    h1 = xn @ w1n.T + t2n(b1)
+    a = np_phi(activation, h1)
+    dh2 = np_mean_subtract(scale * gn) if mean_subtract else scale * gn
+    dh1 = (dh2 @ w2n) * np_dphi(activation, h1)
+    expected = {
+        "x": gn + dh1 @ w1n, "weight1": dh1.T @ xn, "weight2": dh2.T @ a, "bias1": dh1.sum(0), "bias2": dh2.sum(0)
+    }  # fmt: skip
+    for name, tensor in zip(expected, (x, w1, w2, b1, b2)):
+        got = tensor.grad.reshape(-1, n) if name == "x" else tensor.grad
+        assert rel_err(got, torch.from_numpy(expected[name])) < 1e-12, name
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,13 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dmup_kernels
 from dmup_kernels import ResidualStack, reference
 from dmup_kernels._layout import StackSettings
 from dmup_kernels.ops.residual_stack import STACK_BACKENDS
 
-from conftest import OP_BACKENDS, backend_device, needs_cpp, num_threads, rel_err, saved_bytes
+from conftest import OP_BACKENDS, OpLog, backend_device, graph_nodes, needs_cpp, num_threads, rel_err, saved_bytes
 from parity import check_stack, run_stack, run_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
@@ -43,20 +42,6 @@ MASK_PLANES = {"relu": 1, "abs": 2, "gelu": 0, "silu": 0, "identity": 0}
 def mask_planes(activation: str, block: str) -> int:
     """Sign-bit planes saved per element: only "post" needs them ("pre" keeps x_l, which has the sign)."""
     return MASK_PLANES[activation] if block == "post" else 0
-
-
-class OpLog(TorchDispatchMode):
-    """Records the ops that reach the dispatcher (names in ``calls``, the last arguments in ``args``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-        self.args: dict[str, tuple] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append(str(func))
-        self.args[str(func)] = args
-        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -488,18 +473,6 @@ def test_backward_after_inference_forward_raises(seed):
 # ---------------------------------------------------------------------------------------------------
 # 7. the module path uses the fused op
 # ---------------------------------------------------------------------------------------------------
-
-
-def graph_nodes(tensor: torch.Tensor) -> list[str]:
-    seen, names, todo = set(), [], [tensor.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(node.name())
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 @needs_cpp

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
   std::printf("%lld\n", static_cast<long long>(dmup::mask_offset(layer, plane, feature, planes, width, batch)));
   std::printf("%lld\n", static_cast<long long>(dmup::weight_offset(layer, feature, width)));
   std::printf("%lld\n", static_cast<long long>(dmup::mask_words(batch)));
-  std::printf("%lld\n", static_cast<long long>(dmup::stack_tile_rows(batch, width, a[6], 4)));
+  std::printf("%lld\n", static_cast<long long>(dmup::stack_tile_rows(batch, dmup::stack_tile_features(width) * 4, a[6])));
   return 0;
 }
 """

@@ -1,5 +1,6 @@
-// The stack kernel instantiated for float32 on AVX2 + FMA. Only this file is compiled for AVX2, so
-// the extension loads on any x86-64 CPU; cpu_isa.cpp picks it after a CPUID check.
+// The depth-fused kernels (the stack's and the MLP stack's, cpu_kernels.h) instantiated for float32 on
+// AVX2 + FMA. Only this file is compiled for AVX2, so the extension loads on any x86-64 CPU; cpu_isa.cpp
+// picks it after a CPUID check.
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <omp.h>
@@ -13,14 +14,12 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
+#include "cpu_kernels.h"
 #include "simd_avx2.h"
-#include "stack_kernel.h"
 
 namespace dmup {
 
-StackKernels<float> stack_kernels_avx2(Activation activation, Block block) {
-  return make_stack_kernels<avx2::Simd>(activation, block);
-}
+CpuKernels<float> cpu_kernels_avx2() { return cpu_kernels_of<avx2::Simd>(); }
 
 }  // namespace dmup
 

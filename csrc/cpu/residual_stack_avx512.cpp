@@ -1,5 +1,6 @@
-// The stack kernel instantiated for float32 on AVX-512. Only this file is compiled for AVX-512, so
-// the extension loads on any x86-64 CPU; cpu_isa.cpp picks it after a CPUID check.
+// The depth-fused kernels (the stack's and the MLP stack's, cpu_kernels.h) instantiated for float32 on
+// AVX-512. Only this file is compiled for AVX-512, so the extension loads on any x86-64 CPU; cpu_isa.cpp
+// picks it after a CPUID check.
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <omp.h>
@@ -15,14 +16,12 @@
 // GCC 12 flags the intentionally undefined pass-through operand of masked intrinsics.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "cpu_kernels.h"
 #include "simd_avx512.h"
-#include "stack_kernel.h"
 
 namespace dmup {
 
-StackKernels<float> stack_kernels_avx512(Activation activation, Block block) {
-  return make_stack_kernels<avx512::Simd>(activation, block);
-}
+CpuKernels<float> cpu_kernels_avx512() { return cpu_kernels_of<avx512::Simd>(); }
 
 }  // namespace dmup
 

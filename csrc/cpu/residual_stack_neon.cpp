@@ -1,13 +1,12 @@
-// The stack kernel instantiated for float32 on AArch64 Advanced SIMD (NEON, part of the baseline).
+// The depth-fused kernels (the stack's and the MLP stack's, cpu_kernels.h) instantiated for float32 on
+// AArch64 Advanced SIMD (NEON, part of the baseline).
 #if defined(__aarch64__)
+#include "cpu_kernels.h"
 #include "simd_neon.h"
-#include "stack_kernel.h"
 
 namespace dmup {
 
-StackKernels<float> stack_kernels_neon(Activation activation, Block block) {
-  return make_stack_kernels<neon::Simd>(activation, block);
-}
+CpuKernels<float> cpu_kernels_neon() { return cpu_kernels_of<neon::Simd>(); }
 
 }  // namespace dmup
 #endif

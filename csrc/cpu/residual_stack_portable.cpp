@@ -1,4 +1,4 @@
-// The stack kernel instantiated with width-1 "vectors": the float64 path on every CPU, and the
+// The depth-fused kernels instantiated with width-1 "vectors": the float64 path on every CPU, and the
 // float32 path on x86 CPUs without AVX2 + FMA (or when pinned with DMUP_CPU_ISA=portable).
 //
 // GCC 12's loop vectorizer turns the scalar register tile of stack_impl::gemm_tile into code that
@@ -7,17 +7,17 @@
 // design; the vectorised paths are residual_stack_{avx2,avx512,neon}.cpp.
 #pragma GCC optimize("no-tree-loop-vectorize")
 
+#include "cpu_kernels.h"
 #include "simd_scalar.h"
-#include "stack_kernel.h"
 
 namespace dmup {
 
 template <class T>
-StackKernels<T> stack_kernels_portable(Activation activation, Block block) {
-  return make_stack_kernels<ScalarSimd<T>>(activation, block);
+CpuKernels<T> cpu_kernels_portable() {
+  return cpu_kernels_of<ScalarSimd<T>>();
 }
 
-template StackKernels<float> stack_kernels_portable<float>(Activation, Block);
-template StackKernels<double> stack_kernels_portable<double>(Activation, Block);
+template CpuKernels<float> cpu_kernels_portable<float>();
+template CpuKernels<double> cpu_kernels_portable<double>();
 
 }  // namespace dmup

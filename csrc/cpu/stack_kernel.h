@@ -1,6 +1,8 @@
 // Depth-fused residual stack on the CPU, written once over a SIMD traits type V (simd_scalar.h,
 // simd_avx2.h, simd_avx512.h, simd_neon.h). No torch headers: the torch glue is residual_stack.cpp,
-// and tests/native/stack_kernel_check.cpp runs this core on its own (also for Arm, under qemu).
+// and tests/native/stack_kernel_check.cpp runs this core on its own (also for Arm, under qemu). The
+// pieces every depth-fused kernel shares (GEMM, tiles, teams, sign bits, the weight-gradient packing,
+// checkpointed backward) are here; mlp_stack_kernel.h builds the stack of MLP blocks from them.
 //
 // Math, per layer l (block "post"; "pre" moves phi onto the input, see below):
 //   h = x W_l^T + b_l;  u = phi(h);  v = MS(u);  x <- x + s v          (MS: minus the row mean)
@@ -59,6 +61,16 @@ inline int64_t mask_offset(int64_t layer, int64_t plane, int64_t feature, int64_
 // (L, n, n) weight and grad_weight: the first element of one output row of one layer.
 inline int64_t weight_offset(int64_t layer, int64_t row, int64_t width) { return (layer * width + row) * width; }
 
+// One segment's scratch for a checkpointed backward (checkpointed_backward, at the end), sized for
+// `every` layers of the whole batch.
+template <class T>
+struct SegmentScratch {
+  T* states;       // (every, n, B)
+  uint16_t* mask;  // (every, planes, features with sign bits, ceil(B/16))
+  T* grad_h;       // (every, n, B)
+  T* grad_hidden;  // (every, m, B) for the MLP stack (mlp_stack_kernel.h), else nullptr
+};
+
 template <class T>
 struct StackProblem {
   int64_t batch, width, depth;
@@ -69,6 +81,15 @@ struct StackProblem {
   Block block;
   bool mean_subtract;
   int64_t tile_rows;  // R: multiple of 16
+
+  // The problem of layers [first, first + count) alone.
+  StackProblem layers(int64_t first, int64_t count) const {
+    StackProblem part = *this;
+    part.depth = count;
+    part.weight = weight + weight_offset(first, 0, width);
+    part.bias = bias ? bias + first * width : nullptr;
+    return part;
+  }
 };
 
 // The input of a walk over the layers is x as rows, or a saved feature-major state (a checkpoint);
@@ -95,6 +116,21 @@ struct StackBackwardBuffers {
   T* grad_h;             // (L, n, B) scratch shared by the two backward phases
   T* grad_weight;        // (L, n, n)
   T* grad_bias;          // (L, n), or nullptr when the stack has no bias
+
+  // The buffers of the backward of layers [first, ...) of a checkpointed stack, whose states, sign bits
+  // and dh are the segment's scratch: grad_out is read by the last segment only, grad_x written by the
+  // first only, the gradient carried between segments in grad_carry.
+  StackBackwardBuffers segment(const StackProblem<T>& p, int64_t first, const SegmentScratch<T>& scratch,
+                               bool last_segment, bool first_segment) const {
+    return {last_segment ? grad_out : nullptr,
+            scratch.states,
+            scratch.mask,
+            first_segment ? grad_x : nullptr,
+            grad_carry,
+            scratch.grad_h,
+            grad_weight + weight_offset(first, 0, p.width),
+            grad_bias ? grad_bias + first * p.width : nullptr};
+  }
 };
 
 // Work split of the weight gradient (docs/design.md §7.6): one task per layer, which packs the layer's
@@ -117,31 +153,39 @@ inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
 constexpr int64_t kDefaultL2Bytes = 512 * 1024;
 
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
-// tile's four local (n x R) buffers take at most half of the L2, leaving the other half to the
-// streamed weights and the saved state. When one thread's share is above the cap, the tiles are made
-// as even as possible, a whole number per thread, so no thread waits on another's extra tile.
-inline int64_t stack_tile_rows(int64_t batch, int64_t width, int64_t threads, int64_t bytes_per_element,
-                               int64_t l2_bytes = kDefaultL2Bytes) {
+// tile's local buffers (`row_bytes` per row: stack_tile_features, mlp_stack_tile_features) take at most
+// half of the L2, leaving the other half to the streamed weights and the saved state. When one thread's
+// share is above the cap, the tiles are made as even as possible, a whole number per thread, so no
+// thread waits on another's extra tile.
+inline int64_t stack_tile_rows(int64_t batch, int64_t row_bytes, int64_t threads, int64_t l2_bytes = kDefaultL2Bytes) {
   threads = std::max<int64_t>(threads, 1);
   const int64_t per_thread = std::max<int64_t>(1, (batch + threads - 1) / threads);
-  const int64_t cap = std::max<int64_t>(16, l2_bytes / 2 / (4 * bytes_per_element * width) / 16 * 16);
+  const int64_t cap = std::max<int64_t>(16, l2_bytes / 2 / row_bytes / 16 * 16);
   const int64_t tiles_per_thread = (per_thread + cap - 1) / cap;
   const int64_t rows = (per_thread + tiles_per_thread - 1) / tiles_per_thread;
   return std::max<int64_t>(16, (rows + 15) / 16 * 16);
 }
 
-// Entry points of one instruction set for one dtype; filled by make_stack_kernels<V>(). Each runs
-// its own OpenMP team of `threads` threads.
-template <class T>
-struct StackKernels {
-  void (*forward)(const StackProblem<T>&, const StackForwardBuffers<T>&, int threads);
-  void (*backward_rows)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int threads);
-  void (*backward_weights)(const StackProblem<T>&, const StackBackwardBuffers<T>&, int threads);
+// Features of the local planes of a row tile of the stack: the stream, the branch, dh, and the GEMM input
+// of the pre block (or the recomputation input of smooth activations), n each.
+inline int64_t stack_tile_features(int64_t width) { return 4 * width; }
+
+// Entry points of a depth-fused kernel of one instruction set for one dtype, for the problem type Problem
+// and backward buffers Backward; filled by make_stack_kernels<V>() (and make_mlp_stack_kernels<V>()).
+// Each runs its own OpenMP team of `threads` threads.
+template <class T, class Problem, class Backward>
+struct Kernels {
+  void (*forward)(const Problem&, const StackForwardBuffers<T>&, int threads);
+  void (*backward_rows)(const Problem&, const Backward&, int threads);
+  void (*backward_weights)(const Problem&, const Backward&, int threads);
   // Per row tile: the forward walk `recompute` (which saves the states and sign bits the backward
   // reads), then backward_rows' reverse walk, while the tile is in cache.
-  void (*recompute_backward_rows)(const StackProblem<T>&, const StackForwardBuffers<T>& recompute,
-                                  const StackBackwardBuffers<T>&, int threads);
+  void (*recompute_backward_rows)(const Problem&, const StackForwardBuffers<T>& recompute, const Backward&,
+                                  int threads);
 };
+
+template <class T>
+using StackKernels = Kernels<T, StackProblem<T>, StackBackwardBuffers<T>>;
 
 namespace stack_impl {
 namespace {
@@ -308,8 +352,227 @@ struct Team {
   }
 };
 
+// Lanes of the vector at column r that hold real rows of a tile with `rows` rows.
+template <class V>
+inline int lanes_at(int64_t r, int64_t rows) {
+  return static_cast<int>(std::min<int64_t>(rows - r, V::W));
+}
+
+// The local planes of one row tile, `features` rows of `padded` (the tile's rows rounded up to whole
+// vectors) in one zeroed allocation; a kernel's Planes type names its planes inside it.
+template <class V>
+struct TilePlanes {
+  using T = typename V::T;
+  int64_t padded;
+  std::unique_ptr<T[]> data;
+  TilePlanes(int64_t tile_rows, int64_t features)
+      : padded((tile_rows + V::W - 1) / V::W * V::W), data(new T[features * padded]()) {}
+  // The plane that starts at feature `first`.
+  T* at(int64_t first) const { return data.get() + first * padded; }
+};
+
+template <class Problem>
+int64_t tile_count(const Problem& p) {
+  return (p.batch + p.tile_rows - 1) / p.tile_rows;
+}
+
+// Runs body(team, planes, row) on an OpenMP team of `threads`: the planes (Planes(p)) shared when the
+// team splits the features of each tile (fewer tiles than threads), else private; row, a row of the
+// tile's width, always private.
+template <class Planes, class Problem, class F>
+void with_planes(const Problem& p, int threads, F&& body) {
+  using T = typename Planes::T;
+  const bool split = tile_count(p) < threads;
+  std::unique_ptr<Planes> shared(split ? new Planes(p) : nullptr);
+#pragma omp parallel num_threads(threads)
+  {
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
+    std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p));
+    Planes& planes = shared ? *shared : *own;
+    std::unique_ptr<T[]> row(new T[planes.padded]());
+    body(team, planes, row.get());
+  }
+}
+
+// The row tiles of this thread: body(b0, rows) for each, in the team's order.
+template <class Problem, class F>
+void for_each_tile(const Problem& p, const Team& team, F&& body) {
+  for (int64_t tile = team.first_tile(); tile < tile_count(p); tile += team.tile_step()) {
+    const int64_t b0 = tile * p.tile_rows;
+    body(b0, std::min(p.tile_rows, p.batch - b0));
+    team.sync();  // the next tile reuses the shared planes
+  }
+}
+
+// The rows passes of a depth-fused kernel K for Problem and Backward (buffers), K providing Planes,
+// forward_tile and backward_tile: every tile walks all layers, forward or in reverse, or (checkpoints)
+// recomputes its segment and walks it back.
+template <class K, class T, class Problem, class Backward>
+struct TileWalks {
+  static void forward(const Problem& p, const StackForwardBuffers<T>& buf, int threads) {
+    with_planes<typename K::Planes>(p, threads, [&](const Team& team, typename K::Planes& s, T* row) {
+      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { K::forward_tile(p, buf, team, s, row, b0, rows); });
+    });
+  }
+
+  static void backward_rows(const Problem& p, const Backward& buf, int threads) {
+    with_planes<typename K::Planes>(p, threads, [&](const Team& team, typename K::Planes& s, T* row) {
+      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { K::backward_tile(p, buf, team, s, row, b0, rows); });
+    });
+  }
+
+  static void recompute_backward_rows(const Problem& p, const StackForwardBuffers<T>& recompute, const Backward& buf,
+                                      int threads) {
+    with_planes<typename K::Planes>(p, threads, [&](const Team& team, typename K::Planes& s, T* row) {
+      for_each_tile(p, team, [&](int64_t b0, int64_t rows) {
+        K::forward_tile(p, recompute, team, s, row, b0, rows);
+        team.sync();  // the reverse walk reuses the planes
+        K::backward_tile(p, buf, team, s, row, b0, rows);
+      });
+    });
+  }
+
+  // The entry points, for the Kernels table.
+  static Kernels<T, Problem, Backward> kernels() {
+    return {&forward, &backward_rows, &K::backward_weights, &recompute_backward_rows};
+  }
+};
+
+// row[r] = mean over all `width` features of (factor * buf[o][r]) for r < live, or 0 without mean
+// subtraction. Every thread of a team computes it whole, in the same order.
+template <class V>
+void row_mean(bool mean_subtract, int64_t width, const typename V::T* buf, int64_t stride, int64_t live,
+              typename V::T factor, typename V::T* row) {
+  using T = typename V::T;
+  for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::zero());
+  if (!mean_subtract) return;
+  for (int64_t o = 0; o < width; ++o) {
+    for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) + V::load(buf + o * stride + r));
+  }
+  const typename V::Vec scale = V::broadcast(factor / T(width));
+  for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) * scale);
+}
+
+// A proxy with the sign of h, rebuilt from the saved bits of `planes` planes (1, -1 or 0; relu's NaN reads
+// as 1): enough for relu's and abs's backward.
+template <class V, int kPlanes>
+typename V::Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
+  using Vec = typename V::Vec;
+  const Vec pos = select(load_bits<V>(plane_pos, row), Vec(1), Vec(0));
+  if constexpr (kPlanes == 2) return select(load_bits<V>(plane_neg, row), Vec(-1), pos);
+  return pos;
+}
+
+// dst[o][r] = f(src[o][r]) for features [o0, o1).
+template <class V, class F>
+void map_rows(typename V::T* dst, const typename V::T* src, int64_t stride, int64_t o0, int64_t o1, int64_t live,
+              F&& f) {
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t r = 0; r < live; r += V::W) V::store(dst + o * stride + r, f(V::load(src + o * stride + r)));
+  }
+}
+
+// The epilogue of a GEMM h = W in: h[o][r] <- phi(h[o][r] + bias[o]) (bias may be nullptr) for features
+// [o0, o1) of a tile whose row r is row b0 + r of the batch, and the sign bits of h + bias into `mask`, this
+// layer's kPlanes planes of `features` features (docs/design.md §4.2), unless mask is nullptr.
+template <class V, Activation A, int kPlanes>
+void bias_activation(typename V::T* h, int64_t stride, const typename V::T* bias, int64_t o0, int64_t o1, int64_t live,
+                     uint16_t* mask, int64_t features, int64_t batch, int64_t b0) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const typename V::Vec b = bias ? V::broadcast(bias[o]) : V::zero();
+    typename V::T* h_row = h + o * stride;
+    uint16_t* pos = kPlanes && mask ? mask + mask_offset(0, 0, o, kPlanes, features, batch) : nullptr;
+    uint16_t* neg = kPlanes == 2 && mask ? mask + mask_offset(0, 1, o, kPlanes, features, batch) : nullptr;
+    for (int64_t r = 0; r < live; r += V::W) {
+      typename V::Vec value = V::load(h_row + r) + b;
+      if constexpr (kPlanes >= 1)
+        if (pos) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(value));
+      if constexpr (kPlanes == 2)
+        if (neg) store_bits<V>(neg, b0 + r, negative_sign_bit(value));
+      V::store(h_row + r, Act<A>::value(value));
+    }
+  }
+}
+
+// The residual update of one layer for features [o0, o1) of a tile of `rows` rows: saves x_l into `saved`
+// (this layer's (n, B) state from the tile's first row, or nullptr), then x <- x + scale * (v - mean) with
+// the row mean of the branch v over all `width` features (0 without mean subtraction).
+template <class V>
+void residual_update(const Team& team, bool mean_subtract, int64_t width, typename V::T scale, typename V::T* stream,
+                     const typename V::T* branch, int64_t stride, int64_t o0, int64_t o1, int64_t live, int64_t rows,
+                     typename V::T* row, typename V::T* saved, int64_t batch) {
+  team.sync();  // the row mean reads every feature of the branch
+  row_mean<V>(mean_subtract, width, branch, stride, live, typename V::T(1), row);
+  const typename V::Vec s = V::broadcast(scale);
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t r = 0; r < live; r += V::W) {
+      const int64_t i = o * stride + r;
+      const typename V::Vec x = V::load(stream + i);
+      if (saved) V::store_n(saved + o * batch + r, x, lanes_at<V>(r, rows));
+      V::store(stream + i, V::fma(s, V::load(branch + i) - V::load(row + r), x));
+    }
+  }
+}
+
+// The gradient at a block's branch output for features [o0, o1) of a tile of `rows` rows, given g =
+// dLoss/dx in `stream`: du = MS(scale * g) (the row mean of scale * g over all `width` features), then dh
+// = chain(o, r, du), into the plane `grad` and this layer's (n, B) rows of `grad_h` from the tile's first
+// row.
+template <class V, class F>
+void branch_gradient(bool mean_subtract, int64_t width, typename V::T scale, const typename V::T* stream,
+                     typename V::T* grad, int64_t stride, int64_t o0, int64_t o1, int64_t live, int64_t rows,
+                     typename V::T* row, typename V::T* grad_h, int64_t batch, F&& chain) {
+  row_mean<V>(mean_subtract, width, stream, stride, live, scale, row);
+  const typename V::Vec s = V::broadcast(scale);
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t r = 0; r < live; r += V::W) {
+      const int64_t i = o * stride + r;
+      const typename V::Vec dh = chain(o, r, s * V::load(stream + i) - V::load(row + r));
+      V::store(grad + i, dh);
+      V::store_n(grad_h + o * batch + r, dh, lanes_at<V>(r, rows));
+    }
+  }
+}
+
+// The weight-gradient passes read their operands row-major: dst[r][f] = f(src[f * src_stride + r]) for
+// r < count, f < features, and 0 for the features up to whole vectors (dst rows of dst_stride, a
+// multiple of W), by transposing W x W blocks in registers.
+template <class V, class F>
+void pack_transposed(typename V::T* dst, int64_t dst_stride, const typename V::T* src, int64_t src_stride,
+                     int64_t features, int64_t count, F&& f) {
+  using Vec = typename V::Vec;
+  for (int64_t k0 = 0; k0 < features; k0 += V::W) {
+    for (int64_t r0 = 0; r0 < count; r0 += V::W) {
+      const int valid = lanes_at<V>(r0, count);
+      Vec block[V::W];
+#pragma GCC unroll 16
+      for (int q = 0; q < V::W; ++q)
+        block[q] = k0 + q < features ? f(V::load_n(src + (k0 + q) * src_stride + r0, valid)) : V::zero();
+      V::transpose(block);
+#pragma GCC unroll 16
+      for (int q = 0; q < V::W; ++q) {
+        if (r0 + q < count) V::store(dst + (r0 + q) * dst_stride + k0, block[q]);
+      }
+    }
+  }
+}
+
+// sum over r < count of values[r], in vectors of W rows then across the lanes: the bias gradient's sum
+// over the batch, in one fixed order.
+template <class V>
+typename V::T sum_rows(const typename V::T* values, int64_t count) {
+  typename V::Vec sum = V::zero();
+  for (int64_t r = 0; r < count; r += V::W) sum += V::load_n(values + r, lanes_at<V>(r, count));
+  return V::sum(sum);
+}
+
+// Rows of the packed operands of a weight-gradient pass, and so the rows summed per GEMM call: each dW
+// element accumulates the batch in chunks of this many rows, in order.
+constexpr int64_t kWeightGradChunk = 256;
+
 template <class V, Activation A, Block K>
-struct Stack {
+struct Stack
+    : TileWalks<Stack<V, A, K>, typename V::T, StackProblem<typename V::T>, StackBackwardBuffers<typename V::T>> {
   using T = typename V::T;
   using Vec = typename V::Vec;
   using Phi = Act<A>;
@@ -317,110 +580,23 @@ struct Stack {
   static constexpr bool kIdentity = A == Activation::Identity;
   static constexpr int kPlanes = mask_planes(A, K);
 
-  // A tile's four (n x Rp) planes, shared by a feature-split team, private to a thread otherwise.
-  struct Planes {
-    int64_t padded;
-    std::unique_ptr<T[]> data;
+  // A tile's four (n x Rp) planes (stack_tile_features), shared by a feature-split team, private to a
+  // thread otherwise.
+  struct Planes : TilePlanes<V> {
     T *stream, *branch, *aux, *input;
-    Planes(int64_t width, int64_t tile_rows) : padded((tile_rows + V::W - 1) / V::W * V::W) {
-      const int64_t plane = width * padded;
-      data.reset(new T[4 * plane]());
-      stream = data.get();
-      branch = stream + plane;
-      aux = branch + plane;
-      input = aux + plane;
+    explicit Planes(const StackProblem<T>& p) : TilePlanes<V>(p.tile_rows, stack_tile_features(p.width)) {
+      stream = this->at(0);
+      branch = this->at(p.width);
+      aux = this->at(2 * p.width);
+      input = this->at(3 * p.width);
     }
   };
-
-  static int64_t tile_count(const StackProblem<T>& p) { return (p.batch + p.tile_rows - 1) / p.tile_rows; }
-
-  // Runs body(team, planes, row) on an OpenMP team of `threads`: the planes shared when the team
-  // splits the features of each tile (fewer tiles than threads), else private; row always private.
-  template <class F>
-  static void with_planes(const StackProblem<T>& p, int threads, F&& body) {
-    const bool split = tile_count(p) < threads;
-    std::unique_ptr<Planes> shared(split ? new Planes(p.width, p.tile_rows) : nullptr);
-#pragma omp parallel num_threads(threads)
-    {
-      const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
-      std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p.width, p.tile_rows));
-      Planes& planes = shared ? *shared : *own;
-      std::unique_ptr<T[]> row(new T[planes.padded]());
-      body(team, planes, row.get());
-    }
-  }
-
-  // A proxy with the sign of h, rebuilt from the saved bits (1, -1 or 0; relu's NaN reads as 1): enough
-  // for relu's and abs's backward.
-  static Vec sign_proxy(const uint16_t* plane_pos, const uint16_t* plane_neg, int64_t row) {
-    const Vec pos = select(load_bits<V>(plane_pos, row), Vec(1), Vec(0));
-    if constexpr (kPlanes == 2) return select(load_bits<V>(plane_neg, row), Vec(-1), pos);
-    return pos;
-  }
-
-  // row[r] = mean over all n features of (factor * buf[o][r]) for r < live, or 0 without mean
-  // subtraction. Every thread of a team computes it whole, in the same order.
-  static void row_mean(const StackProblem<T>& p, const T* buf, int64_t stride, int64_t live, T factor, T* row) {
-    for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::zero());
-    if (!p.mean_subtract) return;
-    for (int64_t o = 0; o < p.width; ++o) {
-      for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) + V::load(buf + o * stride + r));
-    }
-    const Vec scale = V::broadcast(factor / T(p.width));
-    for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) * scale);
-  }
-
-  // Lanes of the vector at column r that hold real rows of a tile with `rows` rows.
-  static int lanes_at(int64_t r, int64_t rows) { return static_cast<int>(std::min<int64_t>(rows - r, V::W)); }
-
-  // dst[o][r] = f(src[o][r]) for features [o0, o1).
-  template <class F>
-  static void map_rows(T* dst, const T* src, int64_t stride, int64_t o0, int64_t o1, int64_t live, F&& f) {
-    for (int64_t o = o0; o < o1; ++o) {
-      for (int64_t r = 0; r < live; r += V::W) V::store(dst + o * stride + r, f(V::load(src + o * stride + r)));
-    }
-  }
-
-  // The row tiles of this thread: body(b0, rows) for each, in the team's order.
-  template <class F>
-  static void for_each_tile(const StackProblem<T>& p, const Team& team, F&& body) {
-    for (int64_t tile = team.first_tile(); tile < tile_count(p); tile += team.tile_step()) {
-      const int64_t b0 = tile * p.tile_rows;
-      body(b0, std::min(p.tile_rows, p.batch - b0));
-      team.sync();  // the next tile reuses the shared planes
-    }
-  }
-
-  static void forward(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, int threads) {
-    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
-      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { forward_tile(p, buf, team, s, row, b0, rows); });
-    });
-  }
-
-  static void backward_rows(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
-    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
-      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { backward_tile(p, buf, team, s, row, b0, rows); });
-    });
-  }
-
-  static void recompute_backward_rows(const StackProblem<T>& p, const StackForwardBuffers<T>& recompute,
-                                      const StackBackwardBuffers<T>& buf, int threads) {
-    with_planes(p, threads, [&](const Team& team, Planes& s, T* row) {
-      for_each_tile(p, team, [&](int64_t b0, int64_t rows) {
-        forward_tile(p, recompute, team, s, row, b0, rows);
-        team.sync();  // the reverse walk reuses the planes
-        backward_tile(p, buf, team, s, row, b0, rows);
-      });
-    });
-  }
 
   // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of it when split).
   static void forward_tile(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
                            T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
     const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
-    const Vec scale = V::broadcast(p.scale);
-    const bool save_mask = buf.mask != nullptr;
     if (buf.x) {
       transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
     } else {
@@ -430,42 +606,19 @@ struct Stack {
       const T* W = p.weight + weight_offset(l, 0, n);
       const T* gemm_in = s.stream;
       if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
-        map_rows(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
+        map_rows<V>(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
         gemm_in = s.input;
       }
       team.sync();  // the GEMM reads every feature of its input
       gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
       // Branch epilogue: bias, then phi (post) with its sign bits.
-      for (int64_t o = o0; o < o1; ++o) {
-        const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-        T* h_row = s.branch + o * Rp;
-        uint16_t* pos = kPost && kPlanes && save_mask ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
-        uint16_t* neg = kPost && kPlanes == 2 && save_mask ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
-        for (int64_t r = 0; r < live; r += V::W) {
-          Vec h = V::load(h_row + r) + bias;
-          if constexpr (kPost) {
-            if constexpr (kPlanes >= 1)
-              if (save_mask) store_bits<V>(pos, b0 + r, positive_sign_bit<A>(h));
-            if constexpr (kPlanes == 2)
-              if (save_mask) store_bits<V>(neg, b0 + r, negative_sign_bit(h));
-            h = Phi::value(h);
-          }
-          V::store(h_row + r, h);
-        }
-      }
-      team.sync();  // the row mean reads every feature of the branch
-      row_mean(p, s.branch, Rp, live, T(1), row);
+      uint16_t* mask = buf.mask ? buf.mask + mask_offset(l, 0, 0, kPlanes, n, B) : nullptr;
+      bias_activation<V, kPost ? A : Activation::Identity, kPlanes>(s.branch, Rp, p.bias ? p.bias + l * n : nullptr, o0,
+                                                                    o1, live, mask, n, B, b0);
       // Save x_l (every save_every-th layer), then x <- x + s * (v - mean).
       const bool save = buf.saved && l % buf.save_every == 0;
-      for (int64_t o = o0; o < o1; ++o) {
-        T* saved = save ? buf.saved + state_offset(l / buf.save_every, o, n, B) + b0 : nullptr;
-        for (int64_t r = 0; r < live; r += V::W) {
-          const int64_t i = o * Rp + r;
-          const Vec x = V::load(s.stream + i);
-          if (save) V::store_n(saved + r, x, lanes_at(r, rows));
-          V::store(s.stream + i, V::fma(scale, V::load(s.branch + i) - V::load(row + r), x));
-        }
-      }
+      residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
+                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B);
     }
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
@@ -478,7 +631,6 @@ struct Stack {
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
     const int64_t live = (rows + V::W - 1) / V::W * V::W;
-    const Vec scale = V::broadcast(p.scale);
     // The stream planes now hold g = dLoss/dx.
     if (buf.grad_out) {
       transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);
@@ -492,21 +644,20 @@ struct Stack {
       }
       team.sync();  // the row mean reads all of g; the recomputation all of x_l
       if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
-      row_mean(p, s.stream, Rp, live, p.scale, row);
-      for (int64_t o = o0; o < o1; ++o) {
-        const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-        const uint16_t* pos = kPlanes ? buf.mask + mask_offset(l, 0, o, kPlanes, n, B) : nullptr;
-        const uint16_t* neg = kPlanes == 2 ? buf.mask + mask_offset(l, 1, o, kPlanes, n, B) : nullptr;
-        T* grad_h = buf.grad_h + state_offset(l, o, n, B) + b0;
-        for (int64_t r = 0; r < live; r += V::W) {
-          const int64_t i = o * Rp + r;
-          Vec dh = scale * V::load(s.stream + i) - V::load(row + r);
-          if constexpr (kPost && kPlanes) dh = Phi::backward(sign_proxy(pos, neg, b0 + r), dh);
-          if constexpr (kRecompute) dh = Phi::backward(V::load(s.branch + i) + bias, dh);
-          V::store(s.aux + i, dh);
-          V::store_n(grad_h + r, dh, lanes_at(r, rows));
-        }
-      }
+      const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, n, B) : nullptr;
+      branch_gradient<V>(p.mean_subtract, n, p.scale, s.stream, s.aux, Rp, o0, o1, live, rows, row,
+                         buf.grad_h + state_offset(l, 0, n, B) + b0, B, [&](int64_t o, int64_t r, Vec du) {
+                           if constexpr (kPost && kPlanes) {
+                             const uint16_t* pos = mask + mask_offset(0, 0, o, kPlanes, n, B);
+                             const uint16_t* neg = kPlanes == 2 ? mask + mask_offset(0, 1, o, kPlanes, n, B) : nullptr;
+                             return Phi::backward(sign_proxy<V, kPlanes>(pos, neg, b0 + r), du);
+                           } else if constexpr (kRecompute) {
+                             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+                             return Phi::backward(V::load(s.branch + o * Rp + r) + bias, du);
+                           } else {
+                             return du;
+                           }
+                         });
       team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
       const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
       if constexpr (kPost || kIdentity) {
@@ -531,7 +682,6 @@ struct Stack {
   // Phase 2: dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l, one
   // task per (layer, block of output rows); the sum over rows runs in a fixed order.
   static void backward_weights(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
-    constexpr int64_t kChunk = 256;  // rows of the packed input per pass
     const int64_t n = p.width, B = p.batch;
     const int64_t n_padded = (n + V::W - 1) / V::W * V::W;
     const int64_t block_rows = weight_grad_block_rows(p.depth, n);
@@ -539,54 +689,30 @@ struct Stack {
     const int64_t tasks = weight_grad_tasks(p.depth, n);
 #pragma omp parallel num_threads(threads)
     {
-      std::unique_ptr<T[]> packed(new T[kChunk * n_padded]());
+      std::unique_ptr<T[]> packed(new T[kWeightGradChunk * n_padded]());
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < tasks; ++task) {
         const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
         const int64_t rows_out = std::min(block_rows, n - o0);
-        const T* saved = buf.saved + state_offset(l, 0, n, B);
         const T* dh = buf.grad_h + state_offset(l, 0, n, B);
-        for (int64_t c0 = 0; c0 < B; c0 += kChunk) {
-          const int64_t count = std::min(kChunk, B - c0);
-          // packed[r][k] = in_l[c0 + r][k], by transposing W x W blocks in registers.
-          for (int64_t k0 = 0; k0 < n; k0 += V::W) {
-            for (int64_t r0 = 0; r0 < count; r0 += V::W) {
-              const int valid = static_cast<int>(std::min<int64_t>(count - r0, V::W));
-              Vec block[V::W];
-#pragma GCC unroll 16
-              for (int q = 0; q < V::W; ++q) {
-                block[q] = k0 + q < n ? V::load_n(saved + (k0 + q) * B + c0 + r0, valid) : V::zero();
-                if constexpr (!kPost && !kIdentity) block[q] = Phi::value(block[q]);
-              }
-              V::transpose(block);
-#pragma GCC unroll 16
-              for (int q = 0; q < V::W; ++q) V::store(packed.get() + (r0 + q) * n_padded + k0, block[q]);
-            }
-          }
+        for (int64_t c0 = 0; c0 < B; c0 += kWeightGradChunk) {
+          const int64_t count = std::min(kWeightGradChunk, B - c0);
+          pack_transposed<V>(packed.get(), n_padded, buf.saved + state_offset(l, 0, n, B) + c0, B, n, count,
+                             [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
           gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.get(), n_padded,
                   buf.grad_weight + weight_offset(l, o0, n), n, c0 > 0);
         }
         if (buf.grad_bias) {
-          for (int64_t o = o0; o < o0 + rows_out; ++o) {
-            Vec sum = V::zero();
-            for (int64_t b = 0; b < B; b += V::W) sum += V::load_n(dh + o * B + b, lanes_at(b, B));
-            buf.grad_bias[l * n + o] = V::sum(sum);
-          }
+          for (int64_t o = o0; o < o0 + rows_out; ++o) buf.grad_bias[l * n + o] = sum_rows<V>(dh + o * B, B);
         }
       }
     }
   }
 };
 
-template <class V, Activation A, Block K>
-StackKernels<typename V::T> kernels_of() {
-  using S = Stack<V, A, K>;
-  return {&S::forward, &S::backward_rows, &S::backward_weights, &S::recompute_backward_rows};
-}
-
 template <class V, Activation A>
 StackKernels<typename V::T> kernels_for(Block block) {
-  return block == Block::Post ? kernels_of<V, A, Block::Post>() : kernels_of<V, A, Block::Pre>();
+  return block == Block::Post ? Stack<V, A, Block::Post>::kernels() : Stack<V, A, Block::Pre>::kernels();
 }
 
 }  // namespace
@@ -600,44 +726,27 @@ StackKernels<typename V::T> make_stack_kernels(Activation activation, Block bloc
   return result;
 }
 
-// One segment's scratch for a checkpointed backward, sized for `every` layers of the whole batch.
-template <class T>
-struct SegmentScratch {
-  T* states;       // (every, n, B)
-  uint16_t* mask;  // (every, planes, n, ceil(B/16))
-  T* grad_h;       // (every, n, B)
-};
-
-// The backward of a stack whose forward saved only x_0, x_k, x_2k, ... (k = every; docs/design.md
-// §4.4). Segment by segment from the last: per row tile, recompute the segment's states and sign bits
-// from its checkpoint and walk it in reverse (recompute_backward_rows), then the segment's dW and db
-// (backward_weights). Every state, bit and dh is the one the forward and backward of a stack that saves
-// every layer compute (a row's values do not depend on the tiling, and each dW_l sums the same rows in
-// the same order), so the gradients are bitwise those of saving every layer.
-template <class T>
-void checkpointed_backward(const StackKernels<T>& kernels, const StackProblem<T>& p, const T* checkpoints,
-                           int64_t every, const T* grad_out, T* grad_x, T* grad_carry, const SegmentScratch<T>& scratch,
-                           T* grad_weight, T* grad_bias, int threads) {
-  const int64_t n = p.width, segments = checkpoint_count(p.depth, every);
-  for (int64_t segment = segments - 1; segment >= 0; --segment) {
-    const int64_t first = segment * every;
-    StackProblem<T> part = p;
-    part.depth = std::min(every, p.depth - first);
-    part.weight = p.weight + weight_offset(first, 0, n);
-    part.bias = p.bias ? p.bias + first * n : nullptr;
+// The backward of a depth-fused stack whose forward saved only x_0, x_k, x_2k, ... (k = every;
+// docs/design.md §4.4), for the kernels of any problem type. Segment by segment from the last: per row
+// tile, recompute the segment's states and sign bits from its checkpoint and walk it in reverse
+// (recompute_backward_rows), then the segment's weight and bias gradients (backward_weights). `whole`
+// holds the buffers of the whole stack (grad_out, grad_x, grad_carry and the gradients of the parameters;
+// its states, sign bits and dh are the scratch's, per segment). Every state, bit and dh is the one the
+// forward and backward of a stack that saves every layer compute (a row's values do not depend on the
+// tiling, and each dW_l sums the same rows in the same order), so the gradients are bitwise those of
+// saving every layer.
+template <class T, class Problem, class Backward>
+void checkpointed_backward(const Kernels<T, Problem, Backward>& kernels, const Problem& p, const T* checkpoints,
+                           int64_t every, const Backward& whole, const SegmentScratch<T>& scratch, int threads) {
+  const int64_t segments = checkpoint_count(p.depth, every);
+  for_each_segment_from_last(p.depth, every, [&](int64_t segment, int64_t first, int64_t count) {
     const StackForwardBuffers<T> recompute{
-        nullptr, checkpoints + state_offset(segment, 0, n, p.batch), nullptr, scratch.states, 1, scratch.mask};
-    const StackBackwardBuffers<T> backward{segment == segments - 1 ? grad_out : nullptr,
-                                           scratch.states,
-                                           scratch.mask,
-                                           segment == 0 ? grad_x : nullptr,
-                                           grad_carry,
-                                           scratch.grad_h,
-                                           grad_weight + weight_offset(first, 0, n),
-                                           grad_bias ? grad_bias + first * n : nullptr};
+        nullptr, checkpoints + state_offset(segment, 0, p.width, p.batch), nullptr, scratch.states, 1, scratch.mask};
+    const Backward backward = whole.segment(p, first, scratch, segment == segments - 1, segment == 0);
+    const Problem part = p.layers(first, count);
     kernels.recompute_backward_rows(part, recompute, backward, threads);
     kernels.backward_weights(part, backward, threads);
-  }
+  });
 }
 
 }  // namespace dmup

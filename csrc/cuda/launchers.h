@@ -58,5 +58,14 @@ template <class T>
 cudaError_t launch_activation_backward_add(const T* in, const T* grad_phi, T* grad, int64_t count,
                                            Activation activation, cudaStream_t stream);
 
+// residual_mlp_stack.cu, T: float, double; planes as residual_stack.cu's. The output epilogue and the
+// backward of a layer are launch_stack_layer_forward (identity, no mask) and launch_stack_layer_backward.
+
+// hidden = phi(h + bias) per column, from the layer's GEMM h = W1_l x (m features), bias the layer's m
+// values or nullptr; with mask (relu and abs only), also the layer's sign bits of h + bias.
+template <class T>
+cudaError_t launch_mlp_hidden_forward(const T* h, const T* bias, T* hidden, uint16_t* mask, int64_t m, int64_t batch,
+                                      Activation activation, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace dmup

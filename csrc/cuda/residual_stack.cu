@@ -7,10 +7,9 @@
 // x_l is saved without a copy (the stream of layer l is saved[l]), and the 16-bit words of sign bits
 // (consecutive rows of one feature) come straight out of a warp vote.
 //
-// Layer kernels: one thread per batch row (column b) and slice of the features. A block is one warp
-// of kColumns consecutive rows by kSlices warps; warp y takes features y, y + kSlices, ... The mean
-// over the width adds the slices' partial sums through shared memory in a fixed order. Offsets are
-// int64, so n * batch may exceed 2^31.
+// Layer kernels: one thread per batch row (column b) and slice of the features, in the blocks of
+// layer_kernels.cuh. The mean over the width adds the slices' partial sums through shared memory in a
+// fixed order.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -18,15 +17,11 @@
 
 #include "../activations.h"
 #include "launchers.h"
+#include "layer_kernels.cuh"
 
 namespace dmup {
 namespace cuda {
 namespace {
-
-constexpr int kColumns = 32;  // one warp: the lanes' 32 rows make two mask words
-constexpr int kSlices = 8;
-constexpr int kLayerThreads = kColumns * kSlices;
-constexpr unsigned kFullMask = 0xffffffffu;
 
 // Sum of v over the slices of this thread's column, returned to every thread of the column. Called
 // once per kernel: the shared buffer is not reused.
@@ -38,19 +33,6 @@ __device__ T slice_sum(T v) {
   T total = T(0);
   for (int s = 0; s < kSlices; ++s) total += partial[s][threadIdx.x];
   return total;
-}
-
-// h + bias at feature j, column b of an (n, batch) plane.
-template <class T>
-__device__ T branch_at(const T* h, const T* bias, int64_t j, int64_t batch, int64_t b) {
-  return bias ? h[j * batch + b] + bias[j] : h[j * batch + b];
-}
-
-// Stores the warp's 32 bits (lane i: row b - lane + i) as the two 16-bit words they fill, of the
-// `words` words of one feature. Every lane of the warp must call it.
-__device__ void store_vote(uint16_t* feature_words, int64_t words, int64_t b, bool bit) {
-  const unsigned vote = __ballot_sync(kFullMask, bit);
-  if (threadIdx.x % 16 == 0 && b / 16 < words) feature_words[b / 16] = static_cast<uint16_t>(vote >> threadIdx.x);
 }
 
 // The sign of h rebuilt from the saved bits (1, 0, or -1 from plane 1): all that relu's and abs's
@@ -69,9 +51,8 @@ __global__ void __launch_bounds__(kLayerThreads)
     stack_layer_forward_kernel(const T* x, const T* __restrict__ h, const T* __restrict__ bias, T* x_next,
                                uint16_t* __restrict__ mask, int64_t n, int64_t batch, T scale, bool mean_subtract) {
   using Phi = Act<A>;
-  constexpr int kPlanes = mask_planes(A, Block::Post);
   const int64_t b = static_cast<int64_t>(blockIdx.x) * kColumns + threadIdx.x;
-  const bool live = b < batch;  // the lanes past the batch still vote (as 0)
+  const bool live = b < batch;
   T mean = T(0);
   if (mean_subtract) {
     T sum = T(0);
@@ -80,16 +61,9 @@ __global__ void __launch_bounds__(kLayerThreads)
     }
     mean = slice_sum(sum) / static_cast<T>(n);
   }
-  const int64_t words = mask_words(batch);
   for (int64_t j = threadIdx.y; j < n; j += kSlices) {
-    const T hb = live ? branch_at(h, bias, j, batch, b) : T(0);
-    if (live) x_next[j * batch + b] = x[j * batch + b] + scale * (Phi::value(hb) - mean);
-    if constexpr (kPlanes >= 1) {
-      if (mask) store_vote(mask + j * words, words, b, live && positive_sign_bit<A>(hb));
-    }
-    if constexpr (kPlanes == 2) {
-      if (mask) store_vote(mask + (n + j) * words, words, b, live && negative_sign_bit(hb));
-    }
+    const T v = activate_and_vote<T, A>(h, bias, mask, n, batch, j, b);
+    if (live) x_next[j * batch + b] = x[j * batch + b] + scale * (v - mean);
   }
 }
 
@@ -140,10 +114,6 @@ __global__ void activation_backward_add_kernel(const T* __restrict__ in, const T
     grad[i] += Act<A>::backward(in[i], grad_phi[i]);
   }
 }
-
-// One block per kColumns batch rows.
-dim3 layer_grid(int64_t batch) { return dim3(static_cast<unsigned>((batch + kColumns - 1) / kColumns)); }
-const dim3 kLayerBlock(kColumns, kSlices);
 
 // Elementwise kernels loop over the elements with a grid of at most kMaxElementBlocks blocks.
 constexpr int kElementThreads = 256;

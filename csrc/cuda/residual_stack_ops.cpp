@@ -17,6 +17,7 @@
 #include "../op_args.h"
 #include "check_launch.h"
 #include "launchers.h"
+#include "layer_views.h"
 
 namespace dmup {
 namespace {
@@ -38,17 +39,6 @@ struct StackForm {
     recompute_h = branch != Activation::Identity && planes == 0;
   }
 };
-
-template <class T>
-const T* layer_bias(const at::Tensor& bias, int64_t layer) {
-  return bias.defined() ? bias.const_data_ptr<T>() + layer * bias.stride(0) : nullptr;
-}
-
-// The sign-bit planes of one layer, or nullptr when the form saves none (or nothing is saved).
-uint16_t* layer_mask(const at::Tensor& mask, int64_t layer) {
-  if (mask.size(0) == 0 || mask.size(1) == 0) return nullptr;
-  return reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()) + layer * mask.stride(0);
-}
 
 // The settings every layer of one stack shares.
 struct StackRun {
@@ -150,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cuda(const at::Ten
       StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
   const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
   at::Tensor out, saved, mask;
-  std::tie(out, saved, mask) = empty_stack_outputs(x, depth, run.form.planes, save_for_backward, checkpoint_every);
+  std::tie(out, saved, mask) =
+      empty_stack_outputs(x, depth, run.form.planes, width, save_for_backward, checkpoint_every);
   const at::Tensor last = at::empty({width, batch}, x.options());
   const bool checkpointed = save_for_backward && checkpoint_every > 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cuda", [&] {
@@ -172,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
   const StackRun run{
       StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
-  check_stack_state(saved, mask, grad_out, depth, run.form.planes, checkpoint_every);
+  check_stack_state(saved, mask, grad_out, depth, run.form.planes, width, checkpoint_every, "residual_stack");
   const auto options = grad_out.options();
   // g = dLoss/dx_l, feature-major, updated in place from layer L-1 down to 0.
   const at::Tensor grad = at::empty({width, batch}, options);
@@ -191,12 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
     const at::Tensor states = at::empty({span, width, batch}, options), grad_h = at::empty_like(states);
     const at::Tensor signs = at::empty({span, run.form.planes, width, mask_words(batch)}, options.dtype(at::kShort));
     const at::Tensor last = at::empty({width, batch}, options);
-    for (int64_t segment = checkpoint_count(depth, checkpoint_every) - 1; segment >= 0; --segment) {
-      const int64_t first = segment * checkpoint_every, count = std::min(checkpoint_every, depth - first);
+    for_each_segment_from_last(depth, checkpoint_every, [&](int64_t segment, int64_t first, int64_t count) {
       signs.zero_();  // the layer kernel only sets bits
       forward_layers<scalar_t>(run, first, count, saved.select(0, segment), states, at::Tensor(), 1, signs, last);
       backward_layers<scalar_t>(run, first, count, states, signs, grad, grad_h, grad_weight, grad_bias);
-    }
+    });
   });
   at::Tensor grad_x = at::empty({batch, width}, options);
   grad_x.copy_(grad.t());

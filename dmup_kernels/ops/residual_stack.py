@@ -111,7 +111,7 @@ class ReferenceStack:
             return reference.residual_stream(x, weight, bias, **settings.layer_options)[-1]
 
         if save and settings.checkpoint_every:
-            stream = checkpointed_stream(run, x, weight, bias, settings.checkpoint_every)
+            stream = checkpointed_stream(run, x, (weight, bias), settings.checkpoint_every)
         else:
             stream = reference.residual_stream(x, weight, bias, **settings.layer_options)
         return stream[-1], stream

@@ -7,7 +7,8 @@ traces into the kernels, with their autograd rules.
 
 They are separate ops from dmup::scaled_residual / dmup::residual_stack because a triton_op owns its
 schema; ``TRITON_STACK`` is the backend that dmup_kernels.ops.residual_stack dispatches to, and it
-chooses between the fused kernels and a GEMM per layer. The autograd rules go through
+chooses between the fused kernels and a GEMM per layer. ``TRITON_MLP_STACK``, the backend of
+residual_mlp_stack, runs each MLP block as library GEMMs and the epilogue kernel. The autograd rules go through
 ``dmup_kernels._registration`` like the C++ ops', so torch.func transforms work. The fake (shape)
 rules are explicit because under the Triton interpreter the kernels would otherwise run on fake tensors.
 Under the interpreter the kernels are Python that reads tensor data, which cannot be traced, so there
@@ -23,7 +24,15 @@ from torch import Tensor
 from torch.library import custom_op, triton_op
 
 from .. import reference
-from .._layout import StackGrads, StackSettings, checkpointed_stream, compute_rows, graph_backward, stacked_states
+from .._layout import (
+    RecordedMlpStack,
+    StackGrads,
+    StackSettings,
+    checkpointed_stream,
+    compute_rows,
+    graph_backward,
+    stacked_states,
+)
 from .._registration import OpEpilogue, register_autograd
 from . import INTERPRETED
 from .residual_stack import (
@@ -109,8 +118,7 @@ class TritonStack:
             stream = checkpointed_stream(
                 lambda rows, weight, bias: self._run(rows, weight, bias, settings, save)[0],
                 rows,
-                weight,
-                bias,
+                (weight, bias),
                 settings.checkpoint_every,
             )
             out, state = stream[-1], stream
@@ -153,3 +161,7 @@ class TritonStack:
 
 
 TRITON_STACK = TritonStack()
+
+TRITON_MLP_STACK = RecordedMlpStack(TRITON_EPILOGUE.op, kernel_operands=True)
+"""The Triton backend of residual_mlp_stack, a layer at a time: library GEMMs for h1 = x W1^T + b1 and h2 =
+phi(h1) W2^T + b2, and the Triton epilogue kernel for x + s MS(h2) (docs/design.md §3.7, §3.8)."""

@@ -1,12 +1,13 @@
-// Torch-free check of the CPU stack kernel core (csrc/cpu/stack_kernel.h) on one instruction set,
-// chosen when compiling: -DDMUP_CHECK_ISA=avx512, avx2, neon or portable (see the Makefile's
+// Torch-free check of the CPU kernel core (csrc/cpu/stack_kernel.h, mlp_stack_kernel.h) on one instruction
+// set, chosen when compiling: -DDMUP_CHECK_ISA=avx512, avx2, neon or portable (see the Makefile's
 // test-neon target and tests/test_stack_kernel_native.py). It checks, against its own float64
 // scalar reference:
 // - exp and tanh of the ISA's vectors against std::exp / std::tanh over the float range (a sample of
 //   every bit pattern), +-0, +-inf, NaN and the overflow and underflow edges;
 // - the stack's output and gradients for every activation, block, mean subtraction and bias setting,
-//   on odd widths and row counts, with float32 outputs poisoned with NaN before the kernel runs;
-// - that the results are bitwise the same for 1, 2 and 3 threads;
+//   and the MLP stack's for every activation, mean subtraction and bias setting, on odd widths, hidden
+//   widths and row counts, with float32 outputs poisoned with NaN before the kernel runs;
+// - that the results are bitwise the same for 1, 2 and 3 threads, and with depth checkpoints;
 // - that +-inf and NaN in the input give non-finite results exactly where the reference has them.
 // It prints one line per failure and "N passed, M failed", and exits non-zero on any failure.
 #include <omp.h>
@@ -36,7 +37,7 @@ using Simd = dmup::neon::Simd;
 #include "cpu/simd_scalar.h"
 using Simd = dmup::ScalarSimd<float>;
 #endif
-#include "cpu/stack_kernel.h"
+#include "cpu/mlp_stack_kernel.h"
 
 namespace {
 
@@ -198,13 +199,14 @@ struct Config {
   }
 };
 
-struct Result {
-  std::vector<float> out, grad_x, grad_weight, grad_bias;
-};
+// The output, then the gradients (of x, then of each parameter), in a fixed order per kernel.
+using Results = std::vector<std::vector<float>>;
+const char* const kStackLabels[] = {"output", "grad x", "grad weight", "grad bias"};
+const char* const kMlpLabels[] = {"output", "grad x", "grad weight1", "grad weight2", "grad bias1", "grad bias2"};
 
 // Row-major x (B, n), weight (L, n, n), bias (L, n); returns out and the gradients for grad_out.
-Result reference(const Config& c, const std::vector<float>& x0, const std::vector<float>& weight,
-                 const std::vector<float>& bias, double scale, const std::vector<float>& grad_out) {
+Results reference(const Config& c, const std::vector<float>& x0, const std::vector<float>& weight,
+                  const std::vector<float>& bias, double scale, const std::vector<float>& grad_out) {
   const int64_t n = c.width, B = c.batch, L = c.depth;
   const bool post = c.block == Block::Post;
   std::vector<double> x(x0.begin(), x0.end());
@@ -231,8 +233,8 @@ Result reference(const Config& c, const std::vector<float>& x0, const std::vecto
     }
     hs[l] = h;
   }
-  Result result;
-  result.out.assign(x.begin(), x.end());
+  Results result(4);
+  result[0].assign(x.begin(), x.end());
   std::vector<double> g(grad_out.begin(), grad_out.end()), dh(B * n);
   std::vector<double> dw(L * n * n, 0.0), db(L * n, 0.0);
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -266,9 +268,9 @@ Result reference(const Config& c, const std::vector<float>& x0, const std::vecto
       }
     }
   }
-  result.grad_x.assign(g.begin(), g.end());
-  result.grad_weight.assign(dw.begin(), dw.end());
-  if (c.bias) result.grad_bias.assign(db.begin(), db.end());
+  result[1].assign(g.begin(), g.end());
+  result[2].assign(dw.begin(), dw.end());
+  if (c.bias) result[3].assign(db.begin(), db.end());
   return result;
 }
 
@@ -278,47 +280,43 @@ Result reference(const Config& c, const std::vector<float>& x0, const std::vecto
 
 // The kernel's output and gradients; with checkpoint_every = k > 0 the forward keeps x_0, x_k, ... only
 // and the backward recomputes each segment (checkpointed_backward).
-Result run_kernel(const Config& c, const std::vector<float>& x, const std::vector<float>& weight,
-                  const std::vector<float>& bias, float scale, const std::vector<float>& grad_out, int threads,
-                  int64_t checkpoint_every = 0) {
+Results run_kernel(const Config& c, const std::vector<float>& x, const std::vector<float>& weight,
+                   const std::vector<float>& bias, float scale, const std::vector<float>& grad_out, int threads,
+                   int64_t checkpoint_every = 0) {
   const int64_t n = c.width, B = c.batch, L = c.depth;
   const auto kernels = dmup::make_stack_kernels<Simd>(c.activation, c.block);
-  const dmup::StackProblem<float> problem{B,
-                                          n,
-                                          L,
-                                          weight.data(),
-                                          c.bias ? bias.data() : nullptr,
-                                          scale,
-                                          c.activation,
-                                          c.block,
-                                          c.mean_subtract,
-                                          dmup::stack_tile_rows(B, n, threads, sizeof(float))};
+  const dmup::StackProblem<float> problem{
+      B,
+      n,
+      L,
+      weight.data(),
+      c.bias ? bias.data() : nullptr,
+      scale,
+      c.activation,
+      c.block,
+      c.mean_subtract,
+      dmup::stack_tile_rows(B, dmup::stack_tile_features(n) * sizeof(float), threads)};
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const int planes = dmup::mask_planes(c.activation, c.block);
   const int64_t kept = checkpoint_every ? dmup::checkpoint_count(L, checkpoint_every) : L;
   const int64_t span = checkpoint_every ? std::min(checkpoint_every, L) : L;  // layers of scratch
-  Result result;
-  result.out.assign(B * n, nan);
+  Results result{std::vector<float>(B * n, nan), std::vector<float>(B * n, nan), std::vector<float>(L * n * n, nan),
+                 std::vector<float>(c.bias ? L * n : 0, nan)};
   std::vector<float> saved(kept * n * B, nan), grad_h(span * n * B, nan), states(span * n * B, nan);
   std::vector<float> grad_carry(n * B, nan);
   std::vector<uint16_t> mask(span * planes * n * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
   kernels.forward(problem,
-                  {x.data(), nullptr, result.out.data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
+                  {x.data(), nullptr, result[0].data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
                    checkpoint_every ? nullptr : mask.data()},
                   threads);
-  result.grad_x.assign(B * n, nan);
-  result.grad_weight.assign(L * n * n, nan);
-  result.grad_bias.assign(c.bias ? L * n : 0, nan);
-  float* grad_bias = c.bias ? result.grad_bias.data() : nullptr;
+  float* grad_bias = c.bias ? result[3].data() : nullptr;
+  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),   saved.data(),  mask.data(),      result[1].data(),
+                                                  grad_carry.data(), grad_h.data(), result[2].data(), grad_bias};
   if (checkpoint_every) {
-    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, grad_out.data(), result.grad_x.data(),
-                                grad_carry.data(), {states.data(), mask.data(), grad_h.data()},
-                                result.grad_weight.data(), grad_bias, threads);
+    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, buffers,
+                                {states.data(), mask.data(), grad_h.data(), nullptr}, threads);
     return result;
   }
-  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),           saved.data(), mask.data(),
-                                                  result.grad_x.data(),      nullptr,      grad_h.data(),
-                                                  result.grad_weight.data(), grad_bias};
   kernels.backward_rows(problem, buffers, threads);
   kernels.backward_weights(problem, buffers, threads);
   return result;
@@ -348,49 +346,222 @@ bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
 
 constexpr double kTolerance = 1e-5;  // float32 against float64 at these depths
 
-void check_stack(const Config& c, std::mt19937& rng, bool poison) {
-  const int64_t n = c.width, B = c.batch, L = c.depth;
-  std::normal_distribution<float> normal;
-  std::vector<float> x(B * n), weight(L * n * n), bias(L * n), grad_out(B * n);
-  for (auto& v : x) v = normal(rng);
-  for (auto& v : weight) v = normal(rng) / std::sqrt(float(n));
-  for (auto& v : bias) v = 0.1f * normal(rng);
-  for (auto& v : grad_out) v = normal(rng);
-  if (poison) {  // one special value in each of three rows (fewer where the batch is small)
-    const float specials[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
-                              -std::numeric_limits<float>::infinity()};
-    for (int i = 0; i < 3; ++i) x[(i * 5 % B) * n + (i * 3 % n)] = specials[i];
-  }
-  const float scale = 0.7f / std::sqrt(float(L));
-  const Result ref = reference(c, x, weight, bias, scale, grad_out);
-  const Result one = run_kernel(c, x, weight, bias, scale, grad_out, 1);
-  const std::string name = c.name() + (poison ? " (inf/NaN input)" : "");
-  const char* labels[] = {"output", "grad x", "grad weight", "grad bias"};
-  const std::vector<float>* ours[] = {&one.out, &one.grad_x, &one.grad_weight, &one.grad_bias};
-  const std::vector<float>* refs[] = {&ref.out, &ref.grad_x, &ref.grad_weight, &ref.grad_bias};
-  for (int i = 0; i < 4; ++i) {
+// Every result of `ours` within kTolerance of the reference's, with the same non-finite elements.
+void expect_close(const std::string& name, const char* const* labels, const Results& ours, const Results& ref) {
+  for (size_t i = 0; i < ref.size(); ++i) {
     bool classes_match;
-    const double err = compare(*ours[i], *refs[i], &classes_match);
+    const double err = compare(ours[i], ref[i], &classes_match);
     char line[64];
     std::snprintf(line, sizeof line, ": rel err %.2e", err);
     expect(classes_match && err < kTolerance,
            name + " " + labels[i] + line + (classes_match ? "" : ", non-finite elements differ"));
   }
-  // Other thread counts, and checkpoints every 1 or 2 layers (2 divides none of the odd depths): the
-  // same bits as saving every layer on one thread.
-  const struct {
-    int threads;
-    int64_t checkpoint_every;
-  } variants[] = {{2, 0}, {3, 0}, {1, 1}, {3, 2}};
-  for (const auto& v : variants) {
-    const Result other = run_kernel(c, x, weight, bias, scale, grad_out, v.threads, v.checkpoint_every);
-    const std::vector<float>* theirs[] = {&other.out, &other.grad_x, &other.grad_weight, &other.grad_bias};
-    for (int i = 0; i < 4; ++i) {
-      expect(bitwise_equal(*ours[i], *theirs[i]),
-             name + " " + labels[i] + ": 1 thread != " + std::to_string(v.threads) + " threads, checkpoint every " +
-                 std::to_string(v.checkpoint_every) + " layers");
+}
+
+// The runs compared bitwise with one thread saving every layer: other thread counts, and checkpoints every 1
+// or 2 layers (2 divides none of the odd depths).
+struct Variant {
+  int threads;
+  int64_t checkpoint_every;
+};
+const Variant kVariants[] = {{2, 0}, {3, 0}, {1, 1}, {3, 2}};
+
+// run(variant) gives the same bits as `one` (one thread, every layer saved) for every variant.
+template <class Run>
+void expect_same_bits(const std::string& name, const char* const* labels, const Results& one, Run&& run) {
+  for (const Variant& v : kVariants) {
+    const Results other = run(v);
+    for (size_t i = 0; i < one.size(); ++i) {
+      expect(bitwise_equal(one[i], other[i]), name + " " + labels[i] + ": 1 thread != " + std::to_string(v.threads) +
+                                                  " threads, checkpoint every " + std::to_string(v.checkpoint_every) +
+                                                  " layers");
     }
   }
+}
+
+// Random values: normal, scaled by `scale`.
+std::vector<float> normal_values(std::mt19937& rng, int64_t count, float scale) {
+  std::normal_distribution<float> normal;
+  std::vector<float> values(count);
+  for (auto& v : values) v = scale * normal(rng);
+  return values;
+}
+
+// One special value (NaN, inf, -inf) in each of three rows of x (B, n) (fewer where the batch is small).
+void poison_rows(std::vector<float>& x, int64_t batch, int64_t width) {
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  for (int i = 0; i < 3; ++i) x[(i * 5 % batch) * width + (i * 3 % width)] = specials[i];
+}
+
+void check_stack(const Config& c, std::mt19937& rng, bool poison) {
+  const int64_t n = c.width, B = c.batch, L = c.depth;
+  std::vector<float> x = normal_values(rng, B * n, 1.0f),
+                     weight = normal_values(rng, L * n * n, 1 / std::sqrt(float(n)));
+  const std::vector<float> bias = normal_values(rng, L * n, 0.1f), grad_out = normal_values(rng, B * n, 1.0f);
+  if (poison) poison_rows(x, B, n);
+  const float scale = 0.7f / std::sqrt(float(L));
+  const Results one = run_kernel(c, x, weight, bias, scale, grad_out, 1);
+  const std::string name = c.name() + (poison ? " (inf/NaN input)" : "");
+  expect_close(name, kStackLabels, one, reference(c, x, weight, bias, scale, grad_out));
+  expect_same_bits(name, kStackLabels, one, [&](const Variant& v) {
+    return run_kernel(c, x, weight, bias, scale, grad_out, v.threads, v.checkpoint_every);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// the MLP stack: float64 reference and the kernel
+// ---------------------------------------------------------------------------------------------
+
+struct MlpConfig {
+  int64_t width, hidden_width, batch, depth;
+  Activation activation;
+  bool mean_subtract, bias;
+  std::string name() const {
+    return std::string("mlp-") + name_of(activation) + (mean_subtract ? "-ms" : "") + (bias ? "-bias" : "") +
+           " n=" + std::to_string(width) + " m=" + std::to_string(hidden_width) + " B=" + std::to_string(batch) +
+           " L=" + std::to_string(depth);
+  }
+};
+
+struct MlpParams {
+  std::vector<float> weight1, weight2, bias1, bias2;  // (L, m, n), (L, n, m), (L, m), (L, n)
+};
+
+// Row-major x (B, n); x <- x + s MS(phi(x W1^T + b1) W2^T + b2) per layer; out and the gradients for grad_out.
+Results mlp_reference(const MlpConfig& c, const std::vector<float>& x0, const MlpParams& w, double scale,
+                      const std::vector<float>& grad_out) {
+  const int64_t n = c.width, m = c.hidden_width, B = c.batch, L = c.depth;
+  std::vector<double> x(x0.begin(), x0.end());
+  std::vector<std::vector<double>> xs(L), h1s(L, std::vector<double>(B * m));
+  std::vector<double> h2(n);
+  for (int64_t l = 0; l < L; ++l) {
+    xs[l] = x;
+    for (int64_t r = 0; r < B; ++r) {
+      double* h1 = &h1s[l][r * m];
+      for (int64_t j = 0; j < m; ++j) {
+        h1[j] = c.bias ? w.bias1[l * m + j] : 0.0;
+        for (int64_t k = 0; k < n; ++k) h1[j] += x[r * n + k] * w.weight1[(l * m + j) * n + k];
+      }
+      double mean = 0;
+      for (int64_t o = 0; o < n; ++o) {
+        h2[o] = c.bias ? w.bias2[l * n + o] : 0.0;
+        for (int64_t j = 0; j < m; ++j) h2[o] += phi(c.activation, h1[j]) * w.weight2[(l * n + o) * m + j];
+        mean += c.mean_subtract ? h2[o] / n : 0.0;
+      }
+      for (int64_t o = 0; o < n; ++o) x[r * n + o] += scale * (h2[o] - mean);
+    }
+  }
+  Results result{std::vector<float>(x.begin(), x.end())};
+  std::vector<double> g(grad_out.begin(), grad_out.end()), dh2(n), dh1(m);
+  std::vector<double> dw1(L * m * n, 0.0), dw2(L * n * m, 0.0), db1(L * m, 0.0), db2(L * n, 0.0);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    for (int64_t r = 0; r < B; ++r) {
+      const double* h1 = &h1s[l][r * m];
+      double mean = 0;
+      if (c.mean_subtract) {
+        for (int64_t o = 0; o < n; ++o) mean += scale * g[r * n + o];
+        mean /= n;
+      }
+      for (int64_t o = 0; o < n; ++o) dh2[o] = scale * g[r * n + o] - mean;
+      for (int64_t j = 0; j < m; ++j) {
+        double da = 0;
+        for (int64_t o = 0; o < n; ++o) da += dh2[o] * w.weight2[(l * n + o) * m + j];
+        dh1[j] = phi_backward(c.activation, h1[j], da);
+      }
+      for (int64_t o = 0; o < n; ++o) {
+        db2[l * n + o] += dh2[o];
+        for (int64_t j = 0; j < m; ++j) dw2[(l * n + o) * m + j] += dh2[o] * phi(c.activation, h1[j]);
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        db1[l * m + j] += dh1[j];
+        for (int64_t k = 0; k < n; ++k) dw1[(l * m + j) * n + k] += dh1[j] * xs[l][r * n + k];
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t j = 0; j < m; ++j) g[r * n + k] += dh1[j] * w.weight1[(l * m + j) * n + k];
+      }
+    }
+  }
+  result.emplace_back(g.begin(), g.end());
+  result.emplace_back(dw1.begin(), dw1.end());
+  result.emplace_back(dw2.begin(), dw2.end());
+  result.emplace_back(c.bias ? db1.begin() : db1.end(), db1.end());
+  result.emplace_back(c.bias ? db2.begin() : db2.end(), db2.end());
+  return result;
+}
+
+// The MLP kernel's output and gradients, NaN-poisoned before it runs; with checkpoint_every = k > 0 the
+// forward keeps x_0, x_k, ... only and the backward recomputes each segment.
+Results run_mlp_kernel(const MlpConfig& c, const std::vector<float>& x, const MlpParams& w, float scale,
+                       const std::vector<float>& grad_out, int threads, int64_t checkpoint_every = 0) {
+  const int64_t n = c.width, m = c.hidden_width, B = c.batch, L = c.depth;
+  const auto kernels = dmup::make_mlp_stack_kernels<Simd>(c.activation);
+  const int64_t row_bytes = dmup::mlp_stack_tile_features(n, m) * sizeof(float);
+  const dmup::MlpStackProblem<float> problem{B,
+                                             n,
+                                             m,
+                                             L,
+                                             w.weight1.data(),
+                                             w.weight2.data(),
+                                             c.bias ? w.bias1.data() : nullptr,
+                                             c.bias ? w.bias2.data() : nullptr,
+                                             scale,
+                                             c.activation,
+                                             c.mean_subtract,
+                                             dmup::stack_tile_rows(B, row_bytes, threads)};
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int planes = dmup::mask_planes(c.activation, Block::Post);
+  const int64_t kept = checkpoint_every ? dmup::checkpoint_count(L, checkpoint_every) : L;
+  const int64_t span = checkpoint_every ? std::min(checkpoint_every, L) : L;  // layers of scratch
+  std::vector<float> saved(kept * n * B, nan), states(span * n * B, nan), grad_carry(n * B, nan);
+  std::vector<float> grad_h(span * n * B, nan), grad_hidden(span * m * B, nan);
+  std::vector<uint16_t> mask(span * planes * m * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
+  Results result{std::vector<float>(B * n, nan),
+                 std::vector<float>(B * n, nan),
+                 std::vector<float>(L * m * n, nan),
+                 std::vector<float>(L * n * m, nan),
+                 std::vector<float>(c.bias ? L * m : 0, nan),
+                 std::vector<float>(c.bias ? L * n : 0, nan)};
+  kernels.forward(problem,
+                  {x.data(), nullptr, result[0].data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
+                   checkpoint_every ? nullptr : mask.data()},
+                  threads);
+  const dmup::MlpStackBackwardBuffers<float> buffers{grad_out.data(),
+                                                     saved.data(),
+                                                     mask.data(),
+                                                     result[1].data(),
+                                                     grad_carry.data(),
+                                                     grad_h.data(),
+                                                     grad_hidden.data(),
+                                                     result[2].data(),
+                                                     result[3].data(),
+                                                     c.bias ? result[4].data() : nullptr,
+                                                     c.bias ? result[5].data() : nullptr};
+  if (checkpoint_every) {
+    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, buffers,
+                                {states.data(), mask.data(), grad_h.data(), grad_hidden.data()}, threads);
+    return result;
+  }
+  kernels.backward_rows(problem, buffers, threads);
+  kernels.backward_weights(problem, buffers, threads);
+  return result;
+}
+
+void check_mlp_stack(const MlpConfig& c, std::mt19937& rng, bool poison) {
+  const int64_t n = c.width, m = c.hidden_width, B = c.batch, L = c.depth;
+  std::vector<float> x = normal_values(rng, B * n, 1.0f);
+  const MlpParams w{normal_values(rng, L * m * n, 1 / std::sqrt(float(n))),
+                    normal_values(rng, L * n * m, 1 / std::sqrt(float(m))), normal_values(rng, L * m, 0.1f),
+                    normal_values(rng, L * n, 0.1f)};
+  const std::vector<float> grad_out = normal_values(rng, B * n, 1.0f);
+  if (poison) poison_rows(x, B, n);
+  const float scale = 0.7f / std::sqrt(float(L));
+  const Results one = run_mlp_kernel(c, x, w, scale, grad_out, 1);
+  const std::string name = c.name() + (poison ? " (inf/NaN input)" : "");
+  expect_close(name, kMlpLabels, one, mlp_reference(c, x, w, scale, grad_out));
+  expect_same_bits(name, kMlpLabels, one, [&](const Variant& v) {
+    return run_mlp_kernel(c, x, w, scale, grad_out, v.threads, v.checkpoint_every);
+  });
 }
 
 }  // namespace
@@ -415,6 +586,20 @@ int main() {
           }
           check_stack({20, 37, 2, a, block, ms, bias}, rng, true);
         }
+      }
+    }
+  }
+  // (n, m, B, L): hidden layers narrower and wider than the stream, of 1 and of odd widths.
+  const int64_t mlp_shapes[][4] = {{7, 5, 5, 3},    {20, 33, 37, 2}, {1, 1, 1, 1},   {33, 8, 17, 4},
+                                   {48, 70, 64, 3}, {16, 96, 3, 2},  {13, 1, 100, 2}};
+  for (Activation a : activations) {
+    for (bool ms : {false, true}) {
+      for (bool bias : {false, true}) {
+        for (int s = 0; s < 2; ++s, ++index) {
+          const auto& shape = mlp_shapes[index % (sizeof mlp_shapes / sizeof mlp_shapes[0])];
+          check_mlp_stack({shape[0], shape[1], shape[2], shape[3], a, ms, bias}, rng, false);
+        }
+        check_mlp_stack({20, 33, 37, 2, a, ms, bias}, rng, true);
       }
     }
   }
