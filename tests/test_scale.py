@@ -75,7 +75,8 @@ int main(int argc, char** argv) {
   std::printf("%lld\n", static_cast<long long>(dmup::mask_offset(layer, plane, feature, planes, width, batch)));
   std::printf("%lld\n", static_cast<long long>(dmup::weight_offset(layer, feature, width)));
   std::printf("%lld\n", static_cast<long long>(dmup::mask_words(batch)));
-  std::printf("%lld\n", static_cast<long long>(dmup::stack_tile_rows(batch, dmup::stack_tile_features(width) * 4, a[6])));
+  const int64_t row_bytes = dmup::stack_tile_features(width) * 4;  // float32 planes
+  std::printf("%lld\n", static_cast<long long>(dmup::stack_tile_rows(batch, row_bytes, a[6])));
   return 0;
 }
 """
