@@ -28,10 +28,17 @@ def digits() -> tuple[Tensor, Tensor]:
 
 
 def make_net(
-    depth: int, parametrization: dk.DepthParametrization, width: int = 128, base_width: int | None = None
+    depth: int,
+    parametrization: dk.DepthParametrization,
+    width: int = 128,
+    base_width: int | None = None,
+    hidden_width: int | None = None,
 ) -> dk.DepthMuPNet:
-    """DepthMuPNet with the input and output layers frozen, as in the paper's experiments."""
-    net = dk.DepthMuPNet(64, width, depth, 10, parametrization=parametrization, base_width=base_width)
+    """DepthMuPNet with the input and output layers frozen, as in the paper's experiments (MLP blocks of
+    hidden width ``hidden_width`` when given)."""
+    net = dk.DepthMuPNet(
+        64, width, depth, 10, parametrization=parametrization, base_width=base_width, hidden_width=hidden_width
+    )
     for layer in (net.input, net.output):
         layer.requires_grad_(False)
     return net

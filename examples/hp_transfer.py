@@ -6,6 +6,8 @@ depth and each learning rate on a log2 grid, trains a DepthMuPNet (width 128, bl
 subtraction, frozen input/output layers) with Adam.
 --sweep width: the same net under Depth-muP at depth 64, widths 64..512, with the width rules of
 param_groups (base_width 64) and without them (base_width = width).
+--block mlp: the blocks are MLP blocks (ResidualMLPStack, hidden width 4 x width, relu, no MS), and the
+depth sweep compares Depth-muP with CompleteP.
 
 Each run trains for a fixed number of steps over several seeds and records the final training loss
 (mean of the last 5 steps, averaged over seeds). Writes a PNG with one panel per setting (loss against
@@ -14,6 +16,7 @@ log2 lr, one curve per depth or width) and a JSON of all runs, and prints the be
     python examples/hp_transfer.py --quick                # about 1 minute on 2 cores
     python examples/hp_transfer.py                        # depths 2^3..2^8, about 15-25 minutes on 2 cores
     python examples/hp_transfer.py --sweep width          # widths 2^6..2^9 at depth 64, about 20 minutes
+    python examples/hp_transfer.py --block mlp            # MLP blocks, Depth-muP against CompleteP
 """
 
 from __future__ import annotations
@@ -40,11 +43,19 @@ WIDTH_SETTINGS: dict[str, dict] = {
     "Depth-muP, no width rules": {},
 }
 """The settings of --sweep width: keyword arguments of make_net beside the width."""
+MLP_PARAMETRIZATIONS: dict[str, dk.DepthParametrization] = {
+    "Depth-muP (alpha=1/2, gamma=1/2)": dk.DEPTH_MUP,
+    "CompleteP (alpha=1, gamma=0)": dk.COMPLETE_P,
+}
+"""The parametrizations of the depth sweep with --block mlp."""
+MLP_HIDDEN_RATIO = 4
+"""Hidden width of an MLP block over the stream width (a transformer's 4n)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", choices=("depth", "width"), default="depth", help="what varies (default depth)")
+    parser.add_argument("--block", choices=("linear", "mlp"), default="linear", help="block depth 1 or 2 (MLP)")
     parser.add_argument("--quick", action="store_true", help="3 sizes, 7 learning rates, 1 seed, 40 steps")
     parser.add_argument("--depths", type=int, nargs="+", help="default 8 16 32 64 128 256 (quick: 8 16 32)")
     parser.add_argument("--widths", type=int, nargs="+", help="default 64 128 256 512 (quick: 64 128 256)")
@@ -66,14 +77,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def sweep(args: argparse.Namespace) -> tuple[dict[str, dict], list[int]]:
     """The settings (name -> make_net keyword arguments) and the sizes of the sweep."""
     if args.sweep == "depth":
-        return {name: {"parametrization": p} for name, p in PARAMETRIZATIONS.items()}, args.depths
+        parametrizations = MLP_PARAMETRIZATIONS if args.block == "mlp" else PARAMETRIZATIONS
+        return {name: {"parametrization": p} for name, p in parametrizations.items()}, args.depths
     return {name: {"parametrization": dk.DEPTH_MUP, **kwargs} for name, kwargs in WIDTH_SETTINGS.items()}, args.widths
 
 
 def build(args: argparse.Namespace, size: int, setting: dict) -> dk.DepthMuPNet:
-    if args.sweep == "depth":
-        return make_net(size, **setting)
-    return make_net(WIDTH_SWEEP_DEPTH, width=size, **setting)
+    depth, width = (size, 128) if args.sweep == "depth" else (WIDTH_SWEEP_DEPTH, size)
+    hidden_width = MLP_HIDDEN_RATIO * width if args.block == "mlp" else None
+    return make_net(depth, width=width, hidden_width=hidden_width, **setting)
 
 
 def final_loss(losses: list[float]) -> float:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import dmup_kernels
+
 pytest.importorskip("sklearn", reason="the examples train on scikit-learn's digits")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -45,6 +47,19 @@ def test_hp_transfer_width_sweep_applies_the_width_rules(tmp_path, capsys, monke
     assert sorted(k.get("base_width") or 0 for k in built) == [0, 0, 64, 64]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "best log2 lr per width" in capsys.readouterr().out
+
+
+def test_hp_transfer_mlp_blocks_compare_depth_mup_with_complete_p(tmp_path, monkeypatch):
+    """--block mlp trains ResidualMLPStack nets (hidden width 4 x width) under Depth-muP and CompleteP."""
+    nets = []
+    make = hp_transfer.make_net
+    monkeypatch.setattr(hp_transfer, "make_net", lambda *a, **k: nets.append(make(*a, **k)) or nets[-1])
+    result = hp_transfer.main(["--block", "mlp", "--depths", "2", "4", "--log2-lrs", "-6", "--steps", "3",
+                               "--seeds", "1", "--batch", "16", "--out", str(tmp_path / "mlp")])  # fmt: skip
+    assert set(result["best_log2_lr"]) == set(hp_transfer.MLP_PARAMETRIZATIONS)
+    assert all(isinstance(net.stack, dmup_kernels.ResidualMLPStack) for net in nets)
+    assert {(net.stack.depth, net.stack.hidden_width) for net in nets} == {(2, 512), (4, 512)}
+    assert {net.stack.parametrization for net in nets} == set(hp_transfer.MLP_PARAMETRIZATIONS.values())
 
 
 def test_best_log2_lr_picks_the_lowest_finite_loss():
