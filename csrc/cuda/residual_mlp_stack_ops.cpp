@@ -28,10 +28,23 @@ constexpr const char* kBackwardOp = "dmup::residual_mlp_stack_backward";
 // The settings and parameters every layer of one MLP stack shares.
 struct MlpRun {
   Activation activation;
-  const at::Tensor &weight1, &weight2, &bias1, &bias2;  // undefined biases: none
+  at::Tensor weight1, weight2, bias1, bias2;  // contiguous; undefined biases: none
   double scale;
   bool mean_subtract;
   cudaStream_t stream;
+
+  // The run of the op's arguments, on the current CUDA stream.
+  MlpRun(c10::string_view activation_name, const at::Tensor& weight1_in, const at::Tensor& weight2_in,
+         const std::optional<at::Tensor>& bias1_in, const std::optional<at::Tensor>& bias2_in, double scale_in,
+         bool mean_subtract_in)
+      : activation(parse_activation(activation_name)),
+        weight1(weight1_in.contiguous()),
+        weight2(weight2_in.contiguous()),
+        bias1(bias1_in ? bias1_in->contiguous() : at::Tensor()),
+        bias2(bias2_in ? bias2_in->contiguous() : at::Tensor()),
+        scale(scale_in),
+        mean_subtract(mean_subtract_in),
+        stream(c10::cuda::getCurrentCUDAStream().stream()) {}
 
   int64_t hidden_width() const { return weight1.size(1); }
 };
@@ -119,18 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_mlp_stack_cuda(
     c10::string_view activation, bool mean_subtract, bool save_for_backward, int64_t checkpoint_every) {
   check_mlp_stack_inputs(x_in, weight1_in, weight2_in, bias1_in, bias2_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), weight1 = weight1_in.contiguous(), weight2 = weight2_in.contiguous();
-  const at::Tensor bias1 = bias1_in ? bias1_in->contiguous() : at::Tensor();
-  const at::Tensor bias2 = bias2_in ? bias2_in->contiguous() : at::Tensor();
-  const MlpRun run{parse_activation(activation),
-                   weight1,
-                   weight2,
-                   bias1,
-                   bias2,
-                   scale,
-                   mean_subtract,
-                   c10::cuda::getCurrentCUDAStream().stream()};
-  const int64_t batch = x.size(0), width = x.size(1), depth = weight1.size(0);
+  const at::Tensor x = x_in.contiguous();
+  const MlpRun run(activation, weight1_in, weight2_in, bias1_in, bias2_in, scale, mean_subtract);
+  const int64_t batch = x.size(0), width = x.size(1), depth = run.weight1.size(0);
   at::Tensor out, saved, mask;
   std::tie(out, saved, mask) = empty_stack_outputs(x, depth, mask_planes(run.activation, Block::Post),
                                                    run.hidden_width(), save_for_backward, checkpoint_every);
@@ -150,19 +154,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
     double scale, c10::string_view activation, bool mean_subtract, int64_t checkpoint_every) {
   check_mlp_stack_inputs(grad_out_in, weight1_in, weight2_in, bias1_in, bias2_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight1 = weight1_in.contiguous();
-  const at::Tensor weight2 = weight2_in.contiguous();
-  const at::Tensor bias1 = bias1_in ? bias1_in->contiguous() : at::Tensor();
-  const at::Tensor bias2 = bias2_in ? bias2_in->contiguous() : at::Tensor();
-  const MlpRun run{parse_activation(activation),
-                   weight1,
-                   weight2,
-                   bias1,
-                   bias2,
-                   scale,
-                   mean_subtract,
-                   c10::cuda::getCurrentCUDAStream().stream()};
-  const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight1.size(0);
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const MlpRun run(activation, weight1_in, weight2_in, bias1_in, bias2_in, scale, mean_subtract);
+  const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = run.weight1.size(0);
   const int64_t hidden_width = run.hidden_width();
   const int planes = mask_planes(run.activation, Block::Post);
   check_stack_state(saved, mask, grad_out, depth, planes, hidden_width, checkpoint_every, "residual_mlp_stack");
@@ -172,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
   grad.copy_(grad_out.t());
   const at::Tensor grad_weight1 = at::empty({depth, hidden_width, width}, options);
   const at::Tensor grad_weight2 = at::empty({depth, width, hidden_width}, options);
-  const at::Tensor grad_bias1 = at::empty({bias1.defined() ? depth : 0, hidden_width}, options);
-  const at::Tensor grad_bias2 = at::empty({bias2.defined() ? depth : 0, width}, options);
+  const at::Tensor grad_bias1 = at::empty({run.bias1.defined() ? depth : 0, hidden_width}, options);
+  const at::Tensor grad_bias2 = at::empty({run.bias2.defined() ? depth : 0, width}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_mlp_stack_backward_cuda", [&] {
     if (checkpoint_every == 0) {
       backward_layers<scalar_t>(run, 0, depth, saved, mask, grad, grad_weight1, grad_weight2, grad_bias1, grad_bias2);

@@ -43,11 +43,20 @@ struct StackForm {
 // The settings every layer of one stack shares.
 struct StackRun {
   StackForm form;
-  const at::Tensor& weight;
-  const at::Tensor& bias;
+  at::Tensor weight, bias;  // contiguous; an undefined bias: none
   double scale;
   bool mean_subtract;
   cudaStream_t stream;
+
+  // The run of the op's arguments, on the current CUDA stream.
+  StackRun(c10::string_view activation, c10::string_view block, const at::Tensor& weight_in,
+           const std::optional<at::Tensor>& bias_in, double scale_in, bool mean_subtract_in)
+      : form(activation, block),
+        weight(weight_in.contiguous()),
+        bias(bias_in ? bias_in->contiguous() : at::Tensor()),
+        scale(scale_in),
+        mean_subtract(mean_subtract_in),
+        stream(c10::cuda::getCurrentCUDAStream().stream()) {}
 };
 
 // The forward walk over layers [first, first + count) from x_first = `input` (n, B). x_l is states[l -
@@ -134,11 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cuda(const at::Ten
                                                                    bool save_for_backward, int64_t checkpoint_every) {
   check_stack_inputs(x_in, weight_in, bias_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  const StackRun run{
-      StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
-  const int64_t batch = x.size(0), width = x.size(1), depth = weight.size(0);
+  const at::Tensor x = x_in.contiguous();
+  const StackRun run(activation, block, weight_in, bias_in, scale, mean_subtract);
+  const int64_t batch = x.size(0), width = x.size(1), depth = run.weight.size(0);
   at::Tensor out, saved, mask;
   std::tie(out, saved, mask) =
       empty_stack_outputs(x, depth, run.form.planes, width, save_for_backward, checkpoint_every);
@@ -158,18 +165,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
     bool mean_subtract, int64_t checkpoint_every) {
   check_stack_inputs(grad_out_in, weight_in, bias_in, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
-  const StackRun run{
-      StackForm(activation, block), weight, bias, scale, mean_subtract, c10::cuda::getCurrentCUDAStream().stream()};
-  const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const StackRun run(activation, block, weight_in, bias_in, scale, mean_subtract);
+  const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = run.weight.size(0);
   check_stack_state(saved, mask, grad_out, depth, run.form.planes, width, checkpoint_every, "residual_stack");
   const auto options = grad_out.options();
   // g = dLoss/dx_l, feature-major, updated in place from layer L-1 down to 0.
   const at::Tensor grad = at::empty({width, batch}, options);
   grad.copy_(grad_out.t());
   const at::Tensor grad_weight = at::empty({depth, width, width}, options);
-  const at::Tensor grad_bias = at::empty({bias.defined() ? depth : 0, width}, options);
+  const at::Tensor grad_bias = at::empty({run.bias.defined() ? depth : 0, width}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cuda", [&] {
     if (checkpoint_every == 0) {
       backward_layers<scalar_t>(run, 0, depth, saved, mask, grad, at::empty({depth, width, batch}, options),
