@@ -63,14 +63,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="default 2 (quick: 1)")
     parser.add_argument("--steps", type=int, help="default 100 (quick: 40)")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--out", type=Path, help="output stem: <out>.json, <out>.png (default hp_transfer[_width])")
+    parser.add_argument(
+        "--out", type=Path, help="output stem: <out>.json, <out>.png (default hp_transfer[_width][_mlp])"
+    )
     args = parser.parse_args(argv)
     args.depths = args.depths or ([8, 16, 32] if args.quick else [8, 16, 32, 64, 128, 256])
     args.widths = args.widths or ([64, 128, 256] if args.quick else [64, 128, 256, 512])
     args.log2_lrs = args.log2_lrs or [float(v) for v in (range(-9, -2) if args.quick else range(-10, -1))]
     args.seeds = args.seeds or (1 if args.quick else 2)
     args.steps = args.steps or (40 if args.quick else 100)
-    args.out = args.out or Path("hp_transfer" if args.sweep == "depth" else "hp_transfer_width")
+    args.out = args.out or Path(
+        "hp_transfer" + ("_width" if args.sweep == "width" else "") + ("_mlp" if args.block == "mlp" else "")
+    )
     return args
 
 

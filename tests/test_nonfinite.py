@@ -20,7 +20,15 @@ import dmup_kernels
 from dmup_kernels import reference
 
 from conftest import backend_device, needs_cpp, needs_cuda, needs_triton, rel_err
-from sample_inputs import ACTIVATIONS, ResidualSpec, StackSpec, make_residual_case, make_stack_case
+from sample_inputs import (
+    ACTIVATIONS,
+    MlpStackSpec,
+    ResidualSpec,
+    StackSpec,
+    make_mlp_stack_case,
+    make_residual_case,
+    make_stack_case,
+)
 
 pytestmark = [
     pytest.mark.usefixtures("nan_poison"),
@@ -102,30 +110,30 @@ def test_scaled_residual(activation, mean_subtract, backend, dtype, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
-def stack_gradients(case, grad_out: torch.Tensor, dtype: torch.dtype, device="cpu", **backend_kwarg):
-    """Output and gradients (x, weight, bias), on the CPU: the public function with ``backend_kwarg``
-    on ``device``, else the reference in ``dtype``."""
-    leaves = [t.detach().to(device, dtype).clone().requires_grad_() for t in (case.x, case.weight, case.bias)]
-    kwargs = dict(scale=case.scale, activation=case.spec.activation, block=case.spec.block,
-                  mean_subtract=case.spec.mean_subtract)  # fmt: skip
-    fn = dmup_kernels.residual_stack if backend_kwarg else reference.residual_stack
-    out = fn(*leaves, **kwargs, **backend_kwarg)
+def gradients(fn, tensors, kwargs: dict, grad_out: torch.Tensor, dtype: torch.dtype, device="cpu"):
+    """Output and the gradient of each of ``tensors``, on the CPU: ``fn(*tensors, **kwargs)`` on ``device`` in
+    ``dtype``."""
+    leaves = [t.detach().to(device, dtype).clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, **kwargs)
     out.backward(grad_out.to(device, dtype))
     return [out.detach().cpu()] + [leaf.grad.cpu() for leaf in leaves]
 
 
-def check_stack(spec: StackSpec, place: str, dtype: torch.dtype, backend: str, seed: int) -> None:
-    case = make_stack_case(spec, dtype, seed)
+def check_nonfinite(case, tensors: dict[str, torch.Tensor], fn, reference_fn, kwargs: dict, place: str,
+                    dtype: torch.dtype, backend: str) -> None:  # fmt: skip
+    """Poisons ``place`` ("rows": x and the incoming gradient; else the tensor of that name, in its last layer)
+    and compares ``fn`` on ``backend`` with ``reference_fn`` in float64: output and every gradient."""
     grad_out = torch.randn(case.x.shape, dtype=dtype)
     if place == "rows":
         poison(case.x, ROWS_0_TO_2)
         poison(grad_out, ROWS_3_TO_5)
     else:
-        poison(getattr(case, place), {"weight": WEIGHT_POISON, "bias": BIAS_POISON}[place])
-    got = stack_gradients(case, grad_out, dtype, backend_device(backend), backend=backend)
-    expected = stack_gradients(case, grad_out, torch.float64)
-    assert any(not torch.isfinite(e).all() for e in expected)
-    for name, g, e in zip(("output", "grad x", "grad weight", "grad bias"), got, expected):
+        poison(tensors[place], BIAS_POISON if place.startswith("bias") else WEIGHT_POISON)
+    leaves = [case.x, *tensors.values()]
+    got = gradients(fn, leaves, dict(kwargs, backend=backend), grad_out, dtype, backend_device(backend))
+    expected = gradients(reference_fn, leaves, kwargs, grad_out, torch.float64)
+    assert any(not torch.isfinite(e).all() for e in expected)  # the poison reached the result
+    for name, g, e in zip(["output", "grad x", *(f"grad {t}" for t in tensors)], got, expected):
         assert_nonfinite_match(g, e, name, TOLERANCE[dtype])
 
 
@@ -151,4 +159,24 @@ def test_residual_stack(activation, block, place, backend, dtype, batch, cpu_isa
     # poisoned by rows, off where a weight or bias poisons one feature of every row.
     mean_subtract = place == "rows"
     spec = StackSpec(20, 2, (batch,), block, True, activation, mean_subtract, "contiguous")
-    check_stack(spec, place, dtype, backend, seed)
+    case = make_stack_case(spec, dtype, seed)
+    kwargs = dict(scale=case.scale, activation=activation, block=block, mean_subtract=mean_subtract)
+    tensors = {"weight": case.weight, "bias": case.bias}
+    check_nonfinite(case, tensors, dmup_kernels.residual_stack, reference.residual_stack, kwargs, place, dtype, backend)
+
+
+# ---------------------------------------------------------------------------------------------------
+# residual_mlp_stack: the same runs, with both layers' weights and biases poisoned in turn
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,dtype,batch", STACK_RUNS)
+@pytest.mark.parametrize("place", ["rows", "weight1", "weight2", "bias1", "bias2"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_residual_mlp_stack(activation, place, backend, dtype, batch, cpu_isa, seed):
+    mean_subtract = place == "rows"  # as for residual_stack
+    case = make_mlp_stack_case(MlpStackSpec(20, 24, 2, (batch,), True, activation, mean_subtract), dtype, seed)
+    kwargs = dict(scale=case.scale, activation=activation, mean_subtract=mean_subtract)
+    tensors = dict(zip(("weight1", "weight2", "bias1", "bias2"), case.params))
+    fn, reference_fn = dmup_kernels.residual_mlp_stack, reference.residual_mlp_stack
+    check_nonfinite(case, tensors, fn, reference_fn, kwargs, place, dtype, backend)
