@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
+from dmup_kernels import DepthMuPNet, ResidualMLPStack, ResidualStack, ScaledResidual
 
 from conftest import needs_cpp, needs_triton, rel_err
 
@@ -23,6 +23,8 @@ def make_model(kind: str, backend: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if kind == "stack":
         return ResidualStack(48, 6, activation="gelu", bias=True, backend=backend)
+    if kind == "mlp":
+        return ResidualMLPStack(48, 96, 6, activation="gelu", bias=True, backend=backend)
     if kind == "residual":  # autocast's bfloat16 branch output meets a float32 stream
         return ScaledResidual(torch.nn.Linear(48, 48), 0.5, "silu", mean_subtract=True, backend=backend)
     return DepthMuPNet(20, 48, 6, 5, bias=True, backend=backend)
@@ -39,7 +41,7 @@ def run(model: torch.nn.Module, x: torch.Tensor, autocast: bool):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["stack", "net", "residual"])
+@pytest.mark.parametrize("kind", ["stack", "mlp", "net", "residual"])
 def test_autocast_error_within_twice_eager(kind, backend, seed):
     model = make_model(kind, backend)
     x = torch.randn(37, 20 if kind == "net" else 48)

@@ -1,4 +1,4 @@
-"""Distributed training with ResidualStack, 2 processes on this machine (gloo, started with
+"""Distributed training with ResidualStack and ResidualMLPStack, 2 processes on this machine (gloo, started with
 torch.multiprocessing spawn): DistributedDataParallel on half the batch each, and a 2-stage pipeline
 (``ResidualStack.split`` + torch.distributed.pipelining's GPipe schedule) on the full batch in 2
 micro-batches. Both must give the gradients of one process on the full batch.
@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import dmup_kernels
-from dmup_kernels import ResidualStack
+from dmup_kernels import ResidualMLPStack, ResidualStack
 
 from conftest import rel_err
 
@@ -29,18 +29,24 @@ pytestmark = [
     pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built"),
 ]
 
-WORLD, WIDTH, DEPTH, BATCH, MICRO_BATCHES = 2, 16, 7, 8, 2
+WORLD, WIDTH, HIDDEN, DEPTH, BATCH, MICRO_BATCHES = 2, 16, 24, 7, 8, 2
+KINDS = ("stack", "mlp")
 
 
 def problem(
-    dtype: torch.dtype = torch.float32, backend: str = "cpp"
-) -> tuple[ResidualStack, torch.Tensor, torch.Tensor]:
-    """The same stack (random biases), input and target in every process, drawn in float32."""
+    kind: str, dtype: torch.dtype = torch.float32, backend: str = "cpp"
+) -> tuple[ResidualStack | ResidualMLPStack, torch.Tensor, torch.Tensor]:
+    """The same stack of ``kind`` (random biases), input and target in every process, drawn in float32."""
     generator = torch.Generator().manual_seed(1234)
     torch.manual_seed(1234)
-    stack = ResidualStack(WIDTH, DEPTH, activation="gelu", bias=True, backend=backend)
+    if kind == "stack":
+        stack = ResidualStack(WIDTH, DEPTH, activation="gelu", bias=True, backend=backend)
+    else:
+        stack = ResidualMLPStack(WIDTH, HIDDEN, DEPTH, activation="gelu", bias=True, backend=backend)
     with torch.no_grad():
-        stack.bias.copy_(0.1 * torch.randn(stack.bias.shape, generator=generator))
+        for name, parameter in stack.named_parameters():
+            if name.startswith("bias"):
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
     x = torch.randn(BATCH, WIDTH, generator=generator)
     target = torch.randn(BATCH, WIDTH, generator=generator)
     return stack.to(dtype), x.to(dtype), target.to(dtype)
@@ -53,26 +59,29 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes share the machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        stack, x, target = problem()
-        # DDP: each rank its half of the batch; the mean loss per rank, averaged by DDP, is the full-batch mean
-        ddp = DistributedDataParallel(stack)
-        F.mse_loss(ddp(x.chunk(WORLD)[rank]), target.chunk(WORLD)[rank]).backward()
-        result = {"ddp": {name: p.grad for name, p in stack.named_parameters()}}
+        results = {}
+        for kind in KINDS:
+            stack, x, target = problem(kind)
+            # DDP: each rank its half of the batch; the mean loss per rank, averaged by DDP, is the full-batch mean
+            ddp = DistributedDataParallel(stack)
+            F.mse_loss(ddp(x.chunk(WORLD)[rank]), target.chunk(WORLD)[rank]).backward()
+            result = {"ddp": {name: p.grad for name, p in stack.named_parameters()}}
 
-        # pipeline: rank k runs stage k; GPipe averages the micro-batch losses (scale_grads)
-        stage = problem()[0].split(WORLD)[rank]
-        schedule = ScheduleGPipe(
-            PipelineStage(stage, rank, WORLD, torch.device("cpu")), MICRO_BATCHES, loss_fn=F.mse_loss
-        )
-        if rank == 0:
-            schedule.step(x)
-        else:
-            losses: list[torch.Tensor] = []
-            result["output"] = schedule.step(target=target, losses=losses)
-            result["loss"] = torch.stack(losses).mean()
-        result["stage"] = {name: p.grad for name, p in stage.named_parameters()}
-        result["stage_depth"], result["stage_scale"] = stage.depth, stage.scale
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+            # pipeline: rank k runs stage k; GPipe averages the micro-batch losses (scale_grads)
+            stage = problem(kind)[0].split(WORLD)[rank]
+            schedule = ScheduleGPipe(
+                PipelineStage(stage, rank, WORLD, torch.device("cpu")), MICRO_BATCHES, loss_fn=F.mse_loss
+            )
+            if rank == 0:
+                schedule.step(x)
+            else:
+                losses: list[torch.Tensor] = []
+                result["output"] = schedule.step(target=target, losses=losses)
+                result["loss"] = torch.stack(losses).mean()
+            result["stage"] = {name: p.grad for name, p in stage.named_parameters()}
+            result["stage_depth"], result["stage_scale"] = stage.depth, stage.scale
+            results[kind] = result
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -90,27 +99,34 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def single_process() -> dict:
+def single_process(kind: str) -> dict:
     """Float64 reference on the full batch: output, loss, and the parameter gradients."""
-    stack, x, target = problem(torch.float64, backend="reference")
+    stack, x, target = problem(kind, torch.float64, backend="reference")
     out = stack(x)
     loss = F.mse_loss(out, target)
     loss.backward()
     return {"output": out.detach(), "loss": loss.detach(), "grads": {n: p.grad for n, p in stack.named_parameters()}}
 
 
-def test_ddp_gives_the_full_batch_gradients(ranks, single_process):
+def test_ddp_gives_the_full_batch_gradients(ranks, kind, single_process):
     for name, expected in single_process["grads"].items():
-        assert torch.equal(ranks[0]["ddp"][name], ranks[1]["ddp"][name]), name  # all-reduced on both ranks
-        assert rel_err(ranks[0]["ddp"][name], expected) < 1e-5, name
+        got = [rank[kind]["ddp"][name] for rank in ranks]
+        assert torch.equal(got[0], got[1]), name  # all-reduced on both ranks
+        assert rel_err(got[0], expected) < 1e-5, name
 
 
-def test_pipeline_stages_give_the_full_batch_output_and_gradients(ranks, single_process):
-    assert [rank["stage_depth"] for rank in ranks] == [4, 3]
-    assert all(rank["stage_scale"] == pytest.approx(DEPTH**-0.5) for rank in ranks)  # the whole depth's scale
-    assert rel_err(ranks[-1]["output"], single_process["output"]) < 1e-5
-    assert rel_err(ranks[-1]["loss"], single_process["loss"]) < 1e-5
+def test_pipeline_stages_give_the_full_batch_output_and_gradients(ranks, kind, single_process):
+    stages = [rank[kind] for rank in ranks]
+    assert [stage["stage_depth"] for stage in stages] == [4, 3]
+    assert all(stage["stage_scale"] == pytest.approx(DEPTH**-0.5) for stage in stages)  # the whole depth's scale
+    assert rel_err(stages[-1]["output"], single_process["output"]) < 1e-5
+    assert rel_err(stages[-1]["loss"], single_process["loss"]) < 1e-5
     for name, expected in single_process["grads"].items():
-        stacked = torch.cat([rank["stage"][name] for rank in ranks])  # stage 0 holds the first layers
+        stacked = torch.cat([stage["stage"][name] for stage in stages])  # stage 0 holds the first layers
         assert rel_err(stacked, expected) < 1e-5, name
