@@ -24,7 +24,15 @@ import dmup_kernels
 from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
 
 from conftest import num_threads
-from sample_inputs import PARALLEL_SHAPES, ResidualSpec, StackSpec, make_residual_case, make_stack_case
+from sample_inputs import (
+    PARALLEL_SHAPES,
+    MlpStackSpec,
+    ResidualSpec,
+    StackSpec,
+    make_mlp_stack_case,
+    make_residual_case,
+    make_stack_case,
+)
 
 pytestmark = [
     pytest.mark.usefixtures("nan_poison"),
@@ -115,9 +123,15 @@ PROCESS_STACK_SPECS = [
 ]
 
 
+PROCESS_MLP_STACK_SPECS = [
+    MlpStackSpec(32, 96, 3, (1000,), True, "relu", False),  # row tiles
+    MlpStackSpec(20, 48, 4, (3,), False, "abs", True),  # feature split
+]
+
+
 def forward_digests(threads: int) -> dict[str, str]:
-    """SHA-256 of the forward outputs of residual_stack and scaled_residual (backend "cpp") on fixed inputs,
-    computed with ``threads`` threads."""
+    """SHA-256 of the forward outputs of residual_stack, residual_mlp_stack and scaled_residual (backend "cpp")
+    on fixed inputs, computed with ``threads`` threads."""
     digests = {"cpu_isa": dmup_kernels.cpu_isa()}
     with num_threads(threads), torch.no_grad():
         for index, spec in enumerate(PROCESS_STACK_SPECS):
@@ -125,6 +139,11 @@ def forward_digests(threads: int) -> dict[str, str]:
             out = dmup_kernels.residual_stack(case.x, case.weight, case.bias, scale=case.scale,
                                               activation=spec.activation, block=spec.block,
                                               mean_subtract=spec.mean_subtract, backend="cpp")  # fmt: skip
+            digests[spec.id] = hashlib.sha256(out.numpy().tobytes()).hexdigest()
+        for index, spec in enumerate(PROCESS_MLP_STACK_SPECS):
+            case = make_mlp_stack_case(spec, torch.float32, 3000 + index)
+            out = dmup_kernels.residual_mlp_stack(case.x, *case.params, scale=case.scale, activation=spec.activation,
+                                                  mean_subtract=spec.mean_subtract, backend="cpp")  # fmt: skip
             digests[spec.id] = hashlib.sha256(out.numpy().tobytes()).hexdigest()
         for index, spec in enumerate(SCALED_RESIDUAL_SPECS):
             case = make_residual_case(spec, torch.float32, 2000 + index)
