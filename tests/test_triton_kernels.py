@@ -425,8 +425,8 @@ def test_mlp_stack_routes_by_width(width, sms, fused, monkeypatch, triton_device
         (64, 129, 4, 4, None, False),  # wider than the register tiles
         (64, 64, 256, 4, 132, True),  # a block's weights (128 KiB) are small: fused with 2 programs
         (64, 128, 512, 4, 132, False),  # 512 KiB per block: 2 programs on 132 SMs
-        (64 * 32, 128, 512, 4, 132, False),  # 64 programs of 32 rows: under half of 132 SMs
-        (66 * 32, 128, 512, 4, 132, True),  # 66 programs: half of them
+        (64 * 16, 128, 512, 4, 132, False),  # 64 programs of 16 rows: under half of 132 SMs
+        (66 * 16, 128, 512, 4, 132, True),  # 66 programs: half of them
     ],
 )
 def test_depth_fused_mlp_needs_programs_for_half_the_sms(rows, width, hidden, itemsize, sms, fused):

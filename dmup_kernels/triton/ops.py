@@ -233,8 +233,10 @@ class TritonMlpStack:
     is the fused op's ``FusedMlpState``, or the stream autograd recorded (the per-layer path, and checkpointed
     segments, which run under torch.utils.checkpoint)."""
 
-    def __init__(self) -> None:
-        self.per_layer = RecordedMlpStack(TRITON_EPILOGUE.op, kernel_operands=True)
+    @property
+    def per_layer(self) -> RecordedMlpStack:
+        """The per-layer path, its epilogue op looked up on each use (as ``TRITON_EPILOGUE.op`` is)."""
+        return RecordedMlpStack(TRITON_EPILOGUE.op, kernel_operands=True)
 
     def forward(
         self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool

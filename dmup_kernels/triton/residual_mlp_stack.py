@@ -3,18 +3,19 @@
 Forward, per layer l, hidden width m, for the hidden units in chunks k of BLOCK_H:
     a_k = phi(x_l @ W1_l[k]^T + b1_l[k]),   h2 = sum_k a_k @ W2_l[:, k]^T,   x_{l+1} = x_l + s * MS(h2 + b2_l)
 One program owns a tile of BLOCK_M rows of the residual stream across the full width n and keeps it in
-registers while it walks every layer; the row tile is the A operand of both GEMMs, and the weights stream
-through in chunks of BLOCK_H hidden units, so the (B, m) hidden layer lives one (BLOCK_M, BLOCK_H) chunk at a
-time in registers and is never written to memory. Saved for the backward: x_l (``states``, as the stack's)
-and, for relu and abs, the sign bits of h1 = x_l W1_l^T + b1_l (the stack's packing, hidden units in place of
-features); gelu and silu recompute h1 from x_l.
+registers while it walks every layer. The row tile is the A operand of the first GEMM and the hidden chunk
+that of the second, while the weights stream through in chunks of BLOCK_H hidden units: the (B, m) hidden
+layer lives one (BLOCK_M, BLOCK_H) chunk at a time in registers and is never written to memory. Saved for the
+backward: x_l (``states``, as the stack's) and, for relu and abs, the sign bits of h1 = x_l W1_l^T + b1_l (the
+stack's packing, hidden units in place of features); gelu and silu recompute h1 from x_l.
 
 Backward, per row tile, layers in reverse (g = dLoss/dx_{l+1} in registers), per hidden chunk k:
     dh2 = MS(s g),   dh1_k = phi'(h1_k) * (dh2 @ W2_l[:, k]),   g <- g + sum_k dh1_k @ W1_l[k]
 storing dh2_l (L, B, n) and dh1_l (L, B, m). Then the weight gradients with library batched GEMMs:
     dW1_l = dh1_l^T x_l,   dW2_l = dh2_l^T a_l with a_l = phi(x_l W1_l^T + b1_l) rebuilt,   db = sum of rows
-A library GEMM spreads every layer over the whole GPU, where a Triton kernel like the stack's weight-gradient
-kernel runs one program per weight tile over all rows; and dW2 needs a_l, itself a GEMM per layer.
+Library GEMMs because they spread every layer over the whole GPU, where a Triton kernel like the stack's
+weight-gradient kernel runs one program per weight tile over all rows, and because dW2 needs a_l, itself a
+GEMM per layer; the price is two transient buffers, x_0..x_{L-1} gathered (L, B, n) and a_l (L, B, m).
 
 Launches: the forward is one launch and the backward one launch plus the batched GEMMs, whatever L is.
 TritonMlpStack (ops.py) takes this path for n <= DEPTH_FUSED_MLP_MAX_WIDTH when the row tiles fill the GPU
@@ -49,17 +50,20 @@ from .tuning import (
     launch,
     rows_bucket,
     tuned,
-    warps_for_tile,
 )
 
 DEPTH_FUSED_MLP_MAX_WIDTH = 128
-"""The widest stream the depth-fused MLP kernels take. Registers: the backward holds four (BLOCK_M, BLOCK_N)
-tiles at once (g, dh2, the dh1 @ W1 accumulator and, for gelu/silu, x_l), where the stack's kernels hold two
-or three; at BLOCK_M = 32 and REGISTER_BYTES_PER_THREAD (64 bytes of a tile per thread), n = 128 in float32 is
-8 warps and 4 x 16 = 64 registers per thread for the tiles, half the stack's width limit (256) for twice its
-tiles. Shared memory (``_mlp_shared_bytes``): at n = 128 in float64 the smallest pinned config (BLOCK_H = 16,
-one stage) takes 2 x 128 x 16 x 8 = 32 KiB of weight chunks + 32 x (128 + 16) x 8 = 36 KiB of staged row
-operands = 68 KiB of the 96 KiB budget; at n = 256 it would take 132 KiB."""
+"""The widest stream the depth-fused MLP kernels take (docs/design.md §3.7).
+
+Registers: the backward holds four (BLOCK_M, BLOCK_N) row tiles at once (g, dh2, the dh1 @ W1 accumulator
+and, for gelu/silu, x_l) where the stack's kernels hold two or three, plus (BLOCK_M, BLOCK_H) hidden chunks,
+and float32's "tf32x3" dot splits each operand in three. At the pinned BLOCK_M = 16 and 8 warps, n = 128 is
+4 x 16 x 128 = 8192 row-tile elements, 32 registers per thread before the splits; compiled
+(tests/triton_aot.py, sm_80 and sm_90) the kernels take 190-255 registers there, and the float32 gelu/silu
+backward spills 64-120 bytes. n = 256 doubles the row tiles: past the 255 registers a thread has at 8 warps,
+while 16 warps cap a thread at 128. Shared memory (``_mlp_shared_bytes``): at n = 128 the pinned configs
+take at most 65 KiB (float32, BLOCK_H = 16, two stages) and 82 KiB (float64, one stage) of the 96 KiB
+budget; n = 256 in float64 would take 3 x 256 x 16 x 8 + 16 x 528 x 8 bytes = 162 KiB with one stage."""
 
 FORWARD_FLAGS = ["ACT", "MEAN_SUBTRACT", "HAS_BIAS1", "HAS_BIAS2", "SAVE", "PLANES", "PRECISION"]
 BACKWARD_FLAGS = ["ACT", "MEAN_SUBTRACT", "HAS_BIAS1", "PLANES", "PRECISION"]
@@ -77,11 +81,12 @@ def _mlp_configs() -> list[triton.Config]:
 
 
 def _mlp_shared_bytes(config: triton.Config, block_n: int, itemsize: int) -> int:
-    """An estimate of the shared memory of the MLP kernels: per pipeline stage a chunk of W1 and one of W2
-    (BLOCK_N x BLOCK_H each), plus the register operands tl.dot stages through shared memory (the row tile,
-    BLOCK_M x BLOCK_N, and the hidden chunk, BLOCK_M x BLOCK_H)."""
+    """An upper bound on the shared memory of the MLP kernels: per pipeline stage up to three weight chunks
+    (BLOCK_N x BLOCK_H each: W2, W1 and, for gelu/silu in the backward, W1^T), plus the register operands
+    tl.dot stages through shared memory (two row tiles, BLOCK_M x BLOCK_N, and a hidden chunk, BLOCK_M x
+    BLOCK_H). Checked against the compiled sizes by tests/test_triton_compile.py."""
     m, h = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_H"]
-    return (max(1, config.num_stages) * 2 * block_n * h + m * (block_n + h)) * itemsize
+    return (max(1, config.num_stages) * 3 * block_n * h + m * (2 * block_n + h)) * itemsize
 
 
 def _prune_mlp(configs: list[triton.Config], args: dict) -> list[triton.Config]:
@@ -89,7 +94,7 @@ def _prune_mlp(configs: list[triton.Config], args: dict) -> list[triton.Config]:
     kept = [
         c
         for c in configs
-        if fits_registers(c, c.kwargs["BLOCK_M"] * block_n, itemsize)
+        if fits_registers(c, 4 * c.kwargs["BLOCK_M"] * block_n, itemsize)  # four row tiles at once
         and _mlp_shared_bytes(c, block_n, itemsize) <= SHARED_MEMORY_BUDGET
     ]
     return kept or [_pinned_mlp_config(block_n, itemsize)]
@@ -97,11 +102,12 @@ def _prune_mlp(configs: list[triton.Config], args: dict) -> list[triton.Config]:
 
 def _pinned_mlp_config(block_n: int, itemsize: int) -> triton.Config:
     """The default config of the MLP kernels for a padded width up to DEPTH_FUSED_MLP_MAX_WIDTH, where the
-    last candidate always fits SHARED_MEMORY_BUDGET."""
-    block_m = 32  # tl.dot needs at least 16 rows
-    warps = warps_for_tile(block_m * block_n, itemsize)
+    last candidate always fits SHARED_MEMORY_BUDGET. 16 rows, the fewest tl.dot takes: the kernels hold
+    four row tiles, and float32's "tf32x3" dot splits each operand in three (compiled with
+    tests/triton_aot.py, 32 rows at n = 64 already spill)."""
+    warps = 4 if block_n <= 64 else 8
     for block_h, stages in ((32, 2), (16, 2), (16, 1)):
-        config = triton.Config({"BLOCK_M": block_m, "BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
+        config = triton.Config({"BLOCK_M": 16, "BLOCK_H": block_h}, num_warps=warps, num_stages=stages)
         if _mlp_shared_bytes(config, block_n, itemsize) <= SHARED_MEMORY_BUDGET:
             break
     return config
@@ -189,7 +195,7 @@ def mlp_stack_forward_kernel(
         x_operand = x.to(operand_type)
         h2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=x.dtype)
         for h0 in range(0, m, BLOCK_H):
-            k, k_ok, _, _, byte_offs, byte_ok = _hidden_chunk(h0, r, row_ok, m, BLOCK_H)
+            k, k_ok, _hidden_offs, _hidden_ok, byte_offs, byte_ok = _hidden_chunk(h0, r, row_ok, m, BLOCK_H)
             h1 = tl.dot(
                 x_operand,
                 _load_tile(w1, c, k, 1, n, c_ok, k_ok),  # W1^T[c, k] = W1[k, c]
