@@ -1,8 +1,9 @@
 """What is particular to the Triton kernels, on CPU tensors through the Triton interpreter or on CUDA tensors
 (TRITON_INTERPRET=0 on a GPU, make gpu-check): the wide routes of the stack, returned states, modules, their
-saved state, op registrations, launch configurations, routing and the traffic model. Their parity with the
-float64 reference on the op's shapes is tested with every backend in test_scaled_residual.py and
-test_residual_stack.py. NaN/Inf propagation and bad input are tested for every
+saved state, op registrations, launch configurations, routing and the traffic model; and the depth-fused MLP
+stack: its parity on odd widths and hidden widths, routing, saved state, checkpoints and op registration. Their
+parity with the float64 reference on the op's shapes is tested with every backend in test_scaled_residual.py,
+test_residual_stack.py and test_residual_mlp_stack.py. NaN/Inf propagation and bad input are tested for every
 backend in test_nonfinite.py and test_bad_input.py. float32 and float64, and float16 for the kernels
 themselves (the interpreter has no bfloat16; tests/test_triton_compile.py compiles it).
 """
