@@ -520,6 +520,22 @@ def test_opcheck_mlp_stack(activation, save, triton_device, seed):
         torch.library.opcheck(torch.ops.dmup.triton_residual_mlp_stack_backward.default, backward_args)
 
 
+@pytest.mark.parametrize("activation", ["relu", "abs", "silu"])
+def test_traffic_model_counts_the_state_the_mlp_stack_saves(activation, triton_device, seed):
+    """benchmarks.traffic's depth-fused MLP stack writes x_l and the sign bits of h1 once per layer: the bytes
+    the op really keeps for backward, per layer."""
+    from benchmarks.traffic import LayerShape, mlp_depth_fused_passes
+
+    depth = 4
+    case = make_mlp_stack_case(MlpStackSpec(21, 45, depth, (9,), False, activation, True), torch.float32, seed)
+    case = case.to(triton_device)
+    _, states, signs = torch.ops.dmup.triton_residual_mlp_stack(case.x, *case.params, 0.5, activation, True, True)
+    kept = case.x.nbytes + states.nbytes + signs.nbytes  # x_0 is the op's input, kept by autograd
+    shape = LayerShape(21, 9, activation, hidden_width=45)
+    [(_, forward), *_] = mlp_depth_fused_passes(shape, training=True)
+    assert kept == depth * (forward - 2 * shape.weight)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_half_precision_mlp_stack_kernels(activation, dtype, triton_device, seed):
