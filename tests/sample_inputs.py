@@ -458,7 +458,7 @@ TRITON_MLP_STACK_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (1, 64, 300, 1),
     (7, 5, 1, 3),
 )
-"""(n, m, B, L) of the depth-fused Triton MLP stack's parity cases (docs/design.md §3.7): odd widths and hidden
+"""(n, m, B, L) of the depth-fused Triton MLP stack's parity cases (docs/design.md §3.9): odd widths and hidden
 widths (m = 300 takes several hidden chunks and a partial one, m = 1 and 5 one partial chunk and sign byte),
 rows that are one, and not, a multiple of the row tile."""
 

@@ -282,4 +282,4 @@ class TritonMlpStack:
 
 
 TRITON_MLP_STACK = TritonMlpStack()
-"""The Triton backend of residual_mlp_stack (docs/design.md §3.7, §3.8)."""
+"""The Triton backend of residual_mlp_stack (docs/design.md §3.7, §3.9)."""

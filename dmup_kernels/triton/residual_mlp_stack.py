@@ -1,4 +1,4 @@
-"""The depth-fused MLP stack and its backward (docs/design.md §2.5, §3.7).
+"""The depth-fused MLP stack and its backward (docs/design.md §2.5, §3.9).
 
 Forward, per layer l, hidden width m, for the hidden units in chunks k of BLOCK_H:
     a_k = phi(x_l @ W1_l[k]^T + b1_l[k]),   h2 = sum_k a_k @ W2_l[:, k]^T,   x_{l+1} = x_l + s * MS(h2 + b2_l)
@@ -53,7 +53,7 @@ from .tuning import (
 )
 
 DEPTH_FUSED_MLP_MAX_WIDTH = 128
-"""The widest stream the depth-fused MLP kernels take (docs/design.md §3.7).
+"""The widest stream the depth-fused MLP kernels take (docs/design.md §3.9).
 
 Registers: the backward holds four (BLOCK_M, BLOCK_N) row tiles at once (g, dh2, the dh1 @ W1 accumulator
 and, for gelu/silu, x_l) where the stack's kernels hold two or three, plus (BLOCK_M, BLOCK_H) hidden chunks,
@@ -71,11 +71,12 @@ BACKWARD_FLAGS = ["ACT", "MEAN_SUBTRACT", "HAS_BIAS1", "PLANES", "PRECISION"]
 
 
 def _mlp_configs() -> list[triton.Config]:
+    # not 16 warps: they cap a thread at 128 registers, fewer than the kernels take
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=stages)
         for m in (16, 32, 64)
         for h in (16, 32, 64)
-        for w in (4, 8, 16)
+        for w in (4, 8)
         for stages in (1, 2, 3)
     ]
 
