@@ -9,8 +9,9 @@ of eager PyTorch go through DRAM. With P = B*n*itemsize bytes (one activation te
 and S = the sign bits, a training step of relu with mean subtraction moves about 27P + 3W per layer in
 eager PyTorch, 7P + 3W + 2S in the fused block and 4P + 3W + 2S in the depth-fused stack; in inference
 12P + W, 2P + W and W. An MLP layer (hidden width m) has two weights of n m elements (each W here) and a
-hidden tensor of H = B*m*itemsize bytes; its models are eager PyTorch and the library GEMMs with the fused
-epilogues (Triton records the layer for autograd; the CUDA C++ backward recomputes h1 and a from x_l).
+hidden tensor of H = B*m*itemsize bytes; its models are eager PyTorch, the library GEMMs with the fused
+epilogues (Triton beyond its depth-fused width records the layer for autograd; the CUDA C++ backward
+recomputes h1 and a from x_l) and Triton's depth-fused MLP stack.
 
     python -m benchmarks.traffic --width 128 --batch 4096 --depth 512 [--hidden-width 512]
 """
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dmup_kernels._layout import sign_planes
+from dmup_kernels.triton.residual_mlp_stack import DEPTH_FUSED_MLP_MAX_WIDTH
 from dmup_kernels.triton.residual_stack import DEPTH_FUSED_MAX_WIDTH, uses_fused_kernels
 
 from .cases import STACK_OPS, Case
@@ -195,6 +197,29 @@ def mlp_gemm_epilogue_passes(s: LayerShape, training: bool, recompute: bool = Fa
     return forward + backward + [("dx = dh1 W1: read dh1, W1; write", h + w + p), ("x grads summed", 3 * p)]
 
 
+def mlp_depth_fused_passes(s: LayerShape, training: bool) -> Passes:
+    """Triton's depth-fused MLP stack: the row tile stays in registers and the hidden layer never reaches
+    memory, so a layer's forward reads its two weights and, in training, writes x_l and the sign bits of h1.
+    The rows pass of the backward reads the weights (W1 twice for gelu/silu, an L2 hit) and the sign bits or
+    x_l, and writes dh2 and dh1; the batched GEMMs then gather x_l, rebuild a from it and form dW1, dW2."""
+    p, h, w = s.act, s.hidden, s.weight
+    if not training:
+        return [("fused layer: read W1, W2", 2 * w)]
+    forward = [("fused layer: read W1, W2; write x_l and the sign bits", 2 * w + p + s.signs)]
+    phi_state = p if s.activation in ("gelu", "silu") else s.signs
+    backward = [
+        ("rows pass: read W1, W2, the sign bits or x_l; write dh2, dh1", 2 * w + phi_state + p + h),
+        ("gather x_l: read; write", 2 * p),
+        ("GEMM h1 = x_l W1^T: read x_l, W1; write h1", p + w + h),
+        ("phi: read h1; write a", 2 * h),
+        ("dW1 = dh1^T x: read dh1, x; write dW1", h + p + w),
+        ("dW2 = dh2^T a: read dh2, a; write dW2", p + h + w),
+    ]
+    if s.bias:
+        backward.append(("db1, db2: read dh1, dh2", h + p))
+    return forward + backward
+
+
 MODELS = {
     "eager": eager_passes,
     "GEMM + epilogue": gemm_epilogue_passes,
@@ -205,6 +230,7 @@ MLP_MODELS = {
     "eager": mlp_eager_passes,
     "GEMM + epilogue": mlp_gemm_epilogue_passes,
     "GEMM + epilogue, recomputed": lambda s, training: mlp_gemm_epilogue_passes(s, training, recompute=True),
+    "depth-fused MLP stack": mlp_depth_fused_passes,
 }
 
 
@@ -214,8 +240,10 @@ def models_of(shape: LayerShape) -> dict[str, Callable[[LayerShape, bool], Passe
 
 
 def triton_path(shape: LayerShape) -> str:
-    """The kernel the Triton backend runs a stack of this shape with (an MLP stack: GEMMs and the epilogue)."""
-    if shape.hidden_width or not uses_fused_kernels(shape.width, shape.itemsize):
+    """The kernels the Triton backend runs a stack of this shape with."""
+    if shape.hidden_width:
+        return "depth-fused MLP stack" if shape.width <= DEPTH_FUSED_MLP_MAX_WIDTH else "GEMM + epilogue"
+    if not uses_fused_kernels(shape.width, shape.itemsize):
         return "GEMM + epilogue"
     return "depth-fused stack" if shape.width <= DEPTH_FUSED_MAX_WIDTH else "fused block"
 

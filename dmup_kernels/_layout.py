@@ -161,10 +161,16 @@ class MlpStackBackend(Protocol):
         ...
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for tensors of ``dtype``: float32 or float64 (half types run with a
+    float32 residual stream)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def compute_rows(x: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The kernels' operands: x as rows (B, n) and the parameters (None stays None), all in float32 or
-    float64 (half types run with a float32 residual stream)."""
-    compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    """The kernels' operands: x as rows (B, n) and the parameters (None stays None), all in
+    ``compute_dtype``."""
+    compute = compute_dtype(x.dtype)
     return x.reshape(-1, x.shape[-1]).to(compute), *(None if p is None else p.to(compute) for p in params)
 
 

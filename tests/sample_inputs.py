@@ -445,6 +445,33 @@ def _mlp_stack_specs() -> list[MlpStackSpec]:
 
 MLP_STACK_SPECS: list[MlpStackSpec] = _mlp_stack_specs()
 
+TRITON_MLP_STACK_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    # (n, m, B, L): n in {1, 7, 32}, m in {1, 5, 64, 300}, B in {1, 37, 300}, L in {1, 3}, each several times
+    (1, 5, 37, 3),
+    (1, 300, 1, 1),
+    (7, 1, 300, 3),
+    (7, 64, 37, 1),
+    (32, 300, 37, 3),
+    (32, 1, 1, 3),
+    (7, 300, 37, 1),
+    (32, 64, 300, 3),
+    (1, 64, 300, 1),
+    (7, 5, 1, 3),
+)
+"""(n, m, B, L) of the depth-fused Triton MLP stack's parity cases (docs/design.md §3.9): odd widths and hidden
+widths (m = 300 takes several hidden chunks and a partial one, m = 1 and 5 one partial chunk and sign byte),
+rows that are one, and not, a multiple of the row tile."""
+
+TRITON_MLP_STACK_SPECS: list[MlpStackSpec] = [
+    MlpStackSpec(width, hidden, depth, (batch,), bias, activation, mean_subtract)
+    for index, (activation, mean_subtract, bias) in enumerate(
+        itertools.product(ACTIVATIONS, (False, True), (False, True))
+    )
+    for width, hidden, batch, depth in [TRITON_MLP_STACK_SHAPES[index % len(TRITON_MLP_STACK_SHAPES)]]
+]
+"""Every (activation, mean_subtract, bias) combination (20), each with the next shape of TRITON_MLP_STACK_SHAPES
+(all 10 twice)."""
+
 MLP_STACK_LAYOUT_SPECS: list[MlpStackSpec] = [
     MlpStackSpec(32, 64, 5, (2, 5), True, "relu", True, "contiguous"),
     MlpStackSpec(7, 5, 2, (2, 5), False, "gelu", False, "transposed"),

@@ -1,8 +1,9 @@
 """What is particular to the Triton kernels, on CPU tensors through the Triton interpreter or on CUDA tensors
 (TRITON_INTERPRET=0 on a GPU, make gpu-check): the wide routes of the stack, returned states, modules, their
-saved state, op registrations, launch configurations, routing and the traffic model. Their parity with the
-float64 reference on the op's shapes is tested with every backend in test_scaled_residual.py and
-test_residual_stack.py. NaN/Inf propagation and bad input are tested for every
+saved state, op registrations, launch configurations, routing and the traffic model; and the depth-fused MLP
+stack: its parity on odd widths and hidden widths, routing, saved state, checkpoints and op registration. Their
+parity with the float64 reference on the op's shapes is tested with every backend in test_scaled_residual.py,
+test_residual_stack.py and test_residual_mlp_stack.py. NaN/Inf propagation and bad input are tested for every
 backend in test_nonfinite.py and test_bad_input.py. float32 and float64, and float16 for the kernels
 themselves (the interpreter has no bfloat16; tests/test_triton_compile.py compiles it).
 """
@@ -19,10 +20,22 @@ import torch
 
 import dmup_kernels
 from dmup_kernels import ResidualStack, ScaledResidual, reference
+from dmup_kernels._layout import MlpStackSettings, MlpWeights
+from dmup_kernels.ops.residual_mlp_stack import MLP_STACK_BACKENDS
 
 from conftest import INTERPRETED, needs_triton, rel_err
-from parity import check_stack, stack_kwargs
-from sample_inputs import ACTIVATIONS, BLOCKS, TRITON_WIDE_STACK_SPECS, StackSpec, make_stack_case, random_tensor
+from parity import MLP_RESULTS, check_mlp_stack, check_stack, mlp_outputs_and_grads, mlp_stack_kwargs, stack_kwargs
+from sample_inputs import (
+    ACTIVATIONS,
+    BLOCKS,
+    TRITON_MLP_STACK_SPECS,
+    TRITON_WIDE_STACK_SPECS,
+    MlpStackSpec,
+    StackSpec,
+    make_mlp_stack_case,
+    make_stack_case,
+    random_tensor,
+)
 
 pytestmark = needs_triton
 
@@ -362,3 +375,182 @@ def test_launches_on_the_tensors_device(seed):
         torch.cuda.synchronize(1)
     assert out.device == torch.device("cuda:1")
     assert rel_err(out, reference.residual_stack(x, weight, bias, scale=0.5)) < 1e-13
+
+
+# ---------------------------------------------------------------------------------------------------
+# the depth-fused MLP stack: parity, routing, saved state, checkpoints, op registration
+# ---------------------------------------------------------------------------------------------------
+
+
+def _counting_mlp_ops(monkeypatch, calls: list[str]) -> None:
+    for op in ("triton_residual_mlp_stack", "triton_scaled_residual"):
+        monkeypatch.setattr(torch.ops.dmup, op, _counting(getattr(torch.ops.dmup, op), op, calls))
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("spec", TRITON_MLP_STACK_SPECS, ids=[s.id for s in TRITON_MLP_STACK_SPECS])
+def test_depth_fused_mlp_stack_matches_reference(spec: MlpStackSpec, dtype, monkeypatch, triton_device, seed):
+    """The depth-fused MLP kernels (one forward launch, one backward launch and the batched weight GEMMs)
+    against the float64 reference; every spec is narrow enough for them, whatever the GPU."""
+    calls = []
+    _counting_mlp_ops(monkeypatch, calls)
+    check_mlp_stack(make_mlp_stack_case(spec, dtype, seed).to(triton_device), dtype, "triton")
+    assert calls == ["triton_residual_mlp_stack"]
+
+
+@pytest.mark.parametrize(("width", "sms", "fused"), [(7, None, True), (128, None, True), (129, None, False)])
+def test_mlp_stack_routes_by_width(width, sms, fused, monkeypatch, triton_device, seed):
+    """Up to DEPTH_FUSED_MLP_MAX_WIDTH the depth-fused op and its state; wider, a layer at a time (library
+    GEMMs and the epilogue kernel, a recorded stream); both give the reference's result and gradients."""
+    from dmup_kernels.ops.residual_mlp_stack import MLP_STACK_BACKENDS
+    from dmup_kernels.triton import ops as triton_ops
+
+    calls = []
+    monkeypatch.setattr(triton_ops, "sm_count", lambda device: sms)
+    _counting_mlp_ops(monkeypatch, calls)
+    case = make_mlp_stack_case(MlpStackSpec(width, 9, 2, (5,), True, "abs", True), torch.float64, seed)
+    case = case.to(triton_device)
+    stack = MLP_STACK_BACKENDS["triton"]
+    _, state = stack.forward(case.x, MlpWeights(*case.params), MlpStackSettings(**mlp_stack_kwargs(case)), True)
+    assert isinstance(state, triton_ops.FusedMlpState) is fused
+    calls.clear()
+    check_mlp_stack(case, torch.float64, "triton")
+    assert set(calls) == ({"triton_residual_mlp_stack"} if fused else {"triton_scaled_residual"})
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "hidden", "itemsize", "sms", "fused"),
+    [
+        (64, 128, 512, 4, None, True),  # no SM count: CPU tensors under the interpreter
+        (64, 129, 4, 4, None, False),  # wider than the register tiles
+        (64, 64, 256, 4, 132, True),  # a block's weights (128 KiB) are small: fused with 2 programs
+        (64, 128, 512, 4, 132, False),  # 512 KiB per block: 2 programs on 132 SMs
+        (64 * 16, 128, 512, 4, 132, False),  # 64 programs of 16 rows: under half of 132 SMs
+        (66 * 16, 128, 512, 4, 132, True),  # 66 programs: half of them
+    ],
+)
+def test_depth_fused_mlp_needs_programs_for_half_the_sms(rows, width, hidden, itemsize, sms, fused):
+    from dmup_kernels.triton.residual_mlp_stack import uses_depth_fused_mlp
+
+    assert uses_depth_fused_mlp(rows, width, hidden, itemsize, sms) is fused
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_mlp_saved_state_layout(activation, triton_device, seed):
+    """states = x_1..x_{L-1}; signs = the bits of h1 = x_l W1^T + b1 packed little-endian per row, hidden
+    units in place of features (relu [not h1 <= 0], abs [h1 > 0] and [h1 < 0]); no (B, m) tensor: a hidden
+    width of 45 takes two chunks, the second partial, and six sign bytes, the last partial."""
+    from dmup_kernels.triton.ops import FusedMlpState
+
+    rows, width, hidden, depth = 13, 21, 45, 3
+    case = make_mlp_stack_case(MlpStackSpec(width, hidden, depth, (rows,), True, activation, True), torch.float64, seed)
+    case = case.to(triton_device)
+    settings = MlpStackSettings(**mlp_stack_kwargs(case))
+    with torch.enable_grad():
+        out, state = MLP_STACK_BACKENDS["triton"].forward(
+            case.x.requires_grad_(), MlpWeights(*case.params), settings, True
+        )
+    stream = reference.residual_mlp_stream(case.x.detach(), *case.params, **mlp_stack_kwargs(case))
+    assert isinstance(state, FusedMlpState) and rel_err(out, stream[-1]) < 1e-13
+    assert state.states.shape == (depth - 1, rows, width) and rel_err(state.states, torch.stack(stream[1:-1])) < 1e-13
+    planes = {"relu": 1, "abs": 2}.get(activation, 0)
+    assert state.signs.dtype == torch.uint8 and state.signs.shape == (depth, planes, rows, 6)
+    h1 = torch.stack([torch.nn.functional.linear(x, w, b) for x, w, b in zip(stream[:-1], case.weight1, case.bias1)])
+    for plane, bits in enumerate(([~(h1 <= 0)] if activation == "relu" else [h1 > 0, h1 < 0])[:planes]):
+        expected = np.packbits(bits.cpu().numpy(), axis=-1, bitorder="little")
+        assert np.array_equal(state.signs[:, plane].cpu().numpy(), expected), f"plane {plane}"
+    assert all(hidden not in tensor.shape for tensor in state)
+
+
+def test_mlp_inference_saves_nothing_and_backward_raises(triton_device, seed):
+    case = make_mlp_stack_case(MlpStackSpec(9, 20, 4, (11,), True, "relu", True), torch.float64, seed)
+    case = case.to(triton_device)
+    args = (case.x, *case.params, case.scale, "relu", True)
+    out, states, signs = torch.ops.dmup.triton_residual_mlp_stack(*args, False)
+    assert states.shape[0] == signs.shape[0] == 0
+    expected = reference.residual_mlp_stack(case.x, *case.params, **mlp_stack_kwargs(case))
+    assert rel_err(out, expected) < 1e-13
+    with torch.no_grad():
+        got = dmup_kernels.residual_mlp_stack(case.x, *case.params, **mlp_stack_kwargs(case), backend="triton")
+    assert torch.equal(got, out)
+    case.weight1.requires_grad_()
+    out, *_ = torch.ops.dmup.triton_residual_mlp_stack(*args, False)
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("activation", ["relu", "abs", "gelu"])
+def test_mlp_checkpoints_match_saving_every_layer(activation, triton_device, seed):
+    """Fused segments under torch.utils.checkpoint: within 1e-12 of saving every layer in float64."""
+    case = make_mlp_stack_case(MlpStackSpec(12, 24, 6, (9,), True, activation, True), torch.float64, seed)
+    case = case.to(triton_device)
+    grad_out = torch.randn(case.x.shape, dtype=torch.float64).to(triton_device)
+    save_all = mlp_outputs_and_grads(case, grad_out, "triton")
+    for checkpoint in (1, 3, "sqrt"):
+        got = mlp_outputs_and_grads(case, grad_out, "triton", checkpoint=checkpoint)
+        for name, a, b in zip(MLP_RESULTS, got, save_all):
+            assert rel_err(a, b) < 1e-12, f"{name} with checkpoint={checkpoint}"
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_mlp_empty_batch(triton_device):
+    """The ops on 0 rows (residual_mlp_stack itself runs empty batches on the reference)."""
+    case = make_mlp_stack_case(MlpStackSpec(7, 9, 3, (0,), True, "abs", True), torch.float32, 0).to(triton_device)
+    out, states, signs = torch.ops.dmup.triton_residual_mlp_stack(case.x, *case.params, 0.5, "abs", True, True)
+    assert out.shape == (0, 7) and states.shape == (2, 0, 7) and signs.shape == (3, 2, 0, 2)
+    grads = torch.ops.dmup.triton_residual_mlp_stack_backward(
+        out, case.x, states, signs, *case.params, 0.5, "abs", True
+    )
+    assert grads[0].shape == (0, 7)
+    for grad, param in zip(grads[1:], case.params):
+        assert torch.equal(grad, torch.zeros_like(param))
+
+
+@pytest.mark.parametrize("activation", ["relu", "abs", "silu", "identity"])
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_mlp_stack(activation, save, triton_device, seed):
+    case = make_mlp_stack_case(MlpStackSpec(7, 11, 2, (5,), True, activation, True), torch.float64, seed)
+    case = case.to(triton_device)
+    args = (case.x, *case.params, 0.5, activation, True)
+    torch.library.opcheck(torch.ops.dmup.triton_residual_mlp_stack.default, (*args, save))
+    if save:
+        out, states, signs = torch.ops.dmup.triton_residual_mlp_stack(*args, True)
+        backward_args = (torch.randn_like(out), case.x, states, signs, *case.params, 0.5, activation, True)
+        torch.library.opcheck(torch.ops.dmup.triton_residual_mlp_stack_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("activation", ["relu", "abs", "silu"])
+def test_traffic_model_counts_the_state_the_mlp_stack_saves(activation, triton_device, seed):
+    """benchmarks.traffic's depth-fused MLP stack writes x_l and the sign bits of h1 once per layer: the bytes
+    the op really keeps for backward, per layer."""
+    from benchmarks.traffic import LayerShape, mlp_depth_fused_passes
+
+    depth = 4
+    case = make_mlp_stack_case(MlpStackSpec(21, 45, depth, (9,), False, activation, True), torch.float32, seed)
+    case = case.to(triton_device)
+    _, states, signs = torch.ops.dmup.triton_residual_mlp_stack(case.x, *case.params, 0.5, activation, True, True)
+    kept = case.x.nbytes + states.nbytes + signs.nbytes  # x_0 is the op's input, kept by autograd
+    shape = LayerShape(21, 9, activation, hidden_width=45)
+    [(_, forward), *_] = mlp_depth_fused_passes(shape, training=True)
+    assert kept == depth * (forward - 2 * shape.weight)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_half_precision_mlp_stack_kernels(activation, dtype, triton_device, seed):
+    """The MLP kernels on half tensors (half GEMM operands, float32 arithmetic): output and gradients against
+    the float64 reference from the same (rounded) inputs."""
+    from dmup_kernels.triton.residual_mlp_stack import mlp_stack_backward, mlp_stack_forward
+
+    case = make_mlp_stack_case(MlpStackSpec(32, 40, 2, (19,), True, activation, True), dtype, seed)
+    case = case.to(triton_device)
+    grad_out = torch.randn_like(case.x)
+    out, states, signs = mlp_stack_forward(case.x, *case.params, 0.5, activation, True, True)
+    grads = mlp_stack_backward(grad_out, case.x, states, signs, *case.params, 0.5, activation, True)
+    leaves = [t.double().requires_grad_() for t in (case.x, *case.params)]
+    expected = reference.residual_mlp_stack(*leaves, scale=0.5, activation=activation, mean_subtract=True)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
+    for name, got, want in zip(MLP_RESULTS, (out, *grads), (expected, *expected_grads)):
+        assert got.dtype == dtype, name
+        assert rel_err(got, want) < 2 * HALF_TOLERANCE[dtype], name

@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dmup_kernels.triton import residual_stack, scaled_residual
+from dmup_kernels.triton import residual_mlp_stack, residual_stack, scaled_residual
 
 # 16-byte global accesses: 4 x 32-bit or 2 x 64-bit vectors, or 16-byte asynchronous copies to shared memory
 WIDE_LOAD = r"ld\.global[\w.:]*\.(v4\.[bf]32|v2\.[bf]64)|cp\.async\.[\w.]*shared\.global \[[^]]*\], \[[^]]*\], 0x10"
@@ -66,7 +66,7 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         signature.update({name: "constexpr" for name in constexprs})
         launches.append((kernel, signature, constexprs, attrs, pinned.num_warps, pinned.num_stages))
 
-    residual_stack.launch = scaled_residual.launch = record
+    residual_stack.launch = scaled_residual.launch = residual_mlp_stack.launch = record
     for dtype in (torch.float32, torch.float64, *HALF_DTYPES):
         for activation in ("relu", "gelu") if dtype == torch.float64 else ACTIVATIONS:
             x = torch.randn(37, 48, dtype=dtype)
@@ -103,6 +103,25 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         one, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True, True
     )
     residual_stack.stack_backward(out, one, states, signs, pre, torch.randn(1, 32, 32), None, 0.5, "relu", "post", True)
+    # The depth-fused MLP stack: every activation in half precision, the widest stream in float32 and float64
+    # (the smallest pinned config), a partial hidden chunk.
+    half_mlp = [(64, 96, dtype, activation, True) for dtype in HALF_DTYPES for activation in ACTIVATIONS]
+    for width, hidden, dtype, activation, bias in [
+        (32, 128, torch.float32, "relu", True),
+        (64, 300, torch.float32, "abs", False),
+        (64, 256, torch.float32, "gelu", True),
+        (128, 256, torch.float32, "silu", True),
+        (128, 100, torch.float32, "abs", False),
+        (48, 64, torch.float32, "identity", False),
+        (64, 256, torch.float64, "silu", True),
+        (128, 100, torch.float64, "relu", False),
+        *half_mlp,
+    ]:
+        x = torch.randn(40, width, dtype=dtype)
+        weights = [torch.randn(2, hidden, width, dtype=dtype), torch.randn(2, width, hidden, dtype=dtype)]
+        biases = [torch.randn(2, hidden, dtype=dtype), torch.randn(2, width, dtype=dtype)] if bias else [None, None]
+        out, states, signs = residual_mlp_stack.mlp_stack_forward(x, *weights, *biases, 0.5, activation, True, True)
+        residual_mlp_stack.mlp_stack_backward(out, x, states, signs, *weights, *biases, 0.5, activation, True)
     return launches
 
 

@@ -182,28 +182,33 @@ def uses_fused_kernels(width: int, itemsize: int) -> bool:
 
 FUSED_MIN_SM_FILL = 0.5
 """The fused kernels need programs for at least this share of the SMs, unless a layer's weights are small
-(FUSED_SMALL_LAYER_BYTES); see ``fills_the_gpu``. An estimate, to be checked on each GPU by make gpu-check."""
+(FUSED_SMALL_LAYER_BYTES); see ``fused_kernels_fill_the_gpu``. An estimate, to be checked on each GPU by make
+gpu-check."""
 
 FUSED_SMALL_LAYER_BYTES = 256 * 1024
-"""Weights of one layer (n * n * itemsize) that one SM streams in about the time of the two launches
-(GEMM + epilogue) a layer costs on the per-layer path: n = 256 in float32."""
+"""Weights of one layer (n * n * itemsize for the stack) that one SM streams in about the time of the two
+launches (GEMM + epilogue) a layer costs on the per-layer path: n = 256 in float32."""
+
+
+def fused_kernels_fill_the_gpu(programs: int, layer_bytes: int, sm_count: int | None) -> bool:
+    """Whether depth-fused kernels of ``programs`` row tiles beat a library GEMM per layer + the epilogue
+    kernel, by occupancy.
+
+    The fused kernels run one program per row tile, each taking its rows through every layer in turn while
+    it streams each layer's whole weights (``layer_bytes``): a layer costs one tile's time however many SMs
+    idle. A GEMM per layer spreads each layer over all SMs, at the price of its launches and a round trip of
+    x_l through memory. Rule: fused when the programs keep at least FUSED_MIN_SM_FILL of the SMs busy, or
+    when a layer's weights are at most FUSED_SMALL_LAYER_BYTES, since then one tile takes less time than the
+    launches it saves. With no SM count (CPU tensors under the interpreter) always fused.
+    """
+    return sm_count is None or layer_bytes <= FUSED_SMALL_LAYER_BYTES or programs >= FUSED_MIN_SM_FILL * sm_count
 
 
 def fills_the_gpu(rows: int, width: int, itemsize: int, sm_count: int | None) -> bool:
-    """Whether the fused kernels beat a library GEMM per layer + the epilogue kernel, by occupancy.
-
-    The fused kernels run cdiv(rows, BLOCK_M) programs, each taking its rows through every layer in
-    turn while it streams each layer's whole weight matrix: a layer costs one tile's time however many
-    SMs idle. A GEMM per layer spreads each layer over all SMs, at the price of two launches and a round
-    trip of x_l through memory. Rule: fused when the programs keep at least FUSED_MIN_SM_FILL of the SMs
-    busy, or when a layer's weights (n * n * itemsize) are at most FUSED_SMALL_LAYER_BYTES, since then one
-    tile takes less time than the launches it saves. BLOCK_M is the pinned config's (autotuning may pick
-    a larger one). With no SM count (CPU tensors under the interpreter) always fused.
-    """
-    if sm_count is None or width * width * itemsize <= FUSED_SMALL_LAYER_BYTES:
-        return True
+    """``fused_kernels_fill_the_gpu`` for the stack kernels: n * n * itemsize bytes of weights per layer,
+    programs of the pinned config's BLOCK_M rows (autotuning may pick a larger one)."""
     block_m = _pinned_stack_config(_block_n(width), itemsize).kwargs["BLOCK_M"]
-    return triton.cdiv(rows, block_m) >= FUSED_MIN_SM_FILL * sm_count
+    return fused_kernels_fill_the_gpu(triton.cdiv(rows, block_m), width * width * itemsize, sm_count)
 
 
 def sm_count(device: torch.device) -> int | None:
