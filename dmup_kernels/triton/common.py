@@ -96,6 +96,32 @@ def unpack_bits(packed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def store_sign_bits(
+    signs, plane_bytes, byte_offs, byte_ok, h, ACT: tl.constexpr, PLANES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Stores ``sign_bits(h)`` of a (BLOCK_M, BLOCK_N) tile, packed, into a layer's PLANES planes of
+    ``plane_bytes`` bytes from ``signs``, at ``byte_offs`` where ``byte_ok``."""
+    positive, negative = sign_bits(h, ACT)
+    tl.store(signs + byte_offs, pack_bits(positive, BLOCK_M, BLOCK_N), mask=byte_ok)
+    if PLANES > 1:
+        tl.store(signs + plane_bytes + byte_offs, pack_bits(negative, BLOCK_M, BLOCK_N), mask=byte_ok)
+
+
+@triton.jit
+def chain_stored_sign_bits(
+    grad, signs, plane_bytes, byte_offs, byte_ok, ACT: tl.constexpr, PLANES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """grad * phi'(h) from the sign bits ``store_sign_bits`` stored for h."""
+    positive = unpack_bits(tl.load(signs + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
+    negative = positive
+    if PLANES > 1:
+        negative = unpack_bits(tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
+    return chain_sign_bits(grad, positive, negative, ACT)
+
+
+@triton.jit
 def row_mean(u, n):
     """Mean over the width of a tile whose columns past ``n`` hold zeros."""
     return tl.sum(u, axis=1) / n

@@ -34,11 +34,9 @@ from .._layout import sign_planes
 from .common import (
     activation,
     chain_activation,
-    chain_sign_bits,
-    pack_bits,
+    chain_stored_sign_bits,
     row_mean,
-    sign_bits,
-    unpack_bits,
+    store_sign_bits,
     widen,
 )
 from .residual_stack import _block_n, _row_tile, _state_ptr, fused_kernels_fill_the_gpu
@@ -132,6 +130,24 @@ def _load_tile(ptr, i, j, stride_i, stride_j, i_ok, j_ok):
 
 
 @triton.jit
+def _hidden_preactivation(
+    x_operand, w1, b1_ptr, layer, c, k, c_ok, k_ok, n, m, dtype: tl.constexpr, HAS_BIAS1: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """h1 = x W1[k]^T + b1[k] for a row tile and a chunk k of hidden units (the forward's, and the backward's
+    recomputation for gelu/silu): the same dot, so the same values."""
+    h1 = tl.dot(
+        x_operand,
+        _load_tile(w1, c, k, 1, n, c_ok, k_ok),  # W1^T[c, k] = W1[k, c]
+        tl.zeros([BLOCK_M, BLOCK_H], dtype=dtype),
+        input_precision=PRECISION,
+    )
+    if HAS_BIAS1:
+        h1 += widen(tl.load(b1_ptr + tl.cast(layer, tl.int64) * m + k, mask=k_ok, other=0.0))[None, :]
+    return h1
+
+
+@triton.jit
 def _hidden_chunk(h0, r, row_ok, m, BLOCK_H: tl.constexpr):
     """Hidden units h0..h0+BLOCK_H: their indices and mask, offsets and mask into a (rows, m) matrix, and
     offsets and mask into (rows, ceil(m/8)) sign bytes (h0 is a multiple of 8)."""
@@ -197,21 +213,12 @@ def mlp_stack_forward_kernel(
         h2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=x.dtype)
         for h0 in range(0, m, BLOCK_H):
             k, k_ok, _hidden_offs, _hidden_ok, byte_offs, byte_ok = _hidden_chunk(h0, r, row_ok, m, BLOCK_H)
-            h1 = tl.dot(
-                x_operand,
-                _load_tile(w1, c, k, 1, n, c_ok, k_ok),  # W1^T[c, k] = W1[k, c]
-                tl.zeros([BLOCK_M, BLOCK_H], dtype=x.dtype),
-                input_precision=PRECISION,
-            )
-            if HAS_BIAS1:
-                h1 += widen(tl.load(b1_ptr + tl.cast(layer, tl.int64) * m + k, mask=k_ok, other=0.0))[None, :]
+            h1 = _hidden_preactivation(x_operand, w1, b1_ptr, layer, c, k, c_ok, k_ok, n, m, x.dtype, HAS_BIAS1,
+                                       PRECISION, BLOCK_M, BLOCK_H)  # fmt: skip
             # Padded hidden units hold 0 (not 0 * inf = NaN from a non-finite row), so they add nothing to h2.
             h1 = tl.where(k_ok[None, :], h1, 0.0)
             if PLANES > 0:
-                positive, negative = sign_bits(h1, ACT)
-                tl.store(signs + byte_offs, pack_bits(positive, BLOCK_M, BLOCK_H), mask=byte_ok)
-                if PLANES > 1:
-                    tl.store(signs + plane_bytes + byte_offs, pack_bits(negative, BLOCK_M, BLOCK_H), mask=byte_ok)
+                store_sign_bits(signs, plane_bytes, byte_offs, byte_ok, h1, ACT, PLANES, BLOCK_M, BLOCK_H)
             a = activation(h1, ACT)
             h2 = tl.dot(
                 a.to(operand_type),
@@ -289,24 +296,12 @@ def mlp_stack_backward_kernel(
                 input_precision=PRECISION,
             )
             if PLANES > 0:
-                positive = unpack_bits(tl.load(signs + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_H)
-                negative = positive
-                if PLANES > 1:
-                    negative = unpack_bits(
-                        tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_H
-                    )
-                dh1 = chain_sign_bits(da, positive, negative, ACT)
+                dh1 = chain_stored_sign_bits(da, signs, plane_bytes, byte_offs, byte_ok, ACT, PLANES, BLOCK_M, BLOCK_H)
             elif ACT == "identity":
                 dh1 = da
             else:
-                h1 = tl.dot(
-                    x_operand,
-                    _load_tile(w1, c, k, 1, n, c_ok, k_ok),
-                    tl.zeros([BLOCK_M, BLOCK_H], dtype=g.dtype),
-                    input_precision=PRECISION,
-                )
-                if HAS_BIAS1:
-                    h1 += widen(tl.load(b1_ptr + tl.cast(layer, tl.int64) * m + k, mask=k_ok, other=0.0))[None, :]
+                h1 = _hidden_preactivation(x_operand, w1, b1_ptr, layer, c, k, c_ok, k_ok, n, m, g.dtype, HAS_BIAS1,
+                                           PRECISION, BLOCK_M, BLOCK_H)  # fmt: skip
                 dh1 = chain_activation(da, h1, ACT)
             dh1 = tl.where(hidden_ok, dh1, 0.0)
             tl.store(grad_h1_ptr + layer * hidden_elems + hidden_offs, dh1, mask=hidden_ok)

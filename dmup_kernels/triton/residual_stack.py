@@ -33,11 +33,9 @@ from .._layout import sign_planes
 from .common import (
     activation,
     chain_activation,
-    chain_sign_bits,
-    pack_bits,
+    chain_stored_sign_bits,
     row_mean,
-    sign_bits,
-    unpack_bits,
+    store_sign_bits,
     widen,
 )
 from .tuning import (
@@ -269,11 +267,8 @@ def stack_forward_kernel(
             u = h
         else:
             if PLANES > 0:
-                positive, negative = sign_bits(h, ACT)
                 signs = signs_ptr + layer * PLANES * plane_bytes
-                tl.store(signs + byte_offs, pack_bits(positive, BLOCK_M, BLOCK_N), mask=byte_ok)
-                if PLANES > 1:
-                    tl.store(signs + plane_bytes + byte_offs, pack_bits(negative, BLOCK_M, BLOCK_N), mask=byte_ok)
+                store_sign_bits(signs, plane_bytes, byte_offs, byte_ok, h, ACT, PLANES, BLOCK_M, BLOCK_N)
             if SAVE_PRE:
                 tl.store(pre_ptr + layer * layer_elems + offs, h, mask=ok)
             u = activation(h, ACT)
@@ -327,13 +322,7 @@ def stack_backward_kernel(
             dh = dv
         elif PLANES > 0:
             signs = signs_ptr + layer * PLANES * plane_bytes
-            positive = unpack_bits(tl.load(signs + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N)
-            negative = positive
-            if PLANES > 1:
-                negative = unpack_bits(
-                    tl.load(signs + plane_bytes + byte_offs, mask=byte_ok, other=0), BLOCK_M, BLOCK_N
-                )
-            dh = chain_sign_bits(dv, positive, negative, ACT)
+            dh = chain_stored_sign_bits(dv, signs, plane_bytes, byte_offs, byte_ok, ACT, PLANES, BLOCK_M, BLOCK_N)
         elif SAVE_PRE:
             dh = chain_activation(dv, widen(tl.load(pre_ptr + layer * layer_elems + offs, mask=ok, other=0.0)), ACT)
         else:
