@@ -4,7 +4,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -100,9 +99,10 @@ inline int64_t saved_layers(int64_t depth, int64_t checkpoint_every) {
 
 // A stack's outputs for x (B, n) and L = depth layers, unfilled: out (B, n), saved (saved_layers, n, B)
 // allocated by `empty` (a device may have a better allocation for large state), and mask (L, planes,
-// signed_features, ceil(B/16)) int16, zeroed (the CUDA kernels only set bits); signed_features is n for
-// residual_stack, m (the hidden width) for residual_mlp_stack. Without save_for_backward (inference) saved
-// and mask have 0 layers; with checkpoints mask has 0 layers.
+// signed_features, ceil(B/16)) int16 (the CPU kernels write every word; the CUDA kernels only set bits, so
+// their callers zero it); signed_features is n for residual_stack, m (the hidden width) for
+// residual_mlp_stack. Without save_for_backward (inference) saved and mask have 0 layers; with checkpoints
+// mask has 0 layers.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(
     const at::Tensor& x, int64_t depth, int planes, int64_t signed_features, bool save_for_backward,
     int64_t checkpoint_every,
@@ -114,7 +114,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_stack_outputs(
   const int64_t kept = save_for_backward ? saved_layers(depth, checkpoint_every) : 0;
   const int64_t masked = save_for_backward && checkpoint_every == 0 ? depth : 0;
   return {at::empty({batch, width}, x.options()), empty({kept, width, batch}, x.options()),
-          at::zeros({masked, planes, signed_features, mask_words(batch)}, x.options().dtype(at::kShort))};
+          at::empty({masked, planes, signed_features, mask_words(batch)}, x.options().dtype(at::kShort))};
 }
 
 // The state the forward op `op` (residual_stack, residual_mlp_stack) returned for its backward: saved

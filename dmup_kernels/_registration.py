@@ -75,13 +75,26 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         with torch.enable_grad():
             return below_autograd(*args)
 
+    def setup_without_zero_gradients(ctx: Any, inputs: tuple, output: Any) -> None:
+        # The state outputs (saved states, sign bits) are non-differentiable; materialised, their
+        # gradients would be zeros as large as the state, allocated and filled in every backward.
+        ctx.set_materialize_grads(False)
+        ctx.input_count = len(inputs)
+        setup_context(ctx, inputs, output)
+
+    def backward_of_defined(ctx: Any, *grads: Tensor | None) -> Any:
+        # Unmaterialised, undefined output gradients arrive as None; with none defined there is nothing to do.
+        if all(grad is None for grad in grads):
+            return (None,) * ctx.input_count
+        return backward(ctx, *grads)
+
     function = type(
         f"{namespace}_{name}",
         (_SingleLevelFunction,),
         {
             "forward": staticmethod(forward),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
+            "setup_context": staticmethod(setup_without_zero_gradients),
+            "backward": staticmethod(backward_of_defined),
         },
     )
 

@@ -16,6 +16,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,22 +147,21 @@ def test_saved_bytes_are_the_checkpoints(checkpoint, depth, activation, seed):
     assert saved <= saved_bytes(run(None), exclude=[weight, bias])
 
 
+REPO = Path(__file__).resolve().parents[1]
 PEAK_MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch, dmup_kernels
+    import sys, torch, dmup_kernels
+    from benchmarks.measure import peak_resident_bytes, resident_bytes
     width, batch, depth, checkpoint = 64, 512, 1024, sys.argv[1]
     checkpoint = None if checkpoint == "none" else checkpoint
     torch.manual_seed(0)
     x = torch.randn(batch, width, requires_grad=True)
     weight = (torch.randn(depth, width, width) / width**0.5).requires_grad_()
-    def rss():
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize()
     out = dmup_kernels.residual_stack(x, weight, scale=depth**-0.5, backend="cpp", checkpoint=checkpoint)
     loss = out.square().mean()
-    before, peak_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before, peak_before = resident_bytes(), peak_resident_bytes()
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     print(max(peak - before, 0) if peak > peak_before else 0)
     """
 )
@@ -176,7 +176,11 @@ def test_backward_peak_memory_grows_by_gradients_and_two_segments():
 
     def growth(checkpoint: str) -> int:
         run = subprocess.run(
-            [sys.executable, "-c", PEAK_MEMORY_SCRIPT, checkpoint], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", PEAK_MEMORY_SCRIPT, checkpoint],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,  # where dmup_kernels and benchmarks import from
         )
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
+from dmup_kernels import DepthMuPNet, ResidualMLPStack, ResidualStack, ScaledResidual
 
-from conftest import OP_BACKENDS, backend_device, rel_err
+from conftest import OP_BACKENDS, OpLog, backend_device, rel_err
 from sample_inputs import random_tensor
 
 BACKENDS = ["reference", *OP_BACKENDS]
@@ -155,3 +155,26 @@ def test_double_backward(kind, backend, seed):
     (first,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
     (expected,) = torch.autograd.grad(as_reference(module)(reference_x).square().sum(), reference_x)
     assert rel_err(first, expected) < 1e-12
+
+
+ZERO_FILLS = ("zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like")
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("kind", ["stack", "mlp_stack"])
+def test_backward_materialises_no_state_gradients(kind, backend, seed):
+    """The forward ops also return the saved state and sign bits, which no loss depends on. The backward
+    must not receive zero gradients for them from autograd: tensors as large as the state, allocated and
+    filled in every training step (docs/design.md §7.9)."""
+    device = backend_device(backend)
+    if kind == "stack":
+        module = ResidualStack(WIDTH, DEPTH, bias=True, backend=backend)
+    else:
+        module = ResidualMLPStack(WIDTH, 2 * WIDTH, DEPTH, bias=True, backend=backend)
+    module = module.to(device)
+    y = module(torch.randn(BATCH, WIDTH).to(device))
+    with OpLog() as log:
+        y.square().sum().backward()
+    assert any("_backward" in call for call in log.calls), log.calls  # the log saw the backward op
+    fills = [call for call in log.calls if call.split(".")[1] in ZERO_FILLS]
+    assert not fills, f"the backward filled tensors: {fills}"

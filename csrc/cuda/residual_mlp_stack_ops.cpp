@@ -138,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_mlp_stack_cuda(
   at::Tensor out, saved, mask;
   std::tie(out, saved, mask) = empty_stack_outputs(x, depth, mask_planes(run.activation, Block::Post),
                                                    run.hidden_width(), save_for_backward, checkpoint_every);
+  mask.zero_();  // the layer kernel only sets bits
   const at::Tensor last = at::empty({width, batch}, x.options());
   const bool checkpointed = save_for_backward && checkpoint_every > 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_mlp_stack_cuda", [&] {
