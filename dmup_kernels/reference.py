@@ -8,6 +8,7 @@ Notation (docs/design.md §2.1): ``x`` is the residual stream (..., n); weights 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,23 +117,8 @@ def residual_stream(
     block "pre":  x_{l+1} = x_l + s * MS(phi(x_l) @ W_l^T + b_l)
     (MS only when ``mean_subtract``); ``epilogue`` computes x + s * MS(phi(branch)) (a kernel may stand in).
     """
-    layer = BLOCK_FUNCTIONS[block]
-    # unbind, not weight[i]: the backward of L index ops would write L full-size gradient tensors.
-    biases = [None] * weight.shape[0] if bias is None else bias.unbind(0)
-    states = [x]
-    for layer_weight, layer_bias in zip(weight.unbind(0), biases):
-        states.append(
-            layer(
-                states[-1],
-                layer_weight,
-                layer_bias,
-                scale=scale,
-                activation=activation,
-                mean_subtract=mean_subtract,
-                epilogue=epilogue,
-            )
-        )
-    return states
+    options = dict(scale=scale, activation=activation, mean_subtract=mean_subtract, epilogue=epilogue)
+    return _stream(x, BLOCK_FUNCTIONS[block], options, weight, bias)
 
 
 def residual_mlp_stream(
@@ -152,17 +138,19 @@ def residual_mlp_stream(
 
     x_{l+1} = x_l + s * MS(phi(x_l @ W1_l^T + b1_l) @ W2_l^T + b2_l)      (MS only when ``mean_subtract``)
     """
-    depth = weight1.shape[0]
-    # unbind, not indexing, as in residual_stream
-    biases1 = [None] * depth if bias1 is None else bias1.unbind(0)
-    biases2 = [None] * depth if bias2 is None else bias2.unbind(0)
+    options = dict(scale=scale, activation=activation, mean_subtract=mean_subtract, epilogue=epilogue)
+    return _stream(x, mlp_block, options, weight1, weight2, bias1, bias2)
+
+
+def _stream(x: Tensor, block: Callable[..., Tensor], options: dict[str, Any], *params: Tensor | None) -> list[Tensor]:
+    """[x^0, ..., x^L] with x^{l+1} = block(x^l, *(param[l] for param in params), **options), a missing
+    (None) parameter passed as None to every layer."""
+    depth = next(param for param in params if param is not None).shape[0]
+    # unbind, not param[l]: the backward of L index ops would write L full-size gradient tensors.
+    layers = zip(*([None] * depth if param is None else param.unbind(0) for param in params))
     states = [x]
-    for layer in zip(weight1.unbind(0), weight2.unbind(0), biases1, biases2):
-        states.append(
-            mlp_block(
-                states[-1], *layer, scale=scale, activation=activation, mean_subtract=mean_subtract, epilogue=epilogue
-            )
-        )
+    for layer in layers:
+        states.append(block(states[-1], *layer, **options))
     return states
 
 
