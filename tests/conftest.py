@@ -26,6 +26,7 @@ import contextlib
 import os
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 # The Triton kernels run on CPU tensors through the interpreter, which must be on before they are defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -39,6 +40,9 @@ import dmup_kernels
 from dmup_kernels._extension import _C, pinned_cpu_isa, runnable_cpu_isas
 from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
 from dmup_kernels.triton import HAS_TRITON, INTERPRETED
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root: dmup_kernels, benchmarks, examples and csrc are below it."""
 
 needs_cpp = pytest.mark.skipif(not dmup_kernels.HAS_CPP, reason="C++ extension not built")
 TRITON_DEVICE: str | None = None

@@ -16,7 +16,6 @@ import math
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import torch
 import dmup_kernels
 from dmup_kernels import DepthMuPNet, ResidualStack
 
-from conftest import backend_device, needs_cpp, needs_cuda, needs_triton, num_threads, rel_err, saved_bytes
+from conftest import REPO, backend_device, needs_cpp, needs_cuda, needs_triton, num_threads, rel_err, saved_bytes
 from parity import stack_kwargs
 from sample_inputs import ACTIVATIONS, BLOCKS, StackCase, StackSpec, make_stack_case
 
@@ -147,7 +146,6 @@ def test_saved_bytes_are_the_checkpoints(checkpoint, depth, activation, seed):
     assert saved <= saved_bytes(run(None), exclude=[weight, bias])
 
 
-REPO = Path(__file__).resolve().parents[1]
 PEAK_MEMORY_SCRIPT = textwrap.dedent(
     """
     import sys, torch, dmup_kernels

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+from conftest import REPO
+
+CSRC = REPO / "csrc"
 CUDA_SOURCES = sorted((CSRC / "cuda").glob("*.cu"))
 GLUE_SOURCES = sorted((CSRC / "cuda").glob("*.cpp"))
 NVCC = shutil.which("nvcc")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
 import dmup_kernels
 
+from conftest import REPO
+
 pytest.importorskip("sklearn", reason="the examples train on scikit-learn's digits")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(REPO / "examples"))
 
 import coord_check  # noqa: E402
 import depth_limit  # noqa: E402

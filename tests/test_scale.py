@@ -22,9 +22,9 @@ import torch
 import dmup_kernels
 from dmup_kernels import ResidualStack, param_groups, reference
 
-from conftest import num_threads, rel_err, saved_bytes
+from conftest import REPO, num_threads, rel_err, saved_bytes
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = REPO / "csrc"
 COMPILER = shutil.which("c++") or shutil.which("g++")
 
 
