@@ -47,6 +47,8 @@ _LIBRARY = torch.library.Library("dmup", "IMPL")  # kept alive: dropping it woul
 def register_autograd(qualname: str, backward: Callable, *, setup_context: Callable, backward_op: str) -> None:
     """Registers ``backward`` / ``setup_context`` (the ``torch.library.register_autograd`` contract) as
     the Autograd kernel of the op ``qualname`` ("dmup::name"), usable under torch.func transforms.
+    ``backward`` returns the gradients of the op's leading inputs; the inputs after them (the settings)
+    get None.
 
     ``backward_op`` is the op that ``backward`` computes the gradients with; differentiating it raises.
     """
@@ -82,11 +84,10 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         ctx.input_count = len(inputs)
         setup_context(ctx, inputs, output)
 
-    def backward_of_defined(ctx: Any, *grads: Tensor | None) -> Any:
+    def backward_of_defined(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         # Unmaterialised, undefined output gradients arrive as None; with none defined there is nothing to do.
-        if all(grad is None for grad in grads):
-            return (None,) * ctx.input_count
-        return backward(ctx, *grads)
+        input_grads = () if all(grad is None for grad in grads) else tuple(backward(ctx, *grads))
+        return input_grads + (None,) * (ctx.input_count - len(input_grads))
 
     function = type(
         f"{namespace}_{name}",
@@ -133,7 +134,7 @@ class OpEpilogue:
 
         def backward(ctx, grad_out: Tensor):
             (branch_out,) = ctx.saved_tensors
-            return *self.backward(grad_out, branch_out, ctx.settings), None, None, None
+            return self.backward(grad_out, branch_out, ctx.settings)
 
         register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
 

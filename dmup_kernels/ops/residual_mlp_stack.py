@@ -181,7 +181,6 @@ if HAS_CPP:
     def _setup_context(ctx, inputs, output) -> None:
         _, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, ctx.saved_state, *every = inputs
         ctx.settings = MlpStackSettings(scale, activation, mean_subtract, *every)
-        ctx.non_tensor_inputs = len(inputs) - 5
         _, saved, signs = output
         ctx.mark_non_differentiable(saved, signs)
         ctx.save_for_backward(saved, signs, weight1, weight2, bias1, bias2)
@@ -192,8 +191,7 @@ if HAS_CPP:
                 "dmup::residual_mlp_stack ran with save_for_backward=False, so it cannot be differentiated"
             )
         saved, signs, *weights = ctx.saved_tensors
-        grads = CPP_MLP_STACK.backward(grad_out, (saved, signs), MlpWeights(*weights), ctx.settings)
-        return *grads, *[None] * ctx.non_tensor_inputs
+        return CPP_MLP_STACK.backward(grad_out, (saved, signs), MlpWeights(*weights), ctx.settings)
 
     register_autograd(
         "dmup::residual_mlp_stack",

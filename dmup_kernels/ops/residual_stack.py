@@ -189,7 +189,6 @@ if HAS_CPP:
     def _setup_context(ctx, inputs, output) -> None:
         _, weight, bias, scale, activation, block, mean_subtract, ctx.saved_state, *every = inputs
         ctx.settings = StackSettings(scale, activation, block, mean_subtract, *every)
-        ctx.non_tensor_inputs = len(inputs) - 3
         _, saved, signs = output
         ctx.mark_non_differentiable(saved, signs)
         ctx.save_for_backward(saved, signs, weight, bias)
@@ -198,8 +197,7 @@ if HAS_CPP:
         if not ctx.saved_state:
             raise RuntimeError("dmup::residual_stack ran with save_for_backward=False, so it cannot be differentiated")
         saved, signs, weight, bias = ctx.saved_tensors
-        grads = CPP_STACK.backward(grad_out, (saved, signs), weight, bias, ctx.settings)
-        return *grads, *[None] * ctx.non_tensor_inputs
+        return CPP_STACK.backward(grad_out, (saved, signs), weight, bias, ctx.settings)
 
     register_autograd(
         "dmup::residual_stack", _backward, setup_context=_setup_context, backward_op="dmup::residual_stack_backward"

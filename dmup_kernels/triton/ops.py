@@ -101,8 +101,7 @@ def _backward_stack(ctx, grad_out: Tensor, _grad_states, _grad_signs, _grad_pre)
             "dmup::triton_residual_stack ran with save_for_backward=False, so it cannot be differentiated"
         )
     x, states, signs, pre, weight, bias = ctx.saved_tensors
-    grads = TRITON_STACK.backward(grad_out, FusedState(x, states, signs, pre), weight, bias, ctx.settings)
-    return *grads, None, None, None, None, None
+    return TRITON_STACK.backward(grad_out, FusedState(x, states, signs, pre), weight, bias, ctx.settings)
 
 
 register_autograd(
@@ -205,8 +204,7 @@ def _backward_mlp_stack(ctx, grad_out: Tensor, _grad_states, _grad_signs):
             "dmup::triton_residual_mlp_stack ran with save_for_backward=False, so it cannot be differentiated"
         )
     x, states, signs, *weights = ctx.saved_tensors
-    grads = TRITON_MLP_STACK.backward(grad_out, FusedMlpState(x, states, signs), MlpWeights(*weights), ctx.settings)
-    return *grads, None, None, None, None
+    return TRITON_MLP_STACK.backward(grad_out, FusedMlpState(x, states, signs), MlpWeights(*weights), ctx.settings)
 
 
 register_autograd(
