@@ -265,15 +265,16 @@ THREAD_SPECS = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("spec", THREAD_SPECS, ids=[s.id for s in THREAD_SPECS])
 def test_bitwise_independent_of_threads_and_checkpoints(spec: MlpStackSpec, dtype, cpu_isa, seed):
-    """1 and 2 threads, saving every layer or checkpoints every 1, 2 (dividing no depth here but 2 layers) or
-    L + 1 layers and "sqrt": the same bits (docs/design.md §3.6, §4.4), and call to call."""
+    """1, 2 and 3 threads (3: one in the middle of the chain of weight-gradient sums), saving every layer or
+    checkpoints every 1, 2 (dividing no depth here but 2 layers) or L + 1 layers and "sqrt": the same bits
+    (docs/design.md §3.6, §4.4), and call to call."""
     case = make_mlp_stack_case(spec, dtype, seed)
     grad_out = torch.randn(case.x.shape, dtype=dtype)
     with num_threads(2):
         expected = mlp_outputs_and_grads(case, grad_out, "cpp")
         assert all(torch.equal(a, b) for a, b in zip(mlp_outputs_and_grads(case, grad_out, "cpp"), expected)
                    if a is not None), "two calls differ"  # fmt: skip
-    for threads, checkpoint in ((1, None), (1, 1), (2, 2), (1, spec.depth + 1), (2, "sqrt")):
+    for threads, checkpoint in ((1, None), (3, None), (1, 1), (2, 2), (1, spec.depth + 1), (2, "sqrt"), (3, 2)):
         with num_threads(threads):
             got = mlp_outputs_and_grads(case, grad_out, "cpp", checkpoint=checkpoint)
         for name, a, b in zip(MLP_RESULTS, got, expected):

@@ -10,9 +10,10 @@
 //
 // Layout, as the stack's: a tile of R rows keeps the stream feature-major and walks every layer; the
 // hidden layer of the tile is an (m x R) plane. Saved per layer: x_l (L, n, B) and, for relu and abs,
-// the sign bits of h1 (L, planes, m, ceil(B/16)), the stack's packing and rule; never h1 or a. The rows
-// pass writes dh2 (L, n, B) and dh1 (L, m, B); the weight pass rebuilds a from x_l (docs/design.md §3.8:
-// the same GEMM in the same order, so a is bitwise the forward's).
+// the sign bits of h1 (L, planes, m, ceil(B/16)), the stack's packing and rule; never h1 or a. The reverse
+// walk rebuilds h1 from x_l with the forward's GEMM call (docs/design.md §3.8: so h1 and a are bitwise the
+// forward's) and walks the layers in step as the stack's, each tile adding its rows into the layer's
+// weight gradients at once (stack_kernel.h).
 #pragma once
 
 #include "stack_kernel.h"
@@ -55,8 +56,6 @@ struct MlpStackBackwardBuffers {
   const uint16_t* mask;  // (L, planes, m, ceil(B/16)): the sign bits of h1
   T* grad_x;             // (B, n), or nullptr: write grad_carry
   T* grad_carry;         // (n, B), used where grad_out or grad_x is nullptr
-  T* grad_h;             // (L, n, B): dh2, scratch shared by the two backward phases
-  T* grad_hidden;        // (L, m, B): dh1, likewise
   T* grad_weight1;       // (L, m, n)
   T* grad_weight2;       // (L, n, m)
   T* grad_bias1;         // (L, m), or nullptr without biases
@@ -70,8 +69,6 @@ struct MlpStackBackwardBuffers {
             scratch.mask,
             first_segment ? grad_x : nullptr,
             grad_carry,
-            scratch.grad_h,
-            scratch.grad_hidden,
             grad_weight1 + p.weight_offset(first),
             grad_weight2 + p.weight_offset(first),
             grad_bias1 ? grad_bias1 + first * p.hidden_width : nullptr,
@@ -83,7 +80,7 @@ template <class T>
 using MlpStackKernels = Kernels<T, MlpStackProblem<T>, MlpStackBackwardBuffers<T>>;
 
 // Features of the local planes of a row tile of the MLP stack: the stream, h2 (dh2 in the backward) and
-// x_l (read back to recompute h1), n each; h1 (a in the forward) and dh1, m each.
+// x_l (read back to rebuild h1), n each; h1 (a in the forward) and dh1, m each.
 inline int64_t mlp_stack_tile_features(int64_t width, int64_t hidden_width) { return 3 * width + 2 * hidden_width; }
 
 namespace stack_impl {
@@ -95,8 +92,7 @@ struct MlpStack
   using T = typename V::T;
   using Vec = typename V::Vec;
   using Phi = Act<A>;
-  static constexpr int kPlanes = mask_planes(A, Block::Post);                    // h1 is a "post" pre-activation
-  static constexpr bool kRecompute = kPlanes == 0 && A != Activation::Identity;  // smooth phi: rebuild h1
+  static constexpr int kPlanes = mask_planes(A, Block::Post);  // h1 is a "post" pre-activation
 
   // A tile's planes (mlp_stack_tile_features), shared by a feature-split team, private to a thread otherwise.
   struct Planes : TilePlanes<V> {
@@ -141,102 +137,73 @@ struct MlpStack
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
 
-  // The reverse walk of one tile, layers L-1 down to 0; writes its rows of grad_x (or grad_carry), of every
-  // dh2_l and of every dh1_l.
-  static void backward_tile(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Team& team,
-                            Planes& s, T* row, int64_t b0, int64_t rows) {
+  // The reverse walk's scratch (TileWalks::walk_back): a tile's x_l and a_l, row-major; the bias gradients.
+  static int64_t packed_elements(const MlpStackProblem<T>& p) {
+    return p.tile_rows * (padded_width<V>(p.width) + padded_width<V>(p.hidden_width));
+  }
+  static int64_t summed_features(const MlpStackProblem<T>& p) { return p.width + p.hidden_width; }
+
+  // Layer l of the reverse walk for one tile of `rows` rows from row b0, whose gradient g = dLoss/dx is in the
+  // plane g (features [o0, o1) of the stream and [j0, j1) of the hidden layer when split): dh2_l, dh1_l and a_l
+  // into the planes branch, hidden_grad and hidden, then g <- dLoss/dx_l.
+  static void backward_layer(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Team& team,
+                             Planes& s, T* g, T* row, int64_t l, int64_t b0, int64_t rows) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
     const int64_t live = (rows + V::W - 1) / V::W * V::W;
-    // The stream planes now hold g = dLoss/dx.
-    if (buf.grad_out) {
-      transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);
-    } else {
-      load_rows<V>(s.stream + o0 * Rp, Rp, live, buf.grad_carry + o0 * B + b0, B, o1 - o0, rows);
-    }
-    for (int64_t l = p.depth - 1; l >= 0; --l) {
-      const T* W1 = p.weight1 + p.weight_offset(l);
-      const T* W2 = p.weight2 + p.weight_offset(l);
-      if constexpr (kRecompute) {
-        load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
-      }
-      team.sync();  // the row mean reads all of g; the recomputation all of x_l
-      if constexpr (kRecompute) {
-        gemm<V>(j1 - j0, live, n, W1 + j0 * n, n, 1, s.input, Rp, s.hidden + j0 * Rp, Rp, false);
-      }
-      branch_gradient<V>(p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
-                         buf.grad_h + state_offset(l, 0, n, B) + b0, B, [](int64_t, int64_t, Vec du) { return du; });
-      team.sync();  // da = dh2 W2 reads dh2 of every feature
-      gemm<V>(j1 - j0, live, n, W2 + j0, 1, m, s.branch, Rp, s.hidden_grad + j0 * Rp, Rp, false);
-      // dh1 = phi'(h1) da, from the sign bits (relu, abs) or the recomputed h1 (gelu, silu).
-      const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, m, B) : nullptr;
-      T* grad_hidden = buf.grad_hidden + state_offset(l, 0, m, B) + b0;
-      for (int64_t j = j0; j < j1; ++j) {
-        const Vec bias = p.bias1 ? V::broadcast(p.bias1[l * m + j]) : V::zero();
-        const uint16_t* pos = kPlanes ? mask + mask_offset(0, 0, j, kPlanes, m, B) : nullptr;
-        const uint16_t* neg = kPlanes == 2 ? mask + mask_offset(0, 1, j, kPlanes, m, B) : nullptr;
-        for (int64_t r = 0; r < live; r += V::W) {
-          const int64_t i = j * Rp + r;
-          Vec dh = V::load(s.hidden_grad + i);
-          if constexpr (kPlanes) dh = Phi::backward(sign_proxy<V, kPlanes>(pos, neg, b0 + r), dh);
-          if constexpr (kRecompute) dh = Phi::backward(V::load(s.hidden + i) + bias, dh);
-          V::store(s.hidden_grad + i, dh);
-          V::store_n(grad_hidden + j * B + r, dh, lanes_at<V>(r, rows));
+    const T* W1 = p.weight1 + p.weight_offset(l);
+    const T* W2 = p.weight2 + p.weight_offset(l);
+    load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
+    team.sync();  // the row mean reads all of g; h1 = W1 x_l all of x_l
+    gemm<V>(j1 - j0, live, n, W1 + j0 * n, n, 1, s.input, Rp, s.hidden + j0 * Rp, Rp, false);
+    branch_gradient<V>(p.mean_subtract, n, p.scale, g, s.branch, Rp, o0, o1, live, row,
+                       [](int64_t, int64_t, Vec du) { return du; });
+    team.sync();  // da = dh2 W2 reads dh2 of every feature
+    gemm<V>(j1 - j0, live, n, W2 + j0, 1, m, s.branch, Rp, s.hidden_grad + j0 * Rp, Rp, false);
+    // dh1 = phi'(h1) da, from the sign bits (relu, abs) or h1 (gelu, silu); a = phi(h1 + b1) replaces h1.
+    const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, m, B) : nullptr;
+    for (int64_t j = j0; j < j1; ++j) {
+      const Vec bias = p.bias1 ? V::broadcast(p.bias1[l * m + j]) : V::zero();
+      const uint16_t* pos = kPlanes ? mask + mask_offset(0, 0, j, kPlanes, m, B) : nullptr;
+      const uint16_t* neg = kPlanes == 2 ? mask + mask_offset(0, 1, j, kPlanes, m, B) : nullptr;
+      for (int64_t r = 0; r < live; r += V::W) {
+        const int64_t i = j * Rp + r;
+        const Vec h = V::load(s.hidden + i) + bias;
+        const Vec da = V::load(s.hidden_grad + i);
+        Vec dh;
+        if constexpr (kPlanes) {
+          dh = Phi::backward(sign_proxy<V, kPlanes>(pos, neg, b0 + r), da);
+        } else {
+          dh = Phi::backward(h, da);
         }
+        V::store(s.hidden_grad + i, dh);
+        V::store(s.hidden + i, Phi::value(h));
       }
-      team.sync();  // g += dh1 W1 reads dh1 of every hidden feature, and overwrites g the row mean read
-      gemm<V>(o1 - o0, live, m, W1 + o0, 1, n, s.hidden_grad, Rp, s.stream + o0 * Rp, Rp, true);
     }
-    if (buf.grad_x) {
-      transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, o0, o1, rows);
-    } else {
-      store_rows<V>(buf.grad_carry + o0 * B + b0, B, s.stream + o0 * Rp, Rp, o1 - o0, rows);
-    }
+    team.sync();  // g += dh1 W1 reads dh1 of every hidden feature, and overwrites g the row mean read; the
+                  // weight gradients read a of every hidden feature
+    gemm<V>(o1 - o0, live, m, W1 + o0, 1, n, s.hidden_grad, Rp, g + o0 * Rp, Rp, true);
   }
 
-  // Phase 2, one task per layer: dW2_l = dh2^T a, dW1_l = dh1^T x_l, db2_l and db1_l, each summing the rows
-  // chunk by chunk in a fixed order. a = phi(x_l W1_l^T + b1_l) is rebuilt per chunk from the saved x_l
-  // (docs/design.md §3.8): the GEMM sums over the n features in the forward's order, so it is bitwise the
-  // forward's a.
-  static void backward_weights(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, m = p.hidden_width, B = p.batch;
-    const int64_t n_padded = (n + V::W - 1) / V::W * V::W, m_padded = (m + V::W - 1) / V::W * V::W;
+  // The tile's rows added into dW2_l = dh2^T a, dW1_l = dh1^T x_l, db2_l = sum_rows dh2 and db1_l = sum_rows
+  // dh1, from the planes backward_layer left: rows [o0, o1) of dW2 and db2, [j0, j1) of dW1 and db1 when split.
+  static void add_weight_gradients(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Team& team,
+                                   const Planes& s, int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
+    const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
+    const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
+    const int64_t n_padded = padded_width<V>(n), m_padded = padded_width<V>(m);
+    T* inputs = packed;                    // x_l, row-major
+    T* hidden = packed + rows * n_padded;  // a_l, row-major
     const auto same = [](Vec x) { return x; };
-#pragma omp parallel num_threads(threads)
-    {
-      std::unique_ptr<T[]> inputs(new T[kWeightGradChunk * n_padded]());  // x_l, row-major
-      std::unique_ptr<T[]> hidden(new T[kWeightGradChunk * m_padded]());  // h1, then a, row-major
-      std::unique_ptr<T[]> weight1_t(new T[n * m_padded]());              // W1_l^T
-#pragma omp for schedule(static)
-      for (int64_t l = 0; l < p.depth; ++l) {
-        const T* dh2 = buf.grad_h + state_offset(l, 0, n, B);
-        const T* dh1 = buf.grad_hidden + state_offset(l, 0, m, B);
-        const T* bias1 = p.bias1 ? p.bias1 + l * m : nullptr;
-        pack_transposed<V>(weight1_t.get(), m_padded, p.weight1 + p.weight_offset(l), n, m, n, same);
-        for (int64_t c0 = 0; c0 < B; c0 += kWeightGradChunk) {
-          const int64_t count = std::min(kWeightGradChunk, B - c0);
-          pack_transposed<V>(inputs.get(), n_padded, buf.saved + state_offset(l, 0, n, B) + c0, B, n, count, same);
-          gemm<V>(count, m, n, inputs.get(), n_padded, 1, weight1_t.get(), m_padded, hidden.get(), m_padded, false);
-          for (int64_t r = 0; r < count; ++r) {
-            for (int64_t j = 0; j < m; j += V::W) {
-              T* h = hidden.get() + r * m_padded + j;
-              const Vec b = bias1 ? V::load_n(bias1 + j, lanes_at<V>(j, m)) : V::zero();
-              V::store(h, Phi::value(V::load(h) + b));
-            }
-          }
-          gemm<V>(n, m, count, dh2 + c0, B, 1, hidden.get(), m_padded, buf.grad_weight2 + p.weight_offset(l), m,
-                  c0 > 0);
-          gemm<V>(m, n, count, dh1 + c0, B, 1, inputs.get(), n_padded, buf.grad_weight1 + p.weight_offset(l), n,
-                  c0 > 0);
-        }
-        if (buf.grad_bias1) {
-          for (int64_t j = 0; j < m; ++j) buf.grad_bias1[l * m + j] = sum_rows<V>(dh1 + j * B, B);
-        }
-        if (buf.grad_bias2) {
-          for (int64_t o = 0; o < n; ++o) buf.grad_bias2[l * n + o] = sum_rows<V>(dh2 + o * B, B);
-        }
-      }
-    }
+    pack_transposed<V>(inputs, n_padded, buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows, same);
+    pack_transposed<V>(hidden, m_padded, s.hidden, Rp, m, rows, same);
+    gemm<V>(o1 - o0, m, rows, s.branch + o0 * Rp, Rp, 1, hidden, m_padded,
+            buf.grad_weight2 + p.weight_offset(l) + o0 * m, m, b0 > 0);
+    gemm<V>(j1 - j0, n, rows, s.hidden_grad + j0 * Rp, Rp, 1, inputs, n_padded,
+            buf.grad_weight1 + p.weight_offset(l) + j0 * n, n, b0 > 0);
+    if (buf.grad_bias2) add_row_sums<V>(s.branch, Rp, o0, o1, rows, b0, B, sums, buf.grad_bias2 + l * n);
+    if (buf.grad_bias1)
+      add_row_sums<V>(s.hidden_grad, Rp, j0, j1, rows, b0, B, sums + n * V::W, buf.grad_bias1 + l * m);
   }
 };
 

@@ -1,6 +1,6 @@
 // CPU implementation of dmup::residual_mlp_stack and its backward: torch glue around mlp_stack_kernel.h,
-// run as residual_stack.cpp runs the stack (one forward pass over row tiles; a rows pass and a weight pass
-// backward, per segment with checkpoints; the kernel of the instruction set in use, float64 portable).
+// run as residual_stack.cpp runs the stack (one forward pass over row tiles; one reverse pass, the tiles in
+// step, per segment with checkpoints; the kernel of the instruction set in use, float64 portable).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -77,10 +77,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
     for (at::Tensor* sum : {&grad_weight1, &grad_weight2, &grad_bias1, &grad_bias2}) sum->zero_();
     return {grad_x, grad_weight1, grad_weight2, grad_bias1, grad_bias2};
   }
-  // dh2 and dh1 of every layer, or of one segment when checkpointed.
-  const int64_t layers = checkpoint_every == 0 ? depth : std::min(checkpoint_every, depth);
-  at::Tensor grad_h = empty_large({layers, width, batch}, options);
-  at::Tensor grad_hidden = empty_large({layers, hidden_width, batch}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_mlp_stack_backward_cpu", [&] {
     const auto problem =
         make_problem<scalar_t>(grad_out, weight1, weight2, bias1, bias2, scale, activation, mean_subtract);
@@ -89,14 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
                                                   nullptr,
                                                   grad_x.mutable_data_ptr<scalar_t>(),
                                                   nullptr,
-                                                  grad_h.mutable_data_ptr<scalar_t>(),
-                                                  grad_hidden.mutable_data_ptr<scalar_t>(),
                                                   grad_weight1.mutable_data_ptr<scalar_t>(),
                                                   grad_weight2.mutable_data_ptr<scalar_t>(),
                                                   bias1 ? grad_bias1.mutable_data_ptr<scalar_t>() : nullptr,
                                                   bias2 ? grad_bias2.mutable_data_ptr<scalar_t>() : nullptr};
     run_backward(active_cpu_kernels<scalar_t>().mlp_stack(problem.activation), problem, whole, saved, mask,
-                 checkpoint_every, planes, hidden_width, whole.grad_hidden);
+                 checkpoint_every, planes, hidden_width);
   });
   return {grad_x, grad_weight1, grad_weight2, grad_bias1, grad_bias2};
 }

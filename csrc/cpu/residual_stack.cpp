@@ -1,9 +1,9 @@
 // CPU implementation of dmup::residual_stack and its backward: torch glue around stack_kernel.h.
 //
 // Forward: one parallel pass over row tiles (each tile walks all L layers). Backward: one parallel
-// pass over row tiles in reverse layer order (grad_x and every dh_l), then one over (layer, output
-// block) tasks for every dW_l and db_l; with checkpoints, the same two passes per segment, each tile
-// recomputing the segment before walking it back (stack_kernel.h, checkpointed_backward). float32 runs the kernel of
+// pass in reverse layer order, the tiles in step, each layer's dW_l and db_l shared out among the threads
+// as soon as its dh_l is complete; with checkpoints, that pass per segment, after every tile has
+// recomputed the segment (stack_kernel.h, checkpointed_backward). float32 runs the kernel of
 // the instruction set in use (cpu_kernels.h); float64 always runs the portable one. Every GEMM is the kernel's own,
 // whose sums run in a fixed order: a BLAS may block its sums by the shape and alignment it is given, which would tie
 // the result to the thread count (the tile size) and to the process (the buffers' addresses).
@@ -74,9 +74,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
     grad_bias.zero_();
     return {grad_x, grad_weight, grad_bias};
   }
-  // dh of every layer, or of one segment when checkpointed.
-  at::Tensor grad_h =
-      empty_large({checkpoint_every == 0 ? depth : std::min(checkpoint_every, depth), width, batch}, options);
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "residual_stack_backward_cpu", [&] {
     const auto problem = make_problem<scalar_t>(grad_out, weight, bias, scale, activation, block, mean_subtract);
     const StackBackwardBuffers<scalar_t> whole{grad_out.const_data_ptr<scalar_t>(),
@@ -84,11 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
                                                nullptr,
                                                grad_x.mutable_data_ptr<scalar_t>(),
                                                nullptr,
-                                               grad_h.mutable_data_ptr<scalar_t>(),
                                                grad_weight.mutable_data_ptr<scalar_t>(),
                                                bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
     run_backward(active_cpu_kernels<scalar_t>().stack(problem.activation, problem.block), problem, whole, saved, mask,
-                 checkpoint_every, planes, width, static_cast<scalar_t*>(nullptr));
+                 checkpoint_every, planes, width);
   });
   return {grad_x, grad_weight, grad_bias};
 }

@@ -36,21 +36,19 @@ StackForwardBuffers<T> forward_buffers(const at::Tensor& x, at::Tensor& out, at:
                                                      : nullptr};
 }
 
-// The backward of a depth-fused kernel from the state its forward saved: the rows pass then the weight pass
-// over every layer (checkpoint_every = 0), or segment by segment from the last (checkpointed_backward), each
-// recomputed into a scratch of states and sign bits (`planes` planes of `signed_features` features). `whole`
-// holds grad_out, grad_x and the parameters' gradients; its grad_h (and grad_hidden, the MLP's) hold dh of
-// every layer, or of one segment with checkpoints.
+// The backward of a depth-fused kernel from the state its forward saved: one reverse walk over every layer
+// (checkpoint_every = 0), or segment by segment from the last (checkpointed_backward), each recomputed into
+// a scratch of states and sign bits (`planes` planes of `signed_features` features). `whole` holds grad_out,
+// grad_x and the parameters' gradients.
 template <class T, class Problem, class Backward>
 void run_backward(const Kernels<T, Problem, Backward>& kernels, const Problem& p, Backward whole,
                   const at::Tensor& saved, const at::Tensor& mask, int64_t checkpoint_every, int planes,
-                  int64_t signed_features, T* grad_hidden) {
+                  int64_t signed_features) {
   const int threads = at::get_num_threads();
   if (checkpoint_every == 0) {
     whole.saved = saved.const_data_ptr<T>();
     whole.mask = reinterpret_cast<const uint16_t*>(mask.const_data_ptr<int16_t>());
-    kernels.backward_rows(p, whole, threads);
-    kernels.backward_weights(p, whole, threads);
+    kernels.backward(p, whole, threads);
     return;
   }
   const int64_t span = std::min(checkpoint_every, p.depth);
@@ -60,8 +58,7 @@ void run_backward(const Kernels<T, Problem, Backward>& kernels, const Problem& p
   at::Tensor grad_carry = at::empty({p.width, p.batch}, options);
   whole.grad_carry = grad_carry.mutable_data_ptr<T>();
   const SegmentScratch<T> scratch{states.mutable_data_ptr<T>(),
-                                  reinterpret_cast<uint16_t*>(signs.mutable_data_ptr<int16_t>()), whole.grad_h,
-                                  grad_hidden};
+                                  reinterpret_cast<uint16_t*>(signs.mutable_data_ptr<int16_t>())};
   checkpointed_backward(kernels, p, saved.const_data_ptr<T>(), checkpoint_every, whole, scratch, threads);
 }
 

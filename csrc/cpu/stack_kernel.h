@@ -20,15 +20,17 @@
 //   saved  (L, n, B)             x_l, feature-major, the state kept for backward
 //   mask   (L, planes, n, ceil(B/16)) uint16  bit r%16 of word r/16: the sign bits of h
 //                                    (activations.h, positive_sign_bit and negative_sign_bit)
-//   grad_h (L, n, B)             dh_l, written by the backward walk, read by the weight gradient
 // With depth checkpoints every k layers, saved is (ceil(L/k), n, B), there is no mask, and the backward
-// recomputes one segment of k layers at a time into k-layer saved / mask / grad_h scratch
-// (checkpointed_backward, at the end).
+// recomputes one segment of k layers at a time into k-layer saved / mask scratch (checkpointed_backward,
+// at the end).
+// The backward walks the layers in step (TileWalks::walk_back): at layer l each tile forms its rows of dh_l
+// and at once adds them into dW_l and db_l, the threads' tiles in the batch's row order (GradientChain), so
+// dh of the whole stack never exists (docs/design.md §3.3).
 // Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
 // threads share each tile, splitting its features (see Team). Every output element of a row depends
 // only on that row, summed in a fixed order (every GEMM sums over its K in order, whatever its
-// register tile), and every dW / db element sums the rows in fixed chunks, so results are bitwise
-// independent of the tiling, of the split and of the number of threads.
+// register tile), and every dW / db element sums the rows of the batch in row order, so results are
+// bitwise independent of the tiling, of the split and of the number of threads.
 //
 // Each ISA's translation unit compiles this header with its own target flags. An inline function or
 // template instance compiled in two such units is one symbol, and the linker may keep the copy with
@@ -40,8 +42,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 
 #include "../activations.h"
 
@@ -67,8 +71,6 @@ template <class T>
 struct SegmentScratch {
   T* states;       // (every, n, B)
   uint16_t* mask;  // (every, planes, features with sign bits, ceil(B/16))
-  T* grad_h;       // (every, n, B)
-  T* grad_hidden;  // (every, m, B) for the MLP stack (mlp_stack_kernel.h), else nullptr
 };
 
 template <class T>
@@ -113,13 +115,12 @@ struct StackBackwardBuffers {
   const uint16_t* mask;  // as in the forward
   T* grad_x;             // (B, n), or nullptr: write grad_carry
   T* grad_carry;         // (n, B), used where grad_out or grad_x is nullptr
-  T* grad_h;             // (L, n, B) scratch shared by the two backward phases
   T* grad_weight;        // (L, n, n)
   T* grad_bias;          // (L, n), or nullptr when the stack has no bias
 
-  // The buffers of the backward of layers [first, ...) of a checkpointed stack, whose states, sign bits
-  // and dh are the segment's scratch: grad_out is read by the last segment only, grad_x written by the
-  // first only, the gradient carried between segments in grad_carry.
+  // The buffers of the backward of layers [first, ...) of a checkpointed stack, whose states and sign bits
+  // are the segment's scratch: grad_out is read by the last segment only, grad_x written by the first
+  // only, the gradient carried between segments in grad_carry.
   StackBackwardBuffers segment(const StackProblem<T>& p, int64_t first, const SegmentScratch<T>& scratch,
                                bool last_segment, bool first_segment) const {
     return {last_segment ? grad_out : nullptr,
@@ -127,26 +128,10 @@ struct StackBackwardBuffers {
             scratch.mask,
             first_segment ? grad_x : nullptr,
             grad_carry,
-            scratch.grad_h,
             grad_weight + weight_offset(first, 0, p.width),
             grad_bias ? grad_bias + first * p.width : nullptr};
   }
 };
-
-// Work split of the weight gradient (docs/design.md §7.6): one task per layer, which packs the layer's
-// input once; only shallow stacks also split the output rows, in blocks of 64, to give every thread
-// work. Either way each dW element is computed by the same code in the same order.
-// From this depth on, one task per layer gives every thread of a team several tasks.
-constexpr int64_t kWeightGradLayerTasksDepth = 8;
-// Output rows per task below that depth: a multiple of every lane count, small enough to share out.
-constexpr int64_t kWeightGradBlockRows = 64;
-inline int64_t weight_grad_block_rows(int64_t depth, int64_t width) {
-  return depth >= kWeightGradLayerTasksDepth ? width : kWeightGradBlockRows;
-}
-inline int64_t weight_grad_tasks(int64_t depth, int64_t width) {
-  const int64_t rows = weight_grad_block_rows(depth, width);
-  return depth * ((width + rows - 1) / rows);
-}
 
 // The per-core L2 size assumed where the machine reports none: AMD Zen 3's 512 KiB (Zen 4 has
 // 1 MiB, Intel server cores 1-2 MiB). residual_stack.cpp asks the machine (sysconf).
@@ -167,7 +152,8 @@ inline int64_t stack_tile_rows(int64_t batch, int64_t row_bytes, int64_t threads
 }
 
 // Features of the local planes of a row tile of the stack: the stream, the branch, dh, and the GEMM input
-// of the pre block (or the recomputation input of smooth activations), n each.
+// of the pre block (or the recomputation input of smooth activations), n each. (The reverse walk keeps
+// the gradient of each of its tiles in a plane of n more.)
 inline int64_t stack_tile_features(int64_t width) { return 4 * width; }
 
 // Entry points of a depth-fused kernel of one instruction set for one dtype, for the problem type Problem
@@ -176,12 +162,10 @@ inline int64_t stack_tile_features(int64_t width) { return 4 * width; }
 template <class T, class Problem, class Backward>
 struct Kernels {
   void (*forward)(const Problem&, const StackForwardBuffers<T>&, int threads);
-  void (*backward_rows)(const Problem&, const Backward&, int threads);
-  void (*backward_weights)(const Problem&, const Backward&, int threads);
-  // Per row tile: the forward walk `recompute` (which saves the states and sign bits the backward
-  // reads), then backward_rows' reverse walk, while the tile is in cache.
-  void (*recompute_backward_rows)(const Problem&, const StackForwardBuffers<T>& recompute, const Backward&,
-                                  int threads);
+  // The reverse walk: grad_x and the gradients of every parameter.
+  void (*backward)(const Problem&, const Backward&, int threads);
+  // The forward walk `recompute` (which saves the states and sign bits the backward reads), then backward.
+  void (*recompute_backward)(const Problem&, const StackForwardBuffers<T>& recompute, const Backward&, int threads);
 };
 
 template <class T>
@@ -334,7 +318,8 @@ inline typename V::Mask load_bits(const uint16_t* words, int64_t row) {
 }
 
 // How the threads of one OpenMP team share the work. With at least as many row tiles as threads,
-// each thread owns whole tiles ("row split", no synchronisation). With fewer (small batches), all
+// each thread owns whole tiles ("row split", no barriers; the reverse walk only chains the threads'
+// weight-gradient sums, GradientChain). With fewer (small batches), all
 // threads work on one tile at a time, each on a slice of the features [begin, end), and meet at a
 // barrier wherever a step reads what other threads wrote ("feature split").
 struct Team {
@@ -342,15 +327,23 @@ struct Team {
   bool split;
   int64_t begin(int64_t n) const { return split ? n * thread / threads : 0; }
   int64_t end(int64_t n) const { return split ? n * (thread + 1) / threads : n; }
-  // The tiles of this thread: all of them in turn when split, else every threads-th from its own.
-  int64_t first_tile() const { return split ? 0 : thread; }
-  int64_t tile_step() const { return split ? 1 : threads; }
+  // The tiles [first_tile, end_tile) of `count` this thread walks: all of them in turn when split, else a
+  // contiguous share, so that the threads' tiles follow the rows of the batch in order (the reverse walk
+  // adds them into the weight gradients in that order, TileWalks::walk_back).
+  int64_t first_tile(int64_t count) const { return split ? 0 : count * thread / threads; }
+  int64_t end_tile(int64_t count) const { return split ? count : count * (thread + 1) / threads; }
   void sync() const {
     if (split) {
 #pragma omp barrier
     }
   }
 };
+
+// n rounded up to whole vectors: the row stride of a row-major operand of the weight gradients.
+template <class V>
+inline int64_t padded_width(int64_t n) {
+  return (n + V::W - 1) / V::W * V::W;
+}
 
 // Lanes of the vector at column r that hold real rows of a tile with `rows` rows.
 template <class V>
@@ -362,6 +355,7 @@ inline int lanes_at(int64_t r, int64_t rows) {
 // vectors) in one zeroed allocation; a kernel's Planes type names its planes inside it.
 template <class V>
 struct TilePlanes {
+  using Simd = V;
   using T = typename V::T;
   int64_t padded;
   std::unique_ptr<T[]> data;
@@ -376,65 +370,183 @@ int64_t tile_count(const Problem& p) {
   return (p.batch + p.tile_rows - 1) / p.tile_rows;
 }
 
-// Runs body(team, planes, row) on an OpenMP team of `threads`: the planes (Planes(p)) shared when the
-// team splits the features of each tile (fewer tiles than threads), else private; row, a row of the
-// tile's width, always private.
+// Runs body(team, planes, row, streams) on an OpenMP team of `threads`: the planes (Planes(p)) shared when
+// the team splits the features of each tile (fewer tiles than threads), else private; row, a row of the
+// tile's width, always private; streams, `stream_features` planes per tile of this thread (the i-th of its
+// tiles in the team's order owns those from i * stream_features), shared or private as the planes.
 template <class Planes, class Problem, class F>
-void with_planes(const Problem& p, int threads, F&& body) {
+void with_planes(const Problem& p, int threads, int64_t stream_features, F&& body) {
   using T = typename Planes::T;
-  const bool split = tile_count(p) < threads;
+  const int64_t tiles = tile_count(p);
+  const bool split = tiles < threads;
   std::unique_ptr<Planes> shared(split ? new Planes(p) : nullptr);
+  std::unique_ptr<TilePlanes<typename Planes::Simd>> shared_streams(
+      split ? new TilePlanes<typename Planes::Simd>(p.tile_rows, tiles * stream_features) : nullptr);
 #pragma omp parallel num_threads(threads)
   {
     const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
     std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p));
     Planes& planes = shared ? *shared : *own;
+    const int64_t own_tiles = team.end_tile(tiles) - team.first_tile(tiles);
+    std::unique_ptr<TilePlanes<typename Planes::Simd>> own_streams(
+        shared ? nullptr : new TilePlanes<typename Planes::Simd>(p.tile_rows, own_tiles * stream_features));
     std::unique_ptr<T[]> row(new T[planes.padded]());
-    body(team, planes, row.get());
+    body(team, planes, row.get(), shared ? *shared_streams : *own_streams);
   }
 }
 
-// The row tiles of this thread: body(b0, rows) for each, in the team's order.
+// The row tiles of this thread: body(i, b0, rows) for the i-th of them, in the team's order.
 template <class Problem, class F>
 void for_each_tile(const Problem& p, const Team& team, F&& body) {
-  for (int64_t tile = team.first_tile(); tile < tile_count(p); tile += team.tile_step()) {
+  const int64_t first = team.first_tile(tile_count(p)), end = team.end_tile(tile_count(p));
+  for (int64_t tile = first; tile < end; ++tile) {
     const int64_t b0 = tile * p.tile_rows;
-    body(b0, std::min(p.tile_rows, p.batch - b0));
+    body(tile - first, b0, std::min(p.tile_rows, p.batch - b0));
     team.sync();  // the next tile reuses the shared planes
   }
 }
 
-// The rows passes of a depth-fused kernel K for Problem and Backward (buffers), K providing Planes,
-// forward_tile and backward_tile: every tile walks all layers, forward or in reverse, or (checkpoints)
-// recomputes its segment and walks it back.
+// The order in which the threads of a team that owns whole tiles add their rows into a layer's weight
+// gradients (TileWalks::walk_back): thread t adds its rows to a layer after thread t - 1 has added its
+// own, so every sum over the batch runs in row order. Thread 0 may run at most kLayerSlots layers ahead
+// of the last thread, which finishes each layer's sums: the partial sums of layer step s live in slot
+// s % kLayerSlots until then. Threads that split one tile's features own disjoint rows of the gradients
+// and never wait.
+class GradientChain {
+ public:
+  static constexpr int64_t kLayerSlots = 4;
+
+  explicit GradientChain(int threads) : done_(new Counter[std::max(threads, 1)]) {}
+
+  // Before this thread adds its rows to the step-th layer of the walk.
+  void wait(const Team& team, int64_t step) const {
+    if (team.split) return;
+    const int predecessor = team.thread > 0 ? team.thread - 1 : team.threads - 1;
+    const int64_t target = team.thread > 0 ? step + 1 : step + 1 - kLayerSlots;
+    for (int spins = 0; done_[predecessor].layers.load(std::memory_order_acquire) < target; ++spins) {
+      if (spins >= kSpinsBeforeYield) std::this_thread::yield();  // the predecessor may not be running
+    }
+  }
+
+  // After this thread has added its rows to the step-th layer.
+  void pass(const Team& team, int64_t step) const {
+    if (!team.split) done_[team.thread].layers.store(step + 1, std::memory_order_release);
+  }
+
+ private:
+  static constexpr int kSpinsBeforeYield = 1 << 14;
+  struct alignas(64) Counter {  // one cache line each: the threads poll each other's
+    std::atomic<int64_t> layers{0};
+  };
+  std::unique_ptr<Counter[]> done_;
+};
+
+// The chained sum over the batch of features [o0, o1) of a tile's plane `values` (stride Rp), tile by tile in
+// row order: partial sums per lane in `sums` (W per feature) from the batch's first tile, summed across the
+// lanes into out[o] at its last. The same additions in the same order as summing the whole batch at once
+// (in vectors of W rows, then across the lanes), since tiles start on whole vectors.
+template <class V>
+void add_row_sums(const typename V::T* values, int64_t Rp, int64_t o0, int64_t o1, int64_t rows, int64_t b0,
+                  int64_t batch, typename V::T* sums, typename V::T* out) {
+  for (int64_t o = o0; o < o1; ++o) {
+    typename V::Vec sum = b0 == 0 ? V::zero() : V::load(sums + o * V::W);
+    for (int64_t r = 0; r < rows; r += V::W) sum += V::load_n(values + o * Rp + r, lanes_at<V>(r, rows));
+    if (b0 + rows == batch) {
+      out[o] = V::sum(sum);
+    } else {
+      V::store(sums + o * V::W, sum);
+    }
+  }
+}
+
+// The reverse walk's ends, for features [o0, o1) of a tile whose gradient plane g has stride Rp: g = dLoss/dx_L
+// from grad_out rows (or grad_carry), and dLoss/dx_0 into grad_x rows (or grad_carry).
+template <class V, class Backward>
+void load_gradient_rows(const Backward& buf, int64_t width, int64_t batch, typename V::T* g, int64_t Rp, int64_t o0,
+                        int64_t o1, int64_t b0, int64_t rows) {
+  const int64_t live = (rows + V::W - 1) / V::W * V::W;
+  if (buf.grad_out) {
+    transpose_in(g, Rp, buf.grad_out + b0 * width, width, o0, o1, live, rows);
+  } else {
+    load_rows<V>(g + o0 * Rp, Rp, live, buf.grad_carry + o0 * batch + b0, batch, o1 - o0, rows);
+  }
+}
+
+template <class V, class Backward>
+void store_gradient_rows(const Backward& buf, int64_t width, int64_t batch, const typename V::T* g, int64_t Rp,
+                         int64_t o0, int64_t o1, int64_t b0, int64_t rows) {
+  if (buf.grad_x) {
+    transpose_out(buf.grad_x + b0 * width, width, g, Rp, o0, o1, rows);
+  } else {
+    store_rows<V>(buf.grad_carry + o0 * batch + b0, batch, g + o0 * Rp, Rp, o1 - o0, rows);
+  }
+}
+
+// The walks of a depth-fused kernel K for Problem and Backward (buffers). K provides Planes; forward_tile,
+// the forward walk of one tile over all layers; and, for the reverse walk, backward_layer (one layer of one
+// tile, given its gradient plane g) and add_weight_gradients (that tile's rows of the layer's parameter
+// gradients, added while they are in its planes, with private scratch of K::packed_elements(p) and
+// K::summed_features(p) partial sums per lane in a slot the team shares).
 template <class K, class T, class Problem, class Backward>
 struct TileWalks {
   static void forward(const Problem& p, const StackForwardBuffers<T>& buf, int threads) {
-    with_planes<typename K::Planes>(p, threads, [&](const Team& team, typename K::Planes& s, T* row) {
-      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { K::forward_tile(p, buf, team, s, row, b0, rows); });
+    with_planes<typename K::Planes>(p, threads, 0, [&](const Team& team, typename K::Planes& s, T* row, auto&) {
+      for_each_tile(p, team,
+                    [&](int64_t, int64_t b0, int64_t rows) { K::forward_tile(p, buf, team, s, row, b0, rows); });
     });
   }
 
-  static void backward_rows(const Problem& p, const Backward& buf, int threads) {
-    with_planes<typename K::Planes>(p, threads, [&](const Team& team, typename K::Planes& s, T* row) {
-      for_each_tile(p, team, [&](int64_t b0, int64_t rows) { K::backward_tile(p, buf, team, s, row, b0, rows); });
-    });
-  }
+  static void backward(const Problem& p, const Backward& buf, int threads) { walk_back(p, nullptr, buf, threads); }
 
-  static void recompute_backward_rows(const Problem& p, const StackForwardBuffers<T>& recompute, const Backward& buf,
-                                      int threads) {
-    with_planes<typename K::Planes>(p, threads, [&](const Team& team, typename K::Planes& s, T* row) {
-      for_each_tile(p, team, [&](int64_t b0, int64_t rows) {
-        K::forward_tile(p, recompute, team, s, row, b0, rows);
-        team.sync();  // the reverse walk reuses the planes
-        K::backward_tile(p, buf, team, s, row, b0, rows);
-      });
-    });
+  static void recompute_backward(const Problem& p, const StackForwardBuffers<T>& recompute, const Backward& buf,
+                                 int threads) {
+    walk_back(p, &recompute, buf, threads);
   }
 
   // The entry points, for the Kernels table.
-  static Kernels<T, Problem, Backward> kernels() {
-    return {&forward, &backward_rows, &K::backward_weights, &recompute_backward_rows};
+  static Kernels<T, Problem, Backward> kernels() { return {&forward, &backward, &recompute_backward}; }
+
+ private:
+  // The reverse walk, the layers in step: at each layer every tile is taken back and adds its rows into the
+  // layer's parameter gradients at once, in the batch's row order (GradientChain), so no dh of the whole
+  // batch is ever stored. Each gradient element sums the rows in the same order whatever the tiling, so the
+  // result does not depend on the number of threads. With `recompute`, every tile first walks it forward
+  // (checkpoints).
+  static void walk_back(const Problem& p, const StackForwardBuffers<T>* recompute, const Backward& buf, int threads) {
+    using V = typename K::Planes::Simd;
+    const GradientChain chain(threads);
+    const int64_t summed = K::summed_features(p) * V::W;
+    std::unique_ptr<T[]> sums(new T[GradientChain::kLayerSlots * summed]);
+    with_planes<typename K::Planes>(
+        p, threads, p.width, [&](const Team& team, typename K::Planes& s, T* row, TilePlanes<V>& grads) {
+          std::unique_ptr<T[]> packed(new T[K::packed_elements(p)]);
+          const int64_t own_tiles = team.end_tile(tile_count(p)) - team.first_tile(tile_count(p));
+          const auto each_tile = [&](auto&& body) {
+            for_each_tile(p, team,
+                          [&](int64_t i, int64_t b0, int64_t rows) { body(i, grads.at(i * p.width), b0, rows); });
+          };
+          if (recompute) {
+            each_tile(
+                [&](int64_t, T*, int64_t b0, int64_t rows) { K::forward_tile(p, *recompute, team, s, row, b0, rows); });
+          }
+          const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
+          each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
+            load_gradient_rows<V>(buf, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
+          });
+          for (int64_t l = p.depth - 1; l >= 0; --l) {
+            const int64_t step = p.depth - 1 - l;
+            T* slot = sums.get() + step % GradientChain::kLayerSlots * summed;
+            each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
+              K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
+              if (i == 0) chain.wait(team, step);
+              K::add_weight_gradients(p, buf, team, s, l, b0, rows, packed.get(), slot);
+              if (i == own_tiles - 1) chain.pass(team, step);
+            });
+          }
+          each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
+            store_gradient_rows<V>(buf, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
+          });
+        });
   }
 };
 
@@ -514,22 +626,19 @@ void residual_update(const Team& team, bool mean_subtract, int64_t width, typena
   }
 }
 
-// The gradient at a block's branch output for features [o0, o1) of a tile of `rows` rows, given g =
-// dLoss/dx in `stream`: du = MS(scale * g) (the row mean of scale * g over all `width` features), then dh
-// = chain(o, r, du), into the plane `grad` and this layer's (n, B) rows of `grad_h` from the tile's first
-// row.
+// The gradient at a block's branch output for features [o0, o1) of a tile, given g = dLoss/dx in `stream`:
+// du = MS(scale * g) (the row mean of scale * g over all `width` features), then dh = chain(o, r, du), into
+// the plane `grad`.
 template <class V, class F>
 void branch_gradient(bool mean_subtract, int64_t width, typename V::T scale, const typename V::T* stream,
-                     typename V::T* grad, int64_t stride, int64_t o0, int64_t o1, int64_t live, int64_t rows,
-                     typename V::T* row, typename V::T* grad_h, int64_t batch, F&& chain) {
+                     typename V::T* grad, int64_t stride, int64_t o0, int64_t o1, int64_t live, typename V::T* row,
+                     F&& chain) {
   row_mean<V>(mean_subtract, width, stream, stride, live, scale, row);
   const typename V::Vec s = V::broadcast(scale);
   for (int64_t o = o0; o < o1; ++o) {
     for (int64_t r = 0; r < live; r += V::W) {
       const int64_t i = o * stride + r;
-      const typename V::Vec dh = chain(o, r, s * V::load(stream + i) - V::load(row + r));
-      V::store(grad + i, dh);
-      V::store_n(grad_h + o * batch + r, dh, lanes_at<V>(r, rows));
+      V::store(grad + i, chain(o, r, s * V::load(stream + i) - V::load(row + r)));
     }
   }
 }
@@ -556,19 +665,6 @@ void pack_transposed(typename V::T* dst, int64_t dst_stride, const typename V::T
     }
   }
 }
-
-// sum over r < count of values[r], in vectors of W rows then across the lanes: the bias gradient's sum
-// over the batch, in one fixed order.
-template <class V>
-typename V::T sum_rows(const typename V::T* values, int64_t count) {
-  typename V::Vec sum = V::zero();
-  for (int64_t r = 0; r < count; r += V::W) sum += V::load_n(values + r, lanes_at<V>(r, count));
-  return V::sum(sum);
-}
-
-// Rows of the packed operands of a weight-gradient pass, and so the rows summed per GEMM call: each dW
-// element accumulates the batch in chunks of this many rows, in order.
-constexpr int64_t kWeightGradChunk = 256;
 
 template <class V, Activation A, Block K>
 struct Stack
@@ -623,90 +719,62 @@ struct Stack
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
 
-  // The reverse walk of one tile, layers L-1 down to 0; writes its rows of grad_x (or grad_carry) and
-  // of every dh_l.
-  static void backward_tile(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team, Planes& s,
-                            T* row, int64_t b0, int64_t rows) {
+  // The reverse walk's scratch (TileWalks::walk_back): a tile's layer input, row-major; the bias gradients.
+  static int64_t packed_elements(const StackProblem<T>& p) { return p.tile_rows * padded_width<V>(p.width); }
+  static int64_t summed_features(const StackProblem<T>& p) { return p.width; }
+
+  // Layer l of the reverse walk for one tile of `rows` rows from row b0, whose gradient g = dLoss/dx is in the
+  // plane g (features [o0, o1) of it when split): dh_l into the plane aux, then g <- dLoss/dx_l.
+  static void backward_layer(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team, Planes& s,
+                             T* g, T* row, int64_t l, int64_t b0, int64_t rows) {
     constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
     const int64_t live = (rows + V::W - 1) / V::W * V::W;
-    // The stream planes now hold g = dLoss/dx.
-    if (buf.grad_out) {
-      transpose_in(s.stream, Rp, buf.grad_out + b0 * n, n, o0, o1, live, rows);
-    } else {
-      load_rows<V>(s.stream + o0 * Rp, Rp, live, buf.grad_carry + o0 * B + b0, B, o1 - o0, rows);
+    const T* W = p.weight + weight_offset(l, 0, n);
+    if constexpr (kNeedInput) {
+      load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
     }
-    for (int64_t l = p.depth - 1; l >= 0; --l) {
-      const T* W = p.weight + weight_offset(l, 0, n);
-      if constexpr (kNeedInput) {
-        load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
-      }
-      team.sync();  // the row mean reads all of g; the recomputation all of x_l
-      if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
-      const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, n, B) : nullptr;
-      branch_gradient<V>(p.mean_subtract, n, p.scale, s.stream, s.aux, Rp, o0, o1, live, rows, row,
-                         buf.grad_h + state_offset(l, 0, n, B) + b0, B, [&](int64_t o, int64_t r, Vec du) {
-                           if constexpr (kPost && kPlanes) {
-                             const uint16_t* pos = mask + mask_offset(0, 0, o, kPlanes, n, B);
-                             const uint16_t* neg = kPlanes == 2 ? mask + mask_offset(0, 1, o, kPlanes, n, B) : nullptr;
-                             return Phi::backward(sign_proxy<V, kPlanes>(pos, neg, b0 + r), du);
-                           } else if constexpr (kRecompute) {
-                             const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
-                             return Phi::backward(V::load(s.branch + o * Rp + r) + bias, du);
-                           } else {
-                             return du;
-                           }
-                         });
-      team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
-      const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
-      if constexpr (kPost || kIdentity) {
-        gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.stream + o0 * Rp, Rp, true);  // g += dh W
+    team.sync();  // the row mean reads all of g; the recomputation all of x_l
+    if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+    const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, n, B) : nullptr;
+    branch_gradient<V>(p.mean_subtract, n, p.scale, g, s.aux, Rp, o0, o1, live, row, [&](int64_t o, int64_t r, Vec du) {
+      if constexpr (kPost && kPlanes) {
+        const uint16_t* pos = mask + mask_offset(0, 0, o, kPlanes, n, B);
+        const uint16_t* neg = kPlanes == 2 ? mask + mask_offset(0, 1, o, kPlanes, n, B) : nullptr;
+        return Phi::backward(sign_proxy<V, kPlanes>(pos, neg, b0 + r), du);
+      } else if constexpr (kRecompute) {
+        const Vec bias = p.bias ? V::broadcast(p.bias[l * n + o]) : V::zero();
+        return Phi::backward(V::load(s.branch + o * Rp + r) + bias, du);
       } else {
-        gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
-        for (int64_t k = o0; k < o1; ++k) {
-          for (int64_t r = 0; r < live; r += V::W) {
-            const int64_t i = k * Rp + r;
-            V::store(s.stream + i, V::load(s.stream + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
-          }
+        return du;
+      }
+    });
+    team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
+    const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
+    if constexpr (kPost || kIdentity) {
+      gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, g + o0 * Rp, Rp, true);  // g += dh W
+    } else {
+      gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
+      for (int64_t k = o0; k < o1; ++k) {
+        for (int64_t r = 0; r < live; r += V::W) {
+          const int64_t i = k * Rp + r;
+          V::store(g + i, V::load(g + i) + Phi::backward(V::load(s.input + i), V::load(s.branch + i)));
         }
       }
-    }
-    if (buf.grad_x) {
-      transpose_out(buf.grad_x + b0 * n, n, s.stream, Rp, o0, o1, rows);
-    } else {
-      store_rows<V>(buf.grad_carry + o0 * B + b0, B, s.stream + o0 * Rp, Rp, o1 - o0, rows);
     }
   }
 
-  // Phase 2: dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l, one
-  // task per (layer, block of output rows); the sum over rows runs in a fixed order.
-  static void backward_weights(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, int threads) {
-    const int64_t n = p.width, B = p.batch;
-    const int64_t n_padded = (n + V::W - 1) / V::W * V::W;
-    const int64_t block_rows = weight_grad_block_rows(p.depth, n);
-    const int64_t blocks = (n + block_rows - 1) / block_rows;
-    const int64_t tasks = weight_grad_tasks(p.depth, n);
-#pragma omp parallel num_threads(threads)
-    {
-      std::unique_ptr<T[]> packed(new T[kWeightGradChunk * n_padded]());
-#pragma omp for schedule(static)
-      for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t l = task / blocks, o0 = (task % blocks) * block_rows;
-        const int64_t rows_out = std::min(block_rows, n - o0);
-        const T* dh = buf.grad_h + state_offset(l, 0, n, B);
-        for (int64_t c0 = 0; c0 < B; c0 += kWeightGradChunk) {
-          const int64_t count = std::min(kWeightGradChunk, B - c0);
-          pack_transposed<V>(packed.get(), n_padded, buf.saved + state_offset(l, 0, n, B) + c0, B, n, count,
-                             [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
-          gemm<V>(rows_out, n, count, dh + o0 * B + c0, B, 1, packed.get(), n_padded,
-                  buf.grad_weight + weight_offset(l, o0, n), n, c0 > 0);
-        }
-        if (buf.grad_bias) {
-          for (int64_t o = o0; o < o0 + rows_out; ++o) buf.grad_bias[l * n + o] = sum_rows<V>(dh + o * B, B);
-        }
-      }
-    }
+  // The tile's rows added into dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l,
+  // from dh_l in the plane aux: rows [o0, o1) of them when split.
+  static void add_weight_gradients(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team,
+                                   const Planes& s, int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
+    const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
+    pack_transposed<V>(packed, padded_width<V>(n), buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows,
+                       [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
+    gemm<V>(o1 - o0, n, rows, s.aux + o0 * Rp, Rp, 1, packed, padded_width<V>(n),
+            buf.grad_weight + weight_offset(l, o0, n), n, b0 > 0);
+    if (buf.grad_bias) add_row_sums<V>(s.aux, Rp, o0, o1, rows, b0, B, sums, buf.grad_bias + l * n);
   }
 };
 
@@ -727,14 +795,13 @@ StackKernels<typename V::T> make_stack_kernels(Activation activation, Block bloc
 }
 
 // The backward of a depth-fused stack whose forward saved only x_0, x_k, x_2k, ... (k = every;
-// docs/design.md §4.4), for the kernels of any problem type. Segment by segment from the last: per row
-// tile, recompute the segment's states and sign bits from its checkpoint and walk it in reverse
-// (recompute_backward_rows), then the segment's weight and bias gradients (backward_weights). `whole`
-// holds the buffers of the whole stack (grad_out, grad_x, grad_carry and the gradients of the parameters;
-// its states, sign bits and dh are the scratch's, per segment). Every state, bit and dh is the one the
-// forward and backward of a stack that saves every layer compute (a row's values do not depend on the
-// tiling, and each dW_l sums the same rows in the same order), so the gradients are bitwise those of
-// saving every layer.
+// docs/design.md §4.4), for the kernels of any problem type. Segment by segment from the last: every row
+// tile recomputes the segment's states and sign bits from its checkpoint, then the segment is walked back
+// with its weight and bias gradients (recompute_backward). `whole` holds the buffers of the whole stack
+// (grad_out, grad_x, grad_carry and the gradients of the parameters; its states and sign bits are the
+// scratch's, per segment). Every state, bit and dh is the one the forward and backward of a stack that
+// saves every layer compute (a row's values do not depend on the tiling, and each dW_l sums the same rows
+// in the same order), so the gradients are bitwise those of saving every layer.
 template <class T, class Problem, class Backward>
 void checkpointed_backward(const Kernels<T, Problem, Backward>& kernels, const Problem& p, const T* checkpoints,
                            int64_t every, const Backward& whole, const SegmentScratch<T>& scratch, int threads) {
@@ -744,8 +811,7 @@ void checkpointed_backward(const Kernels<T, Problem, Backward>& kernels, const P
         nullptr, checkpoints + state_offset(segment, 0, p.width, p.batch), nullptr, scratch.states, 1, scratch.mask};
     const Backward backward = whole.segment(p, first, scratch, segment == segments - 1, segment == 0);
     const Problem part = p.layers(first, count);
-    kernels.recompute_backward_rows(part, recompute, backward, threads);
-    kernels.backward_weights(part, backward, threads);
+    kernels.recompute_backward(part, recompute, backward, threads);
   });
 }
 

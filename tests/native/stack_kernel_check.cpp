@@ -302,23 +302,21 @@ Results run_kernel(const Config& c, const std::vector<float>& x, const std::vect
   const int64_t span = checkpoint_every ? std::min(checkpoint_every, L) : L;  // layers of scratch
   Results result{std::vector<float>(B * n, nan), std::vector<float>(B * n, nan), std::vector<float>(L * n * n, nan),
                  std::vector<float>(c.bias ? L * n : 0, nan)};
-  std::vector<float> saved(kept * n * B, nan), grad_h(span * n * B, nan), states(span * n * B, nan);
-  std::vector<float> grad_carry(n * B, nan);
+  std::vector<float> saved(kept * n * B, nan), states(span * n * B, nan), grad_carry(n * B, nan);
   std::vector<uint16_t> mask(span * planes * n * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
   kernels.forward(problem,
                   {x.data(), nullptr, result[0].data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
                    checkpoint_every ? nullptr : mask.data()},
                   threads);
   float* grad_bias = c.bias ? result[3].data() : nullptr;
-  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),   saved.data(),  mask.data(),      result[1].data(),
-                                                  grad_carry.data(), grad_h.data(), result[2].data(), grad_bias};
+  const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),   saved.data(),     mask.data(), result[1].data(),
+                                                  grad_carry.data(), result[2].data(), grad_bias};
   if (checkpoint_every) {
-    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, buffers,
-                                {states.data(), mask.data(), grad_h.data(), nullptr}, threads);
+    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, buffers, {states.data(), mask.data()},
+                                threads);
     return result;
   }
-  kernels.backward_rows(problem, buffers, threads);
-  kernels.backward_weights(problem, buffers, threads);
+  kernels.backward(problem, buffers, threads);
   return result;
 }
 
@@ -514,7 +512,6 @@ Results run_mlp_kernel(const MlpConfig& c, const std::vector<float>& x, const Ml
   const int64_t kept = checkpoint_every ? dmup::checkpoint_count(L, checkpoint_every) : L;
   const int64_t span = checkpoint_every ? std::min(checkpoint_every, L) : L;  // layers of scratch
   std::vector<float> saved(kept * n * B, nan), states(span * n * B, nan), grad_carry(n * B, nan);
-  std::vector<float> grad_h(span * n * B, nan), grad_hidden(span * m * B, nan);
   std::vector<uint16_t> mask(span * planes * m * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
   Results result{std::vector<float>(B * n, nan),
                  std::vector<float>(B * n, nan),
@@ -531,19 +528,16 @@ Results run_mlp_kernel(const MlpConfig& c, const std::vector<float>& x, const Ml
                                                      mask.data(),
                                                      result[1].data(),
                                                      grad_carry.data(),
-                                                     grad_h.data(),
-                                                     grad_hidden.data(),
                                                      result[2].data(),
                                                      result[3].data(),
                                                      c.bias ? result[4].data() : nullptr,
                                                      c.bias ? result[5].data() : nullptr};
   if (checkpoint_every) {
-    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, buffers,
-                                {states.data(), mask.data(), grad_h.data(), grad_hidden.data()}, threads);
+    dmup::checkpointed_backward(kernels, problem, saved.data(), checkpoint_every, buffers, {states.data(), mask.data()},
+                                threads);
     return result;
   }
-  kernels.backward_rows(problem, buffers, threads);
-  kernels.backward_weights(problem, buffers, threads);
+  kernels.backward(problem, buffers, threads);
   return result;
 }
 
