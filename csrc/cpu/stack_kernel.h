@@ -520,14 +520,19 @@ struct TileWalks {
     with_planes<typename K::Planes>(
         p, threads, p.width, [&](const Team& team, typename K::Planes& s, T* row, TilePlanes<V>& grads) {
           std::unique_ptr<T[]> packed(new T[K::packed_elements(p)]);
-          const int64_t own_tiles = team.end_tile(tile_count(p)) - team.first_tile(tile_count(p));
+          // This thread's tiles, without for_each_tile's barrier between them: a step of the reverse walk
+          // starts with one (backward_layer), as the next layer of the same tile would.
+          const int64_t first = team.first_tile(tile_count(p)), end = team.end_tile(tile_count(p));
           const auto each_tile = [&](auto&& body) {
-            for_each_tile(p, team,
-                          [&](int64_t i, int64_t b0, int64_t rows) { body(i, grads.at(i * p.width), b0, rows); });
+            for (int64_t tile = first; tile < end; ++tile) {
+              const int64_t b0 = tile * p.tile_rows;
+              body(tile - first, grads.at((tile - first) * p.width), b0, std::min(p.tile_rows, p.batch - b0));
+            }
           };
           if (recompute) {
-            each_tile(
-                [&](int64_t, T*, int64_t b0, int64_t rows) { K::forward_tile(p, *recompute, team, s, row, b0, rows); });
+            for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
+              K::forward_tile(p, *recompute, team, s, row, b0, rows);
+            });
           }
           const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
           each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
@@ -540,7 +545,7 @@ struct TileWalks {
               K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
               if (i == 0) chain.wait(team, step);
               K::add_weight_gradients(p, buf, team, s, l, b0, rows, packed.get(), slot);
-              if (i == own_tiles - 1) chain.pass(team, step);
+              if (i == end - first - 1) chain.pass(team, step);
             });
           }
           each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
