@@ -113,7 +113,7 @@ struct MlpStack
                            T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
-    const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
+    const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
     if (buf.x) {
       transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
     } else {
@@ -139,7 +139,7 @@ struct MlpStack
 
   // The reverse walk's scratch (TileWalks::walk_back): a tile's x_l and a_l, row-major; the bias gradients.
   static int64_t packed_elements(const MlpStackProblem<T>& p) {
-    return p.tile_rows * (padded_width<V>(p.width) + padded_width<V>(p.hidden_width));
+    return p.tile_rows * (whole_vectors<V>(p.width) + whole_vectors<V>(p.hidden_width));
   }
   static int64_t summed_features(const MlpStackProblem<T>& p) { return p.width + p.hidden_width; }
 
@@ -150,7 +150,7 @@ struct MlpStack
                              Planes& s, T* g, T* row, int64_t l, int64_t b0, int64_t rows) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
-    const int64_t live = (rows + V::W - 1) / V::W * V::W;
+    const int64_t live = whole_vectors<V>(rows);
     const T* W1 = p.weight1 + p.weight_offset(l);
     const T* W2 = p.weight2 + p.weight_offset(l);
     load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
@@ -191,7 +191,7 @@ struct MlpStack
                                    const Planes& s, int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
-    const int64_t n_padded = padded_width<V>(n), m_padded = padded_width<V>(m);
+    const int64_t n_padded = whole_vectors<V>(n), m_padded = whole_vectors<V>(m);
     T* inputs = packed;                    // x_l, row-major
     T* hidden = packed + rows * n_padded;  // a_l, row-major
     const auto same = [](Vec x) { return x; };

@@ -339,10 +339,11 @@ struct Team {
   }
 };
 
-// n rounded up to whole vectors: the row stride of a row-major operand of the weight gradients.
+// count rounded up to whole vectors: the columns a tile's planes compute and their stride, the row stride of a
+// row-major operand of the weight gradients.
 template <class V>
-inline int64_t padded_width(int64_t n) {
-  return (n + V::W - 1) / V::W * V::W;
+inline int64_t whole_vectors(int64_t count) {
+  return (count + V::W - 1) / V::W * V::W;
 }
 
 // Lanes of the vector at column r that hold real rows of a tile with `rows` rows.
@@ -360,7 +361,7 @@ struct TilePlanes {
   int64_t padded;
   std::unique_ptr<T[]> data;
   TilePlanes(int64_t tile_rows, int64_t features)
-      : padded((tile_rows + V::W - 1) / V::W * V::W), data(new T[features * padded]()) {}
+      : padded(whole_vectors<V>(tile_rows)), data(new T[features * padded]()) {}
   // The plane that starts at feature `first`.
   T* at(int64_t first) const { return data.get() + first * padded; }
 };
@@ -402,7 +403,6 @@ void for_each_tile(const Problem& p, const Team& team, F&& body) {
   for (int64_t tile = first; tile < end; ++tile) {
     const int64_t b0 = tile * p.tile_rows;
     body(tile - first, b0, std::min(p.tile_rows, p.batch - b0));
-    team.sync();  // the next tile reuses the shared planes
   }
 }
 
@@ -464,7 +464,7 @@ void add_row_sums(const typename V::T* values, int64_t Rp, int64_t o0, int64_t o
 template <class V, class Backward>
 void load_gradient_rows(const Backward& buf, int64_t width, int64_t batch, typename V::T* g, int64_t Rp, int64_t o0,
                         int64_t o1, int64_t b0, int64_t rows) {
-  const int64_t live = (rows + V::W - 1) / V::W * V::W;
+  const int64_t live = whole_vectors<V>(rows);
   if (buf.grad_out) {
     transpose_in(g, Rp, buf.grad_out + b0 * width, width, o0, o1, live, rows);
   } else {
@@ -491,8 +491,10 @@ template <class K, class T, class Problem, class Backward>
 struct TileWalks {
   static void forward(const Problem& p, const StackForwardBuffers<T>& buf, int threads) {
     with_planes<typename K::Planes>(p, threads, 0, [&](const Team& team, typename K::Planes& s, T* row, auto&) {
-      for_each_tile(p, team,
-                    [&](int64_t, int64_t b0, int64_t rows) { K::forward_tile(p, buf, team, s, row, b0, rows); });
+      for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
+        K::forward_tile(p, buf, team, s, row, b0, rows);
+        team.sync();  // the next tile reuses the shared planes
+      });
     });
   }
 
@@ -520,18 +522,17 @@ struct TileWalks {
     with_planes<typename K::Planes>(
         p, threads, p.width, [&](const Team& team, typename K::Planes& s, T* row, TilePlanes<V>& grads) {
           std::unique_ptr<T[]> packed(new T[K::packed_elements(p)]);
-          // This thread's tiles, without for_each_tile's barrier between them: a step of the reverse walk
-          // starts with one (backward_layer), as the next layer of the same tile would.
-          const int64_t first = team.first_tile(tile_count(p)), end = team.end_tile(tile_count(p));
+          const int64_t last = team.end_tile(tile_count(p)) - team.first_tile(tile_count(p)) - 1;
+          // Each tile with its gradient plane. No barrier between tiles: a step of the reverse walk starts
+          // with one (backward_layer), as the next layer of the same tile would.
           const auto each_tile = [&](auto&& body) {
-            for (int64_t tile = first; tile < end; ++tile) {
-              const int64_t b0 = tile * p.tile_rows;
-              body(tile - first, grads.at((tile - first) * p.width), b0, std::min(p.tile_rows, p.batch - b0));
-            }
+            for_each_tile(p, team,
+                          [&](int64_t i, int64_t b0, int64_t rows) { body(i, grads.at(i * p.width), b0, rows); });
           };
           if (recompute) {
             for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
               K::forward_tile(p, *recompute, team, s, row, b0, rows);
+              team.sync();  // the next tile reuses the shared planes; the walk back reads every feature
             });
           }
           const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
@@ -545,7 +546,7 @@ struct TileWalks {
               K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
               if (i == 0) chain.wait(team, step);
               K::add_weight_gradients(p, buf, team, s, l, b0, rows, packed.get(), slot);
-              if (i == end - first - 1) chain.pass(team, step);
+              if (i == last) chain.pass(team, step);
             });
           }
           each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
@@ -697,7 +698,7 @@ struct Stack
   static void forward_tile(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
                            T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
-    const int64_t live = (rows + V::W - 1) / V::W * V::W;  // columns computed; Rp is the stride
+    const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
     if (buf.x) {
       transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
     } else {
@@ -725,7 +726,7 @@ struct Stack
   }
 
   // The reverse walk's scratch (TileWalks::walk_back): a tile's layer input, row-major; the bias gradients.
-  static int64_t packed_elements(const StackProblem<T>& p) { return p.tile_rows * padded_width<V>(p.width); }
+  static int64_t packed_elements(const StackProblem<T>& p) { return p.tile_rows * whole_vectors<V>(p.width); }
   static int64_t summed_features(const StackProblem<T>& p) { return p.width; }
 
   // Layer l of the reverse walk for one tile of `rows` rows from row b0, whose gradient g = dLoss/dx is in the
@@ -735,7 +736,7 @@ struct Stack
     constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
-    const int64_t live = (rows + V::W - 1) / V::W * V::W;
+    const int64_t live = whole_vectors<V>(rows);
     const T* W = p.weight + weight_offset(l, 0, n);
     if constexpr (kNeedInput) {
       load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
@@ -775,9 +776,9 @@ struct Stack
   static void add_weight_gradients(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team,
                                    const Planes& s, int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
-    pack_transposed<V>(packed, padded_width<V>(n), buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows,
+    pack_transposed<V>(packed, whole_vectors<V>(n), buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows,
                        [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
-    gemm<V>(o1 - o0, n, rows, s.aux + o0 * Rp, Rp, 1, packed, padded_width<V>(n),
+    gemm<V>(o1 - o0, n, rows, s.aux + o0 * Rp, Rp, 1, packed, whole_vectors<V>(n),
             buf.grad_weight + weight_offset(l, o0, n), n, b0 > 0);
     if (buf.grad_bias) add_row_sums<V>(s.aux, Rp, o0, o1, rows, b0, B, sums, buf.grad_bias + l * n);
   }
