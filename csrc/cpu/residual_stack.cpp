@@ -1,8 +1,8 @@
 // CPU implementation of dmup::residual_stack and its backward: torch glue around stack_kernel.h.
 //
 // Forward: one parallel pass over row tiles (each tile walks all L layers). Backward: one parallel
-// pass in reverse layer order, the tiles in step, each layer's dW_l and db_l shared out among the threads
-// as soon as its dh_l is complete; with checkpoints, that pass per segment, after every tile has
+// pass in reverse layer order, the tiles in step, each tile adding its rows into dW_l and db_l as soon as
+// it has formed dh_l, the threads in row order; with checkpoints, that pass per segment, after every tile has
 // recomputed the segment (stack_kernel.h, checkpointed_backward). float32 runs the kernel of
 // the instruction set in use (cpu_kernels.h); float64 always runs the portable one. Every GEMM is the kernel's own,
 // whose sums run in a fixed order: a BLAS may block its sums by the shape and alignment it is given, which would tie
