@@ -132,7 +132,8 @@ struct MlpStack
                                                   nullptr, n, B, b0);
       const bool save = buf.saved && l % buf.save_every == 0;
       residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
-                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B);
+                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B,
+                         buf.saved_bypasses_caches);
     }
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }

@@ -63,6 +63,8 @@ struct Simd {
     if (n == W) return store(p, v);
     _mm256_maskstore_ps(p, first(n), v.v);
   }
+  static void stream(float* p, Vec v) { _mm256_stream_ps(p, v.v); }
+  static void stream_fence() { _mm_sfence(); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
   static float sum(Vec v) {
     const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v.v), _mm256_extractf128_ps(v.v, 1));

@@ -8,6 +8,8 @@
 //   for NJ up to kTileVectors (see stack_impl::gemm);
 // - zero, broadcast, load/store (W lanes), load_n / store_n (first n lanes, the rest read as 0),
 //   fma(a, b, c) = a*b + c, sum (of the lanes, in a fixed order), transpose (of W vectors of W lanes);
+// - stream(p, v): a store of W lanes to p (aligned to W lanes) that bypasses the caches where the ISA has
+//   one (non-temporal), and stream_fence(), after which those stores are visible to other threads;
 // - bits(Mask) (lane i -> bit i) and mask(bits), its inverse;
 // - min, max, round, ldexp for simd_math.h;
 // - for Vec the arithmetic operators, <, <= and > giving a Mask, ! of a Mask, select(mask, a, b),
@@ -64,6 +66,8 @@ struct Simd {
   static __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static Vec load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(first(n), p); }
   static void store_n(float* p, Vec v, int n) { _mm512_mask_storeu_ps(p, first(n), v.v); }
+  static void stream(float* p, Vec v) { _mm512_stream_ps(p, v.v); }
+  static void stream_fence() { _mm_sfence(); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
   static float sum(Vec v) { return _mm512_reduce_add_ps(v.v); }
   // rows[0..15] <- their transpose: four rounds that swap the off-diagonal blocks of 8, 4, 2, 1.

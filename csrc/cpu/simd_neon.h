@@ -63,6 +63,9 @@ struct Simd {
     vst1q_f32(lanes, v.v);
     for (int i = 0; i < n; ++i) p[i] = lanes[i];
   }
+  // A64's non-temporal store (STNP) stores register pairs and has no intrinsic: a plain store.
+  static void stream(float* p, Vec v) { store(p, v); }
+  static void stream_fence() {}
   static Vec fma(Vec a, Vec b, Vec c) { return vfmaq_f32(c.v, a.v, b.v); }
   static float sum(Vec v) { return vaddvq_f32(v.v); }
   // rows[0..3] <- their transpose: 2 x 2 blocks of lanes (trn), then of lane pairs (64-bit trn).

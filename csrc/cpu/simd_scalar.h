@@ -22,6 +22,8 @@ struct ScalarSimd {
   static void store(T* p, Vec v) { *p = v; }
   static Vec load_n(const T* p, int) { return *p; }
   static void store_n(T* p, Vec v, int) { *p = v; }
+  static void stream(T* p, Vec v) { *p = v; }  // no non-temporal scalar store worth having
+  static void stream_fence() {}
   static Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
   static T sum(Vec v) { return v; }
   static void transpose(Vec*) {}

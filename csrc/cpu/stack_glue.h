@@ -33,7 +33,8 @@ StackForwardBuffers<T> forward_buffers(const at::Tensor& x, at::Tensor& out, at:
           save_for_backward ? saved.mutable_data_ptr<T>() : nullptr,
           std::max<int64_t>(checkpoint_every, 1),
           save_for_backward && checkpoint_every == 0 ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())
-                                                     : nullptr};
+                                                     : nullptr,
+          true};
 }
 
 // The backward of a depth-fused kernel from the state its forward saved: one reverse walk over every layer

@@ -104,6 +104,9 @@ struct StackForwardBuffers {
   T* saved;             // (ceil(L / save_every), n, B): x_l for l = 0, k, 2k, ... (k = save_every); or nullptr
   int64_t save_every;   // 1: every layer's input; k > 1: the checkpoints of docs/design.md §4.4
   uint16_t* mask;       // (L, planes, n, ceil(B/16)), or nullptr: no sign bits saved
+  // The saved states are read only by a backward that starts after the whole forward (the op's forward, not
+  // a recomputation): stored past the caches, which they would otherwise fill (docs/design.md §7.9).
+  bool saved_bypasses_caches;
 };
 
 // The reverse walk reads dLoss/dx_L as rows (grad_out) or from grad_carry, and writes dLoss/dx_0 as rows
@@ -495,6 +498,7 @@ struct TileWalks {
         K::forward_tile(p, buf, team, s, row, b0, rows);
         team.sync();  // the next tile reuses the shared planes
       });
+      K::Planes::Simd::stream_fence();  // the saved states, for whoever reads them next
     });
   }
 
@@ -612,13 +616,25 @@ void bias_activation(typename V::T* h, int64_t stride, const typename V::T* bias
   }
 }
 
+// `lanes` lanes of x to a saved state at p: past the caches (V::stream) when `bypass` asks for it and the
+// vector is whole and aligned.
+template <class V>
+inline void save_state(typename V::T* p, typename V::Vec x, int lanes, bool bypass) {
+  if (bypass && lanes == V::W && reinterpret_cast<uintptr_t>(p) % (V::W * sizeof(typename V::T)) == 0) {
+    V::stream(p, x);
+  } else {
+    V::store_n(p, x, lanes);
+  }
+}
+
 // The residual update of one layer for features [o0, o1) of a tile of `rows` rows: saves x_l into `saved`
-// (this layer's (n, B) state from the tile's first row, or nullptr), then x <- x + scale * (v - mean) with
-// the row mean of the branch v over all `width` features (0 without mean subtraction).
+// (this layer's (n, B) state from the tile's first row, or nullptr; past the caches if `bypass`), then
+// x <- x + scale * (v - mean) with the row mean of the branch v over all `width` features (0 without mean
+// subtraction).
 template <class V>
 void residual_update(const Team& team, bool mean_subtract, int64_t width, typename V::T scale, typename V::T* stream,
                      const typename V::T* branch, int64_t stride, int64_t o0, int64_t o1, int64_t live, int64_t rows,
-                     typename V::T* row, typename V::T* saved, int64_t batch) {
+                     typename V::T* row, typename V::T* saved, int64_t batch, bool bypass) {
   team.sync();  // the row mean reads every feature of the branch
   row_mean<V>(mean_subtract, width, branch, stride, live, typename V::T(1), row);
   const typename V::Vec s = V::broadcast(scale);
@@ -626,7 +642,7 @@ void residual_update(const Team& team, bool mean_subtract, int64_t width, typena
     for (int64_t r = 0; r < live; r += V::W) {
       const int64_t i = o * stride + r;
       const typename V::Vec x = V::load(stream + i);
-      if (saved) V::store_n(saved + o * batch + r, x, lanes_at<V>(r, rows));
+      if (saved) save_state<V>(saved + o * batch + r, x, lanes_at<V>(r, rows), bypass);
       V::store(stream + i, V::fma(s, V::load(branch + i) - V::load(row + r), x));
     }
   }
@@ -720,7 +736,8 @@ struct Stack
       // Save x_l (every save_every-th layer), then x <- x + s * (v - mean).
       const bool save = buf.saved && l % buf.save_every == 0;
       residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
-                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B);
+                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B,
+                         buf.saved_bypasses_caches);
     }
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
@@ -814,7 +831,8 @@ void checkpointed_backward(const Kernels<T, Problem, Backward>& kernels, const P
   const int64_t segments = checkpoint_count(p.depth, every);
   for_each_segment_from_last(p.depth, every, [&](int64_t segment, int64_t first, int64_t count) {
     const StackForwardBuffers<T> recompute{
-        nullptr, checkpoints + state_offset(segment, 0, p.width, p.batch), nullptr, scratch.states, 1, scratch.mask};
+        nullptr, checkpoints + state_offset(segment, 0, p.width, p.batch), nullptr, scratch.states, 1, scratch.mask,
+        false};
     const Backward backward = whole.segment(p, first, scratch, segment == segments - 1, segment == 0);
     const Problem part = p.layers(first, count);
     kernels.recompute_backward(part, recompute, backward, threads);
