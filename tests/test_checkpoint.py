@@ -66,7 +66,7 @@ def test_cpp_bitwise_equal_to_saving_every_layer(activation, block, mean_subtrac
 @pytest.mark.parametrize(
     "spec",
     [
-        StackSpec(64, 10, (1000,), "post", True, "relu", True, "contiguous"),  # several row tiles per thread
+        StackSpec(64, 10, (2000,), "post", True, "relu", True, "contiguous"),  # several row tiles per thread
         StackSpec(96, 9, (3,), "pre", False, "silu", True, "contiguous"),  # threads share one tile's features
         StackSpec(256, 5, (40,), "post", True, "abs", False, "contiguous"),  # wide
     ],

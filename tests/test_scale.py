@@ -117,9 +117,9 @@ def test_index_helpers_past_2_to_the_31(index_program, layer, feature, plane, pl
     assert words == expected_words
     assert max(state, mask, weight) >= 2**31  # the case does exercise the int64 range
     # a row tile: whole 16-row words of mask bits, within the cap that keeps four (n x R) float32 planes
-    # in half of the default 512 KiB L2, and not split into needlessly small tiles (an overflowed
-    # per-thread share would be)
+    # in the default 512 KiB L2, and not split into needlessly small tiles (an overflowed per-thread
+    # share would be)
     per_thread = -(-batch // threads)
-    cap = max(16, 256 * 1024 // (16 * width) // 16 * 16)
+    cap = max(16, 512 * 1024 // (16 * width) // 16 * 16)
     assert tile_rows % 16 == 0 and 16 <= tile_rows <= cap
     assert tile_rows >= min(per_thread, cap // 2)

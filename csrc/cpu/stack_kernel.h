@@ -142,13 +142,13 @@ constexpr int64_t kDefaultL2Bytes = 512 * 1024;
 
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
 // tile's local buffers (`row_bytes` per row: stack_tile_features, mlp_stack_tile_features) take at most
-// half of the L2, leaving the other half to the streamed weights and the saved state. When one thread's
-// share is above the cap, the tiles are made as even as possible, a whole number per thread, so no
-// thread waits on another's extra tile.
+// the L2: every tile streams every layer's weights, so fewer, larger tiles stream them fewer times
+// (docs/design.md §7.5). When one thread's share is above the cap, the tiles are made as even as
+// possible, a whole number per thread, so no thread waits on another's extra tile.
 inline int64_t stack_tile_rows(int64_t batch, int64_t row_bytes, int64_t threads, int64_t l2_bytes = kDefaultL2Bytes) {
   threads = std::max<int64_t>(threads, 1);
   const int64_t per_thread = std::max<int64_t>(1, (batch + threads - 1) / threads);
-  const int64_t cap = std::max<int64_t>(16, l2_bytes / 2 / row_bytes / 16 * 16);
+  const int64_t cap = std::max<int64_t>(16, l2_bytes / row_bytes / 16 * 16);
   const int64_t tiles_per_thread = (per_thread + cap - 1) / cap;
   const int64_t rows = (per_thread + tiles_per_thread - 1) / tiles_per_thread;
   return std::max<int64_t>(16, (rows + 15) / 16 * 16);
