@@ -34,7 +34,7 @@ StackForwardBuffers<T> forward_buffers(const at::Tensor& x, at::Tensor& out, at:
           std::max<int64_t>(checkpoint_every, 1),
           save_for_backward && checkpoint_every == 0 ? reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>())
                                                      : nullptr,
-          true};
+          /*saved_bypasses_caches=*/true};  // only the op's backward reads them, after the whole forward
 }
 
 // The backward of a depth-fused kernel from the state its forward saved: one reverse walk over every layer

@@ -830,9 +830,13 @@ void checkpointed_backward(const Kernels<T, Problem, Backward>& kernels, const P
                            int64_t every, const Backward& whole, const SegmentScratch<T>& scratch, int threads) {
   const int64_t segments = checkpoint_count(p.depth, every);
   for_each_segment_from_last(p.depth, every, [&](int64_t segment, int64_t first, int64_t count) {
-    const StackForwardBuffers<T> recompute{
-        nullptr, checkpoints + state_offset(segment, 0, p.width, p.batch), nullptr, scratch.states, 1, scratch.mask,
-        false};
+    const StackForwardBuffers<T> recompute{nullptr,
+                                           checkpoints + state_offset(segment, 0, p.width, p.batch),
+                                           nullptr,
+                                           scratch.states,
+                                           1,
+                                           scratch.mask,
+                                           /*saved_bypasses_caches=*/false};  // the walk back reads them at once
     const Backward backward = whole.segment(p, first, scratch, segment == segments - 1, segment == 0);
     const Problem part = p.layers(first, count);
     kernels.recompute_backward(part, recompute, backward, threads);

@@ -306,7 +306,7 @@ Results run_kernel(const Config& c, const std::vector<float>& x, const std::vect
   std::vector<uint16_t> mask(span * planes * n * dmup::mask_words(B), 0xA5A5);  // bits must not depend on it
   kernels.forward(problem,
                   {x.data(), nullptr, result[0].data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
-                   checkpoint_every ? nullptr : mask.data(), true},
+                   checkpoint_every ? nullptr : mask.data(), /*saved_bypasses_caches=*/true},
                   threads);
   float* grad_bias = c.bias ? result[3].data() : nullptr;
   const dmup::StackBackwardBuffers<float> buffers{grad_out.data(),   saved.data(),     mask.data(), result[1].data(),
@@ -521,7 +521,7 @@ Results run_mlp_kernel(const MlpConfig& c, const std::vector<float>& x, const Ml
                  std::vector<float>(c.bias ? L * n : 0, nan)};
   kernels.forward(problem,
                   {x.data(), nullptr, result[0].data(), saved.data(), std::max<int64_t>(checkpoint_every, 1),
-                   checkpoint_every ? nullptr : mask.data(), true},
+                   checkpoint_every ? nullptr : mask.data(), /*saved_bypasses_caches=*/true},
                   threads);
   const dmup::MlpStackBackwardBuffers<float> buffers{grad_out.data(),
                                                      saved.data(),
