@@ -130,10 +130,8 @@ struct MlpStack
               false);
       bias_activation<V, Activation::Identity, 0>(s.branch, Rp, p.bias2 ? p.bias2 + l * n : nullptr, o0, o1, live,
                                                   nullptr, n, B, b0);
-      const bool save = buf.saved && l % buf.save_every == 0;
       residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
-                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B,
-                         buf.saved_bypasses_caches);
+                         buf.layer_state(l, n, B, b0), B, buf.saved_bypasses_caches);
     }
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }

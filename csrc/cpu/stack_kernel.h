@@ -107,6 +107,11 @@ struct StackForwardBuffers {
   // The saved states are read only by a backward that starts after the whole forward (the op's forward, not
   // a recomputation): stored past the caches, which they would otherwise fill (docs/design.md §7.9).
   bool saved_bypasses_caches;
+
+  // Where layer l saves its input for the rows from b0: into its state, or nowhere (nullptr) when it saves none.
+  T* layer_state(int64_t layer, int64_t width, int64_t batch, int64_t b0) const {
+    return saved && layer % save_every == 0 ? saved + state_offset(layer / save_every, 0, width, batch) + b0 : nullptr;
+  }
 };
 
 // The reverse walk reads dLoss/dx_L as rows (grad_out) or from grad_carry, and writes dLoss/dx_0 as rows
@@ -494,11 +499,7 @@ template <class K, class T, class Problem, class Backward>
 struct TileWalks {
   static void forward(const Problem& p, const StackForwardBuffers<T>& buf, int threads) {
     with_planes<typename K::Planes>(p, threads, 0, [&](const Team& team, typename K::Planes& s, T* row, auto&) {
-      for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
-        K::forward_tile(p, buf, team, s, row, b0, rows);
-        team.sync();  // the next tile reuses the shared planes
-      });
-      K::Planes::Simd::stream_fence();  // the saved states, for whoever reads them next
+      walk_tiles_forward(p, buf, team, s, row);
     });
   }
 
@@ -513,6 +514,18 @@ struct TileWalks {
   static Kernels<T, Problem, Backward> kernels() { return {&forward, &backward, &recompute_backward}; }
 
  private:
+  // The forward walk of this thread's tiles, each over all layers.
+  // (Planes is K::Planes, a template parameter because K is incomplete where this is declared.)
+  template <class Planes>
+  static void walk_tiles_forward(const Problem& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
+                                 T* row) {
+    for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
+      K::forward_tile(p, buf, team, s, row, b0, rows);
+      team.sync();  // the next tile reuses the shared planes; a walk back reads every feature
+    });
+    if (buf.saved_bypasses_caches) Planes::Simd::stream_fence();  // the streamed states, for whoever reads them
+  }
+
   // The reverse walk, the layers in step: at each layer every tile is taken back and adds its rows into the
   // layer's parameter gradients at once, in the batch's row order (GradientChain), so no dh of the whole
   // batch is ever stored. Each gradient element sums the rows in the same order whatever the tiling, so the
@@ -533,12 +546,7 @@ struct TileWalks {
             for_each_tile(p, team,
                           [&](int64_t i, int64_t b0, int64_t rows) { body(i, grads.at(i * p.width), b0, rows); });
           };
-          if (recompute) {
-            for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
-              K::forward_tile(p, *recompute, team, s, row, b0, rows);
-              team.sync();  // the next tile reuses the shared planes; the walk back reads every feature
-            });
-          }
+          if (recompute) walk_tiles_forward(p, *recompute, team, s, row);
           const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
           each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
             load_gradient_rows<V>(buf, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
@@ -734,10 +742,8 @@ struct Stack
       bias_activation<V, kPost ? A : Activation::Identity, kPlanes>(s.branch, Rp, p.bias ? p.bias + l * n : nullptr, o0,
                                                                     o1, live, mask, n, B, b0);
       // Save x_l (every save_every-th layer), then x <- x + s * (v - mean).
-      const bool save = buf.saved && l % buf.save_every == 0;
       residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
-                         save ? buf.saved + state_offset(l / buf.save_every, 0, n, B) + b0 : nullptr, B,
-                         buf.saved_bypasses_caches);
+                         buf.layer_state(l, n, B, b0), B, buf.saved_bypasses_caches);
     }
     if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
