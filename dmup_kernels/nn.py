@@ -114,10 +114,25 @@ class DepthScaledStack(nn.Module):
         """m_N = width / base_width, the width ratio of the muP rules in ``param_groups``."""
         return self.width / self.base_width
 
-    def _with_depth(self, depth: int) -> DepthScaledStack:
-        """A stack of ``depth`` blocks with this stack's settings (``total_depth`` included), on its device
-        and dtype, with freshly initialised parameters."""
-        raise NotImplementedError
+    def _settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments for a stack with this one's settings (``total_depth``
+        included), on its device and dtype: what the stages of ``split`` are built with."""
+        first = next(self.parameters())
+        return {
+            "activation": self.activation,
+            "mean_subtract": self.mean_subtract,
+            "parametrization": self.parametrization,
+            "backend": self.backend,
+            "total_depth": self.total_depth,
+            "base_width": self.base_width,
+            "checkpoint": self.checkpoint,
+            "device": first.device,
+            "dtype": first.dtype,
+        }
+
+    def _sizes(self) -> tuple[int, ...]:
+        """The constructor's positional arguments before ``depth``."""
+        return (self.width,)
 
     def split(self, num_stages: int) -> list[DepthScaledStack]:
         """Cuts the stack into ``num_stages`` stacks of consecutive blocks, for pipeline parallelism.
@@ -135,7 +150,7 @@ class DepthScaledStack(nn.Module):
         stages = []
         for layers in torch.arange(self.depth).tensor_split(num_stages):
             start, stop = int(layers[0]), int(layers[-1]) + 1
-            stage = self._with_depth(stop - start)
+            stage = type(self)(*self._sizes(), stop - start, **self._settings())
             for name, param in stage.named_parameters():
                 _copy_parameter(param, getattr(self, name)[start:stop])
             stages.append(stage)
@@ -214,22 +229,8 @@ class ResidualStack(DepthScaledStack):
     def reset_parameters(self) -> None:
         _init_hidden(self.weight, self.bias)
 
-    def _with_depth(self, depth: int) -> ResidualStack:
-        return ResidualStack(
-            self.width,
-            depth,
-            activation=self.activation,
-            block=self.block,
-            mean_subtract=self.mean_subtract,
-            bias=self.bias is not None,
-            parametrization=self.parametrization,
-            backend=self.backend,
-            total_depth=self.total_depth,
-            base_width=self.base_width,
-            checkpoint=self.checkpoint,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "block": self.block, "bias": self.bias is not None}
 
     @classmethod
     def from_linears(
@@ -389,22 +390,11 @@ class ResidualMLPStack(DepthScaledStack):
         _init_hidden(self.weight1, self.bias1)
         _init_hidden(self.weight2, self.bias2)
 
-    def _with_depth(self, depth: int) -> ResidualMLPStack:
-        return ResidualMLPStack(
-            self.width,
-            self.hidden_width,
-            depth,
-            activation=self.activation,
-            mean_subtract=self.mean_subtract,
-            bias=self.bias2 is not None,
-            parametrization=self.parametrization,
-            backend=self.backend,
-            total_depth=self.total_depth,
-            base_width=self.base_width,
-            checkpoint=self.checkpoint,
-            device=self.weight1.device,
-            dtype=self.weight1.dtype,
-        )
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "bias": self.bias2 is not None}
+
+    def _sizes(self) -> tuple[int, ...]:
+        return (self.width, self.hidden_width)
 
     @classmethod
     def from_linears(

@@ -108,17 +108,12 @@ struct MlpStack
   };
 
   // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of the stream and [j0, j1)
-  // of the hidden layer when split).
-  static void forward_tile(const MlpStackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
-                           T* row, int64_t b0, int64_t rows) {
+  // of the hidden layer when split), its x in the plane stream.
+  static void forward_layers(const MlpStackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team,
+                             Planes& s, T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
     const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
-    if (buf.x) {
-      transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
-    } else {
-      load_rows<V>(s.stream + o0 * Rp, Rp, live, buf.x_features + o0 * B + b0, B, o1 - o0, rows);
-    }
     for (int64_t l = 0; l < p.depth; ++l) {
       team.sync();  // h1 = W1 x reads every feature of x
       gemm<V>(j1 - j0, live, n, p.weight1 + p.weight_offset(l) + j0 * n, n, 1, s.stream, Rp, s.hidden + j0 * Rp, Rp,
@@ -133,7 +128,6 @@ struct MlpStack
       residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
                          buf.layer_state(l, n, B, b0), B, buf.saved_bypasses_caches);
     }
-    if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
 
   // The reverse walk's scratch (TileWalks::walk_back): a tile's x_l and a_l, row-major; the bias gradients.

@@ -467,32 +467,36 @@ void add_row_sums(const typename V::T* values, int64_t Rp, int64_t o0, int64_t o
   }
 }
 
-// The reverse walk's ends, for features [o0, o1) of a tile whose gradient plane g has stride Rp: g = dLoss/dx_L
-// from grad_out rows (or grad_carry), and dLoss/dx_0 into grad_x rows (or grad_carry).
-template <class V, class Backward>
-void load_gradient_rows(const Backward& buf, int64_t width, int64_t batch, typename V::T* g, int64_t Rp, int64_t o0,
-                        int64_t o1, int64_t b0, int64_t rows) {
+// A walk's ends, for features [o0, o1) of a tile's plane (stride Rp) of the rows [b0, b0 + rows): the plane from
+// (B, width) rows, or where `rows_in` is nullptr from the feature-major (width, B) `features_in`; and back into
+// rows, or where `rows_out` is nullptr into `features_out` (nowhere when both are nullptr). The forward walk
+// enters from x (or a checkpoint) and leaves into out; the reverse walk enters from grad_out (or the gradient a
+// later segment carried) and leaves into grad_x (or the carry).
+template <class V>
+void load_tile(const typename V::T* rows_in, const typename V::T* features_in, int64_t width, int64_t batch,
+               typename V::T* plane, int64_t Rp, int64_t o0, int64_t o1, int64_t b0, int64_t rows) {
   const int64_t live = whole_vectors<V>(rows);
-  if (buf.grad_out) {
-    transpose_in(g, Rp, buf.grad_out + b0 * width, width, o0, o1, live, rows);
+  if (rows_in) {
+    transpose_in(plane, Rp, rows_in + b0 * width, width, o0, o1, live, rows);
   } else {
-    load_rows<V>(g + o0 * Rp, Rp, live, buf.grad_carry + o0 * batch + b0, batch, o1 - o0, rows);
+    load_rows<V>(plane + o0 * Rp, Rp, live, features_in + o0 * batch + b0, batch, o1 - o0, rows);
   }
 }
 
-template <class V, class Backward>
-void store_gradient_rows(const Backward& buf, int64_t width, int64_t batch, const typename V::T* g, int64_t Rp,
-                         int64_t o0, int64_t o1, int64_t b0, int64_t rows) {
-  if (buf.grad_x) {
-    transpose_out(buf.grad_x + b0 * width, width, g, Rp, o0, o1, rows);
-  } else {
-    store_rows<V>(buf.grad_carry + o0 * batch + b0, batch, g + o0 * Rp, Rp, o1 - o0, rows);
+template <class V>
+void store_tile(typename V::T* rows_out, typename V::T* features_out, int64_t width, int64_t batch,
+                const typename V::T* plane, int64_t Rp, int64_t o0, int64_t o1, int64_t b0, int64_t rows) {
+  if (rows_out) {
+    transpose_out(rows_out + b0 * width, width, plane, Rp, o0, o1, rows);
+  } else if (features_out) {
+    store_rows<V>(features_out + o0 * batch + b0, batch, plane + o0 * Rp, Rp, o1 - o0, rows);
   }
 }
 
-// The walks of a depth-fused kernel K for Problem and Backward (buffers). K provides Planes; forward_tile,
-// the forward walk of one tile over all layers; and, for the reverse walk, backward_layer (one layer of one
-// tile, given its gradient plane g) and add_weight_gradients (that tile's rows of the layer's parameter
+// The walks of a depth-fused kernel K for Problem and Backward (buffers). K provides Planes, with the plane
+// `stream` that carries a tile's x through the forward walk; forward_layers, the forward walk of one tile over
+// all layers; and, for the reverse walk, backward_layer (one layer of one tile, given its gradient plane g) and
+// add_weight_gradients (that tile's rows of the layer's parameter
 // gradients, added while they are in its planes, with private scratch of K::packed_elements(p) and
 // K::summed_features(p) partial sums per lane in a slot the team shares).
 template <class K, class T, class Problem, class Backward>
@@ -519,11 +523,15 @@ struct TileWalks {
   template <class Planes>
   static void walk_tiles_forward(const Problem& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
                                  T* row) {
+    using V = typename Planes::Simd;
+    const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
     for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
-      K::forward_tile(p, buf, team, s, row, b0, rows);
+      load_tile<V>(buf.x, buf.x_features, p.width, p.batch, s.stream, s.padded, o0, o1, b0, rows);
+      K::forward_layers(p, buf, team, s, row, b0, rows);
+      store_tile<V>(buf.out, nullptr, p.width, p.batch, s.stream, s.padded, o0, o1, b0, rows);
       team.sync();  // the next tile reuses the shared planes; a walk back reads every feature
     });
-    if (buf.saved_bypasses_caches) Planes::Simd::stream_fence();  // the streamed states, for whoever reads them
+    if (buf.saved_bypasses_caches) V::stream_fence();  // the streamed states, for whoever reads them
   }
 
   // The reverse walk, the layers in step: at each layer every tile is taken back and adds its rows into the
@@ -549,7 +557,7 @@ struct TileWalks {
           if (recompute) walk_tiles_forward(p, *recompute, team, s, row);
           const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
           each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
-            load_gradient_rows<V>(buf, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
+            load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
           });
           for (int64_t l = p.depth - 1; l >= 0; --l) {
             const int64_t step = p.depth - 1 - l;
@@ -562,7 +570,7 @@ struct TileWalks {
             });
           }
           each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
-            store_gradient_rows<V>(buf, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
+            store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
           });
         });
   }
@@ -718,16 +726,12 @@ struct Stack
     }
   };
 
-  // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of it when split).
-  static void forward_tile(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
-                           T* row, int64_t b0, int64_t rows) {
+  // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of it when split), its x in the
+  // plane stream.
+  static void forward_layers(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
+                             T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
     const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
-    if (buf.x) {
-      transpose_in(s.stream, Rp, buf.x + b0 * n, n, o0, o1, live, rows);
-    } else {
-      load_rows<V>(s.stream + o0 * Rp, Rp, live, buf.x_features + o0 * B + b0, B, o1 - o0, rows);
-    }
     for (int64_t l = 0; l < p.depth; ++l) {
       const T* W = p.weight + weight_offset(l, 0, n);
       const T* gemm_in = s.stream;
@@ -745,7 +749,6 @@ struct Stack
       residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
                          buf.layer_state(l, n, B, b0), B, buf.saved_bypasses_caches);
     }
-    if (buf.out) transpose_out(buf.out + b0 * n, n, s.stream, Rp, o0, o1, rows);
   }
 
   // The reverse walk's scratch (TileWalks::walk_back): a tile's layer input, row-major; the bias gradients.

@@ -148,6 +148,24 @@ def _hidden_preactivation(
 
 
 @triton.jit
+def _mlp_row_tile(rows, n, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows as ``_row_tile`` gives them (row and column indices, row mask, tile mask, offsets),
+    the column mask, the elements of one (rows, n) state and the bytes of one (rows, ceil(m/8)) sign plane."""
+    r, c, row_ok, ok, offs, _, _ = _row_tile(rows, n, BLOCK_M, BLOCK_N)
+    return r, c, row_ok, ok, offs, c < n, tl.cast(rows, tl.int64) * n, tl.cast(rows, tl.int64) * ((m + 7) // 8)
+
+
+@triton.jit
+def _layer_operands(w1_ptr, w2_ptr, signs_ptr, layer, n, m, plane_bytes, PLANES: tl.constexpr):
+    """Where layer ``layer``'s W1 (m, n), W2 (n, m) and sign planes start."""
+    return (
+        w1_ptr + tl.cast(layer, tl.int64) * m * n,
+        w2_ptr + tl.cast(layer, tl.int64) * n * m,
+        signs_ptr + layer * PLANES * plane_bytes,
+    )
+
+
+@triton.jit
 def _hidden_chunk(h0, r, row_ok, m, BLOCK_H: tl.constexpr):
     """Hidden units h0..h0+BLOCK_H: their indices and mask, offsets and mask into a (rows, m) matrix, and
     offsets and mask into (rows, ceil(m/8)) sign bytes (h0 is a multiple of 8)."""
@@ -193,10 +211,7 @@ def mlp_stack_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    r, c, row_ok, ok, offs, _, _ = _row_tile(rows, n, BLOCK_M, BLOCK_N)
-    c_ok = c < n
-    layer_elems = tl.cast(rows, tl.int64) * n
-    plane_bytes = tl.cast(rows, tl.int64) * ((m + 7) // 8)
+    r, c, row_ok, ok, offs, c_ok, layer_elems, plane_bytes = _mlp_row_tile(rows, n, m, BLOCK_M, BLOCK_N)
     operand_type = w1_ptr.dtype.element_ty  # tl.dot takes half operands as they are
 
     if x_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
@@ -206,9 +221,7 @@ def mlp_stack_forward_kernel(
         if SAVE:
             if layer > 0:
                 tl.store(states_ptr + (layer - 1) * layer_elems + offs, x, mask=ok)
-        w1 = w1_ptr + tl.cast(layer, tl.int64) * m * n
-        w2 = w2_ptr + tl.cast(layer, tl.int64) * n * m
-        signs = signs_ptr + layer * PLANES * plane_bytes
+        w1, w2, signs = _layer_operands(w1_ptr, w2_ptr, signs_ptr, layer, n, m, plane_bytes, PLANES)
         x_operand = x.to(operand_type)
         h2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=x.dtype)
         for h0 in range(0, m, BLOCK_H):
@@ -263,11 +276,8 @@ def mlp_stack_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    r, c, row_ok, ok, offs, _, _ = _row_tile(rows, n, BLOCK_M, BLOCK_N)
-    c_ok = c < n
-    layer_elems = tl.cast(rows, tl.int64) * n
+    r, c, row_ok, ok, offs, c_ok, layer_elems, plane_bytes = _mlp_row_tile(rows, n, m, BLOCK_M, BLOCK_N)
     hidden_elems = tl.cast(rows, tl.int64) * m
-    plane_bytes = tl.cast(rows, tl.int64) * ((m + 7) // 8)
     operand_type = w1_ptr.dtype.element_ty
 
     if grad_out_ptr.dtype.element_ty != tl.float64:  # inline: the interpreter rounds floats passed to a jit call
@@ -275,9 +285,7 @@ def mlp_stack_backward_kernel(
     g = widen(tl.load(grad_out_ptr + offs, mask=ok, other=0.0))
     for step in range(num_layers):
         layer = num_layers - 1 - step
-        w1 = w1_ptr + tl.cast(layer, tl.int64) * m * n
-        w2 = w2_ptr + tl.cast(layer, tl.int64) * n * m
-        signs = signs_ptr + layer * PLANES * plane_bytes
+        w1, w2, signs = _layer_operands(w1_ptr, w2_ptr, signs_ptr, layer, n, m, plane_bytes, PLANES)
         dh2 = scale * g
         if MEAN_SUBTRACT:
             dh2 = tl.where(ok, dh2 - row_mean(dh2, n)[:, None], 0.0)
@@ -412,9 +420,10 @@ def mlp_stack_backward(
     bias1 = None if bias1 is None else bias1.contiguous()
     rows, n = x.shape
     depth, m = weight1.shape[:2]
+    grads = allocate_mlp_stack_gradients(x, weight1, weight2, bias1, bias2)
     if rows == 0:
-        return tuple(grad.zero_() for grad in allocate_mlp_stack_gradients(x, weight1, weight2, bias1, bias2))
-    grad_x = torch.empty_like(x)
+        return tuple(grad.zero_() for grad in grads)
+    grad_x, grad_weight1, grad_weight2, grad_bias1, grad_bias2 = grads
     grad_h1, grad_h2 = x.new_empty(depth, rows, m), x.new_empty(depth, rows, n)
     block_n = _block_n(n)
     launch(
@@ -447,10 +456,9 @@ def mlp_stack_backward(
     inputs = torch.cat([x[None], states])  # x_0..x_{L-1}
     weight1_t = weight1.transpose(1, 2)
     hidden = torch.bmm(inputs, weight1_t) if bias1 is None else torch.baddbmm(bias1[:, None], inputs, weight1_t)
-    return (
-        grad_x,
-        torch.bmm(grad_h1.transpose(1, 2), inputs),
-        torch.bmm(grad_h2.transpose(1, 2), reference.activation(hidden, activation)),
-        weight1.new_empty(0, m) if bias1 is None else grad_h1.sum(1),
-        weight1.new_empty(0, n) if bias2 is None else grad_h2.sum(1),
-    )
+    torch.bmm(grad_h1.transpose(1, 2), inputs, out=grad_weight1)
+    torch.bmm(grad_h2.transpose(1, 2), reference.activation(hidden, activation), out=grad_weight2)
+    for bias, grad_h, grad_bias in ((bias1, grad_h1, grad_bias1), (bias2, grad_h2, grad_bias2)):
+        if bias is not None:
+            torch.sum(grad_h, 1, out=grad_bias)
+    return grads
