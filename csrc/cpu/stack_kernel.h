@@ -510,9 +510,9 @@ void store_tile(typename V::T* rows_out, typename V::T* features_out, int64_t wi
 // The walks of a depth-fused kernel K for Problem and Backward (buffers). K provides Planes, with the plane
 // `stream` that carries a tile's x through the forward walk; forward_layers, the forward walk of one tile over
 // all layers; and, for the reverse walk, backward_layer (one layer of one tile, given its gradient plane g) and
-// add_weight_gradients (that tile's rows of the layer's parameter
-// gradients, added while they are in its planes, with private scratch of K::packed_elements(p) and
-// K::summed_features(p) partial sums per lane in a slot the team shares).
+// add_weight_gradients (that tile's rows of the layer's parameter gradients, added while they are in its
+// planes, with private scratch of K::packed_elements(p) and K::summed_features(p) partial sums per lane in a
+// slot the team shares).
 template <class K, class T, class Problem, class Backward>
 struct TileWalks {
   static void forward(const Problem& p, const StackForwardBuffers<T>& buf, int threads) {
