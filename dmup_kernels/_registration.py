@@ -26,6 +26,13 @@ differentiation (``gradgradcheck``, ``create_graph=True`` then ``grad`` again, n
 ``torch.func.grad``) fails with a RuntimeError naming the op instead of returning a gradient with its
 second-order term silently missing. It raises only then: ``torch.func.grad`` always records the graph
 of the gradients (``create_graph=True``), so raising on that alone would break first-order use.
+
+There are no forward-mode rules either (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``,
+``hessian``, ``linearize``): an op raises when forward-mode AD may run through it, instead of returning an
+output without a tangent, which those transforms would read as a zero derivative. That is when an input
+carries a tangent, or when a torch.func forward-mode transform is active at all: below the Autograd
+kernel of a reverse-mode level (``hessian`` is jacfwd of jacrev), forward grad mode is off, so the
+tangents of an outer jvp level are not visible on the inputs.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch._functorch.utils import enable_single_level_autograd_function
+from torch.autograd import forward_ad
 from torch.autograd.function import _SingleLevelFunction
 
 from ._layout import EpilogueSettings
@@ -100,6 +110,11 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
     )
 
     def autograd_kernel(*args: Any) -> Any:
+        if _forward_mode_may_run(args):
+            raise RuntimeError(
+                f"forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) through {qualname} "
+                f"is not supported; use backend='reference' for it, or reverse mode (torch.func.jacrev, vjp)"
+            )
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             with enable_single_level_autograd_function():
                 return function.apply(*args)
@@ -109,6 +124,15 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         # A custom_op / triton_op (the Triton kernels) comes with an Autograd kernel; this one replaces it.
         warnings.filterwarnings("ignore", message="Warning only once for all operators")
         _LIBRARY.impl(name, autograd_kernel, "Autograd")
+
+
+def _forward_mode_may_run(args: tuple) -> bool:
+    """Whether forward-mode AD may run through an op called with ``args`` (see the module's docstring)."""
+    if forward_ad._current_level < 0:  # no dual level entered: the cheap common case, a few ns per op call
+        return False
+    if any(interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters()):
+        return True
+    return any(isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
 class OpEpilogue:

@@ -12,7 +12,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from dmup_kernels import DepthMuPNet, ResidualMLPStack, ResidualStack, ScaledResidual
 
@@ -23,6 +24,7 @@ BACKENDS = ["reference", *OP_BACKENDS]
 KINDS = ["scaled_residual", "stack", "net"]
 WIDTH, DEPTH, BATCH = 12, 5, 4
 DOUBLE_BACKWARD = r"double backward through dmup::\w+ is not supported"
+FORWARD_MODE = r"forward-mode AD .* through dmup::\w+ is not supported"
 
 
 def make_module(kind: str, backend: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -155,6 +157,35 @@ def test_double_backward(kind, backend, seed):
     (first,) = torch.autograd.grad(module(x).square().sum(), x, create_graph=True)
     (expected,) = torch.autograd.grad(as_reference(module)(reference_x).square().sum(), reference_x)
     assert rel_err(first, expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_mode(kind, backend, seed):
+    """Reference: jvp's tangent is the Jacobian (from reverse mode) times the direction. Fused ops: jvp, jacfwd,
+    hessian and torch.autograd.forward_ad raise a clear RuntimeError instead of a zero derivative; inside a dual
+    level, inputs without a tangent still run."""
+    module = make_module(kind, backend, torch.float64)
+    reference_module = as_reference(module)
+    x = torch.randn(3, in_features(module), dtype=torch.float64)
+    direction = torch.randn_like(x)
+    _, tangent = jvp(reference_module, (x,), (direction,))
+    jacobian = jacrev(reference_module)(x)
+    assert rel_err(tangent, torch.einsum("ijkl,kl->ij", jacobian, direction)) < 1e-12
+
+    x, direction = x.to(backend_device(backend)), direction.to(backend_device(backend))
+    for transform in (
+        lambda: jvp(module, (x,), (direction,)),
+        lambda: jacfwd(module)(x),
+        lambda: hessian(lambda x: module(x).sum())(x[0]),
+    ):
+        with pytest.raises(RuntimeError, match=FORWARD_MODE):
+            transform()
+    with forward_ad.dual_level():
+        with pytest.raises(RuntimeError, match=FORWARD_MODE):
+            module(forward_ad.make_dual(x, direction))
+        with torch.no_grad():
+            assert rel_err(module(x), reference_module(x.cpu())) < 1e-12
 
 
 ZERO_FILLS = ("zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like")
