@@ -53,11 +53,18 @@ def check_width(x: Tensor, name: str, width: int, width_name: str = "width") -> 
         raise ValueError(f"{name} must have shape (..., {width}) (last dim = {width_name}); got {tuple(x.shape)}")
 
 
+def is_finite(value: numbers.Real) -> bool:
+    """Whether the real number ``value`` is finite. A comparison rather than ``math.isfinite``: under
+    ``torch.compile(dynamic=True)`` numbers such as a module's branch scale arrive as symbolic floats,
+    which compare (a guard) but do not go through ``math.isfinite``."""
+    return abs(value) < math.inf
+
+
 def check_finite_real(value: object, name: str) -> float:
     """A finite real number (int, float or a numpy scalar; not bool), returned as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    if not is_finite(value):
         raise ValueError(f"{name} must be finite; got {value}")
     return float(value)
 
@@ -76,7 +83,7 @@ def check_scale(scale: object) -> float:
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
     return value  # type: ignore[return-value]
 
@@ -102,22 +109,23 @@ def check_float_dtype(value: object, name: str) -> None:
 
 
 def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer >= 1 (int or a numpy integer; not bool), returned as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= 1; got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value}")
-    return value
+    return int(value)
 
 
 def check_checkpoint(value: object) -> int | str | None:
     """None (save every layer), an int k >= 1 (keep the stream state every k layers), or "sqrt"."""
-    if value is None or value == "sqrt":
-        return value  # type: ignore[return-value]
-    if isinstance(value, bool) or not isinstance(value, int):
+    if value is None or (isinstance(value, str) and value == "sqrt"):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f'checkpoint must be None, an int >= 1 or "sqrt"; got {type(value).__name__} {value!r}')
     if value < 1:
         raise ValueError(f'checkpoint must be None, an int >= 1 or "sqrt"; got {value}')
-    return value
+    return int(value)
 
 
 def checkpoint_every(checkpoint: int | str | None, depth: int) -> int:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ._checks import check_finite_real, check_positive_int
+from ._checks import check_finite_real, check_positive_int, is_finite
 
 Optimizer = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
@@ -45,7 +45,7 @@ class DepthParametrization:
             check_finite_real(getattr(self, name), name)
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0; got {self.alpha}")
-        check_positive_int(self.base_depth, "base_depth")
+        object.__setattr__(self, "base_depth", check_positive_int(self.base_depth, "base_depth"))  # frozen
 
     def _scaled_power(self, what: str, depth: int, exponent: float, factor: float = 1.0) -> float:
         """``factor * (depth / base_depth) ** exponent``; a ValueError naming ``what`` if it is not finite."""
@@ -54,7 +54,7 @@ class DepthParametrization:
             value = factor * relative**exponent
         except OverflowError:
             value = math.inf
-        if not math.isfinite(value):
+        if not is_finite(value):
             raise ValueError(
                 f"{what} at depth {depth} is not finite: {factor} * ({depth} / {self.base_depth}) ** {exponent}"
             )
