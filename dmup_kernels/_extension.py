@@ -8,9 +8,11 @@ runs on the eager reference backend; one warning says so.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 try:
     from . import _C  # (loading the library registers torch.ops.dmup)
@@ -19,8 +21,11 @@ try:
 except ImportError as error:  # pragma: no cover - exercised by a subprocess test
     _C = None
     HAS_CPP = False
+    # Python words a missing module as a possible circular import; say plainly that it was never built.
+    built = any((Path(__file__).parent / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    reason = str(error) if built else "not built"
     warnings.warn(
-        f"dmup_kernels: C++ extension not available ({error}); falling back to the reference backend",
+        f"dmup_kernels: C++ extension not available ({reason}); falling back to the reference backend",
         RuntimeWarning,
         stacklevel=2,
     )

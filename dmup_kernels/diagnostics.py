@@ -66,11 +66,17 @@ def feature_diversity(
     if not 0.0 <= lam < 1.0:
         raise ValueError(f"lam must be in [0, 1); got {lam}")
     depth = states.shape[0] - 1
-    if eps is None:
+    default_eps = eps is None
+    if default_eps:
         eps = [2.0**k / depth for k in range(int(math.log2(depth)) + 1) if lam + 2.0**k / depth <= 1.0]
     eps_values = [check_finite_real(e, f"eps[{index}]") for index, e in enumerate(eps)]
-    if not eps_values or any(not 0.0 < e <= 1.0 - lam for e in eps_values):
-        raise ValueError(f"eps must be a non-empty list of values in (0, 1 - lam] = (0, {1.0 - lam}]; got {eps_values}")
+    if any(not 0.0 < e <= 1.0 - lam for e in eps_values):
+        raise ValueError(f"eps must hold values in (0, 1 - lam] = (0, {1.0 - lam}]; got {eps_values}")
+    if len(set(eps_values)) < 2:  # kappa is the slope of a line through the points (log eps, log d)
+        hint = (
+            f" (the default for L = {depth} and lam = {lam}: give more states or a smaller lam)" if default_eps else ""
+        )
+        raise ValueError(f"eps must hold at least 2 distinct values; got {eps_values}{hint}")
     width = states.shape[-1]
     flat = states.reshape(depth + 1, -1, width).double()
     start = math.floor(lam * depth)
@@ -108,7 +114,7 @@ def _knn(features: Tensor, k: int) -> Tensor:
 
 
 def _check_k(k: int, samples: int) -> int:
-    check_positive_int(k, "k")
+    k = check_positive_int(k, "k")
     if k >= samples:
         raise ValueError(f"k must be smaller than the number of samples ({samples}); got {k}")
     return k
@@ -248,7 +254,15 @@ def coord_check(
     for depth, width in sizes:
         torch.manual_seed(seed)
         model = make_model(depth, *width)
-        readout = getattr(model, "readout", model.output)
+        missing = [name for name in ("input", "stack") if not hasattr(model, name)]
+        if not hasattr(model, "readout") and not hasattr(model, "output"):
+            missing.append("readout (or output)")
+        if missing:
+            raise TypeError(
+                f"make_model must return a model with .input, .stack and .readout (or .output); "
+                f"{type(model).__name__} has no {', '.join(missing)}"
+            )
+        readout = model.readout if hasattr(model, "readout") else model.output
         opt = optimizers[optimizer](param_groups(model, lr, optimizer))
         previous: dict[str, Tensor] = {}
         for step in range(steps):

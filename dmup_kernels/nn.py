@@ -144,7 +144,7 @@ class DepthScaledStack(nn.Module):
         ``requires_grad``), not views: each stage owns its weights and can live on its own device or
         process, as pipeline schedules need; changes to a stage do not reach this stack.
         """
-        check_positive_int(num_stages, "num_stages")
+        num_stages = check_positive_int(num_stages, "num_stages")
         if num_stages > self.depth:
             raise ValueError(f"num_stages must be at most depth ({self.depth}), one block per stage; got {num_stages}")
         stages = []
@@ -693,10 +693,11 @@ class DepthMuPNet(nn.Module):
         **stack_kwargs: Any,
     ) -> None:
         super().__init__()
-        check_positive_int(in_features, "in_features")
-        check_positive_int(width, "width")
-        check_positive_int(out_features, "out_features")
+        in_features = check_positive_int(in_features, "in_features")
+        width = check_positive_int(width, "width")
+        out_features = check_positive_int(out_features, "out_features")
         self.readout_zero_init = check_flag(readout_zero_init, "readout_zero_init")
+        check_float_dtype(stack_kwargs.get("dtype"), "dtype")  # named here, before nn.Linear meets it
         factory = {key: stack_kwargs[key] for key in ("device", "dtype") if key in stack_kwargs}
         self.input = nn.Linear(in_features, width, **factory)
         self.stack: DepthScaledStack = (

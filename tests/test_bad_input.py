@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -420,6 +421,19 @@ MODULE_CASES = [
         r"readout_zero_init",
     ),
     ("net-activation", lambda b: DepthMuPNet(3, 8, 2, 2, activation="tanh", backend=b), ValueError, r"activation"),
+    (
+        "net-activation-array",
+        lambda b: DepthMuPNet(3, 8, 2, 2, activation=np.array(["relu"]), backend=b),
+        ValueError,
+        r"activation must be one of",
+    ),
+    (
+        "net-checkpoint-array",
+        lambda b: DepthMuPNet(3, 8, 2, 2, checkpoint=np.array([2]), backend=b),
+        TypeError,
+        r"checkpoint",
+    ),
+    ("net-dtype-int", lambda b: DepthMuPNet(3, 8, 2, 2, dtype=torch.int64, backend=b), TypeError, r"dtype.*floating"),
     ("net-unknown-option", lambda b: DepthMuPNet(3, 8, 2, 2, activaton="relu", backend=b), TypeError, r"activaton"),
     (
         "net-x-width",
@@ -532,6 +546,8 @@ BACKEND_FREE_CASES = [
     ("diversity-lam-str", lambda: dg.feature_diversity(t(9, 4), lam="0.5"), TypeError, r"lam.*real number"),
     ("diversity-lam-nan", lambda: dg.feature_diversity(t(9, 4), lam=math.nan), ValueError, r"lam.*finite"),
     ("diversity-eps-str", lambda: dg.feature_diversity(t(9, 4), eps=[0.25, "a"]), TypeError, r"eps\[1\]"),
+    ("diversity-one-eps", lambda: dg.feature_diversity(t(9, 4), eps=[0.25, 0.25]), ValueError, r"eps.*2 distinct"),
+    ("diversity-few-states", lambda: dg.feature_diversity(t(3, 4)), ValueError, r"2 distinct.*L = 2 and lam = 0.5"),
     ("cka-complex", lambda: dg.cka(t(5, 3, dtype=COMPLEX), t(5, 3)), TypeError, r"\bA\b.*floating"),
     ("cknna-int", lambda: dg.cknna(t(5, 3), t(5, 3, dtype=INT), k=2), TypeError, r"\bB\b.*floating"),
     ("knn-k-float", lambda: dg.mutual_knn(t(5, 3), t(5, 3), k=2.0), TypeError, r"\bk\b.*int"),
@@ -539,6 +555,12 @@ BACKEND_FREE_CASES = [
     ("coord-model", lambda: dg.coord_check("net", [2], DATA, lr=1e-3), TypeError, r"make_model.*callable"),
     ("coord-depth", lambda: dg.coord_check(make_net, [2, 0], DATA, lr=1e-3), ValueError, r"depth.*>= 1"),
     ("coord-data", lambda: dg.coord_check(make_net, [2], DATA[0], lr=1e-3), TypeError, r"data.*pair"),
+    (
+        "coord-model-parts",
+        lambda: dg.coord_check(lambda depth: nn.Linear(3, 3), [2], DATA, lr=1e-3),
+        TypeError,
+        r"Linear has no input, stack, readout \(or output\)",
+    ),
     (
         "coord-inputs-int",
         lambda: dg.coord_check(make_net, [2], (DATA[1], DATA[1]), lr=1e-3),

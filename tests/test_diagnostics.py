@@ -150,6 +150,27 @@ def test_coord_check_table_and_plot(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_coord_check_reads_out_through_readout_when_the_model_has_no_output():
+    """A model with ``.readout`` and no ``.output``: its output probe is readout(stack(input(x)))."""
+    import dmup_kernels as dk
+
+    class Net(torch.nn.Module):
+        def __init__(self, depth):
+            super().__init__()
+            self.input, self.stack, self.head = torch.nn.Linear(4, 8), dk.ResidualStack(8, depth), torch.nn.Linear(8, 3)
+
+        def readout(self, h):
+            return self.head(h)
+
+    inputs, targets = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    table = dg.coord_check(Net, [2], (inputs, targets), steps=1, lr=1e-3, seed=5)
+    torch.manual_seed(5)
+    net = Net(2)
+    with torch.no_grad():
+        expected = net.readout(net.stack(net.input(inputs))).abs().mean().item()
+    assert next(r["mean_abs"] for r in table if r["place"] == "output") == pytest.approx(expected, rel=1e-6)
+
+
 def test_coord_check_across_width_is_flat_under_the_width_rules_and_grows_without():
     """After 5 Adam steps at widths 32 and 512 (depth 8): with base_width 32 the output's magnitude stays
     within 1.4x; without width scaling (base_width = width) it grows several-fold."""

@@ -326,6 +326,21 @@ def test_extra_repr():
     assert "0.125" in text and "'silu'" in text and "mean_subtract=True" in text and "'reference'" in text
 
 
+def test_numpy_integer_sizes_are_plain_ints():
+    """Sizes computed with numpy (np.int64, np.int32) build the same modules as Python ints, which hold ints."""
+    np = pytest.importorskip("numpy")
+    stack = ResidualStack(
+        np.int64(8), np.int64(3), total_depth=np.int32(6), base_width=np.int64(4), checkpoint=np.int64(2)
+    )
+    assert repr(stack) == repr(ResidualStack(8, 3, total_depth=6, base_width=4, checkpoint=2))
+    assert all(
+        type(getattr(stack, name)) is int for name in ("width", "depth", "total_depth", "base_width", "checkpoint")
+    )
+    net = DepthMuPNet(np.int64(3), np.int64(8), np.int64(2), np.int64(5))
+    assert net(torch.randn(4, 3)).shape == (4, 5)
+    assert [type(stage.depth) for stage in stack.split(np.int64(3))] == [int] * 3
+
+
 @pytest.mark.parametrize("depth", [1, 2, 17, 256, 1000])
 def test_scale_follows_parametrization(depth):
     cases = [
