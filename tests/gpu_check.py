@@ -1,67 +1,118 @@
-"""make gpu-check: the checks only a GPU can run, in about 8 minutes on one H100/H200.
+"""make gpu-check: the checks only a GPU can run, on one H100/H200 in at most GPU_CHECK_SECONDS (540).
 
-1. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns
-   the interpreter on): tests/test_triton_kernels.py;
-2. the CUDA C++ tests: tests/test_cuda_kernels.py;
-   the op tests' Triton and CUDA cases (their parity with the reference, and checkpoints against saving
-   every layer): tests/test_scaled_residual.py, tests/test_residual_stack.py, tests/test_residual_mlp_stack.py,
-   tests/test_checkpoint.py with -k "triton or cuda";
-3. the non-finite, torch.compile and torch.func tests: tests/test_nonfinite.py, tests/test_compile.py,
-   tests/test_func_transforms.py;
-4. a quick benchmark (python -m benchmarks.run --device cuda --quick --no-compile): its parity checks,
-   and the bandwidth the traffic model implies against the measured copy bandwidth;
-5. the routing rule ``fills_the_gpu``: the fused stack and a GEMM per layer timed on shapes either side
-   of its threshold, reported beside the rule's choice (timings inform, they do not fail the check).
+It runs with the Python that holds a CUDA build of torch (make's GPU_PYTHON, default python3: on a GPU
+machine the system's torch, not the CPU build pinned in .venv) and builds the extension in place first.
+Steps, most important first; each prints its line as soon as it ends, so a run cut short still reports:
 
-Prints one summary table; exits 1 when a step fails. Without a GPU it says so in one line and exits 0.
+0. build: ``setup.py build_ext --inplace``, with the CUDA kernels (MAX_JOBS = the CPU count);
+1. the CUDA C++ tests: tests/test_cuda_kernels.py;
+2. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns the
+   interpreter on): tests/test_triton_kernels.py;
+3. the op tests' Triton and CUDA cases (parity with the reference, checkpoints against saving every
+   layer): tests/test_scaled_residual.py, test_residual_stack.py, test_residual_mlp_stack.py,
+   test_checkpoint.py with -k "triton or cuda";
+4. the non-finite, torch.compile and torch.func tests, their Triton and CUDA cases;
+5. a quick benchmark (python -m benchmarks.run --device cuda --quick --no-compile): its parity checks, and
+   the bandwidth the traffic model implies against the measured copy bandwidth;
+6. the routing rule ``fills_the_gpu``: the fused stack and a GEMM per layer timed on shapes either side of
+   its threshold, beside the rule's choice (timings inform, they do not fail the check);
+7. autotuning, if 150 s are left: one stack problem forward and backward with DMUP_AUTOTUNE on (each
+   shape compiles dozens of configs, so steps 1-6 launch the pinned configs, DMUP_AUTOTUNE=0).
+
+The pytest steps run on 8 workers where pytest-xdist is installed (the kernels compile in parallel); one
+fails when a test fails or none passed, and its line gives pytest's counts. A step that raises or runs out
+of time fails with the reason. Exits 1 when a step fails. On a machine without an NVIDIA device it says
+so in one line and exits 0; on one whose torch cannot use the device (a CPU build), it exits 1.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:  # this Python has no torch: main() says which Python to run with
+    torch = None
 
 ROOT = Path(__file__).resolve().parent.parent
-STEP_TIMEOUT_S = 150
+DEADLINE_S = float(os.environ.get("GPU_CHECK_SECONDS", "540"))
+AUTOTUNE_MIN_S = 150
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+if importlib.util.find_spec("xdist") is not None:
+    PYTEST += ["-n", "8"]
+STEP_ENV = {"TRITON_INTERPRET": "0", "DMUP_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1"}
+START = time.monotonic()
 
 
-def run_step(name: str, command: list[str]) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    start = time.perf_counter()
+def seconds_left() -> float:
+    return DEADLINE_S - (time.monotonic() - START)
+
+
+def report(name: str, result: str, seconds: float, detail: str) -> bool:
+    print(f"{name:<26} {result:<6} {seconds:>7.0f}  {detail}", flush=True)
+    return result != "FAIL"
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def run(name: str, command: list[str], budget_s: float, env: dict[str, str] | None = None, judge=None) -> bool:
+    """Runs ``command`` in the repository with at most ``budget_s`` seconds (and what the deadline leaves);
+    ``judge(returncode, stdout)`` gives (ok, detail), by default the exit status and stdout's last line."""
+    limit = min(budget_s, seconds_left())
+    if limit < 10:
+        return report(name, "FAIL", 0, "no time left before the deadline")
+    start = time.monotonic()
     try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
-        ok, tail = result.returncode == 0, (result.stdout + result.stderr).strip().splitlines()[-1:]
+        result = subprocess.run(
+            command, cwd=ROOT, env={**os.environ, **STEP_ENV, **(env or {})}, capture_output=True, text=True,
+            timeout=limit,
+        )  # fmt: skip
+        ok, detail = (judge or (lambda code, out: (code == 0, last_line(out))))(result.returncode, result.stdout)
+        if not ok and not detail:
+            detail = last_line(result.stderr)
     except subprocess.TimeoutExpired:
-        ok, tail = False, [f"timed out after {STEP_TIMEOUT_S} s"]
-    return {"step": name, "ok": ok, "seconds": time.perf_counter() - start, "detail": tail[0] if tail else ""}
+        ok, detail = False, f"timed out after {limit:.0f} s"
+    except Exception as error:  # a step that cannot even start is a failure with its reason, not a crash
+        ok, detail = False, f"{type(error).__name__}: {error}"
+    return report(name, "ok" if ok else "FAIL", time.monotonic() - start, detail)
 
 
-def benchmark_step() -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "bench.json"
-        step = run_step("quick benchmark", [sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--quick",
-                                            "--no-compile", "--out", str(out)])  # fmt: skip
-        if out.exists():
-            document = json.loads(out.read_text())
-            copy = document["machine"].get("copy_gbps")
-            best = {}
-            for record in document["records"]:
-                if record.get("model_gbps") and record["variant"] in ("triton", "cuda"):
-                    best[record["variant"]] = max(best.get(record["variant"], 0.0), record["model_gbps"])
-            parts = [f"{name} up to {gbps:.0f} GB/s ({gbps / copy:.0%} of copy)" for name, gbps in best.items() if copy]
-            step["detail"] = f"copy {copy:.0f} GB/s; " + "; ".join(parts) if copy else step["detail"]
-    return step
+def pytest_judge(code: int, out: str) -> tuple[bool, str]:
+    """pytest's summary line: ok when it exited 0 and something passed."""
+    summary = last_line(out)
+    return code == 0 and " passed" in summary, summary
 
 
-def routing_step() -> dict:
+def bench_judge(path: Path):
+    def judge(code: int, out: str) -> tuple[bool, str]:
+        if code != 0 or not path.exists():
+            return False, last_line(out)
+        document = json.loads(path.read_text())
+        copy = document.get("machine", {}).get("copy_gbps")
+        best: dict[str, float] = {}
+        for record in document.get("records", []):
+            if record.get("model_gbps") and record.get("variant") in ("triton", "cuda"):
+                best[record["variant"]] = max(best.get(record["variant"], 0.0), record["model_gbps"])
+        if not copy:
+            return True, last_line(out)
+        parts = [f"{name} up to {gbps:.0f} GB/s ({gbps / copy:.0%} of copy)" for name, gbps in best.items()]
+        return True, f"pinned configs; copy {copy:.0f} GB/s; " + "; ".join(parts)
+
+    return judge
+
+
+def routing() -> str:
     """Median times of the fused stack and of a GEMM per layer + epilogue, against the rule's choice."""
     from dmup_kernels import reference
     from dmup_kernels.triton.residual_stack import fills_the_gpu, sm_count
@@ -91,41 +142,103 @@ def routing_step() -> dict:
         chosen = "fused" if fills_the_gpu(rows, width, 4, sms) else "per-layer"
         faster = min(times, key=times.get)
         notes.append(f"B={rows} n={width}: rule {chosen}, faster {faster}" + ("" if chosen == faster else " (!)"))
-    return {"step": "routing rule", "ok": True, "seconds": 0.0, "detail": "; ".join(notes)}
+    return "; ".join(notes)
+
+
+def autotuned_stack() -> str:
+    """One stack problem, forward and backward, on the autotuned Triton kernels against the float64 reference."""
+    from dmup_kernels import residual_stack
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=generator, dtype=torch.float64)
+    weight = torch.randn(8, 64, 64, generator=generator, dtype=torch.float64) / 8
+    grad_out = torch.randn(256, 64, generator=generator, dtype=torch.float64)
+    errors = {}
+    results = {}
+    for backend, dtype, device in (("reference", torch.float64, "cpu"), ("triton", torch.float32, "cuda")):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (x, weight)]
+        out = residual_stack(*leaves, scale=0.35, backend=backend)
+        out.backward(grad_out.to(device, dtype))
+        results[backend] = [out.detach(), *(leaf.grad for leaf in leaves)]
+    for name, got, want in zip(("out", "grad_x", "grad_weight"), results["triton"], results["reference"]):
+        errors[name] = ((got.double().cpu() - want).norm() / want.norm()).item()
+    if max(errors.values()) > 1e-4:
+        raise AssertionError(f"autotuned kernels off the reference: {errors}")
+    return "rel. errors " + ", ".join(f"{name} {error:.1e}" for name, error in errors.items())
+
+
+def in_subprocess(function: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), function]
+
+
+def has_nvidia_device() -> bool:
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def has_cuda_kernels() -> str:
+    from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
+    from dmup_kernels.triton import HAS_TRITON
+
+    if not (HAS_CUDA_KERNELS and HAS_TRITON):
+        raise RuntimeError(f"HAS_CUDA_KERNELS={HAS_CUDA_KERNELS}, HAS_TRITON={HAS_TRITON}")
+    return "CUDA kernels and Triton present"
+
+
+# The steps that run in a subprocess of their own (``in_subprocess``): each prints its detail, or raises.
+SUBPROCESS_STEPS = {"has_cuda_kernels": has_cuda_kernels, "routing": routing, "autotuned_stack": autotuned_stack}
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
+    if torch is None or not torch.cuda.is_available():
+        if has_nvidia_device():
+            what = "has no torch" if torch is None else f"has torch {torch.__version__}, which cannot use it"
+            print(f"gpu-check: FAIL: this machine has an NVIDIA device, but {sys.executable} {what}; "
+                  "run it with the Python of a CUDA build of torch: make gpu-check GPU_PYTHON=...")  # fmt: skip
+            return 1
         print("gpu-check: no CUDA device here, nothing to check (run make gpu-check on a GPU)")
         return 0
-    steps = [
-        run_step("Triton tests on CUDA", [*PYTEST, "tests/test_triton_kernels.py"]),
-        run_step("CUDA C++ tests", [*PYTEST, "tests/test_cuda_kernels.py"]),
-        run_step(
-            "op tests: triton, cuda",
-            [
-                *PYTEST,
-                "-k",
-                "triton or cuda",
-                "tests/test_scaled_residual.py",
-                "tests/test_residual_stack.py",
-                "tests/test_residual_mlp_stack.py",
-                "tests/test_checkpoint.py",
-            ],
-        ),  # fmt: skip
-        run_step(
-            "non-finite/compile/func",
-            [*PYTEST, "tests/test_nonfinite.py", "tests/test_compile.py", "tests/test_func_transforms.py"],
-        ),  # fmt: skip
-        benchmark_step(),
+    print(f"gpu-check on {torch.cuda.get_device_name()}, torch {torch.__version__}, deadline {DEADLINE_S:.0f} s")
+    print(f"{'step':<26} {'result':<6} {'seconds':>7}  detail", flush=True)
+    results = [
+        run(
+            "build (CUDA kernels)",
+            [sys.executable, "setup.py", "build_ext", "--inplace"],
+            240,
+            env={"MAX_JOBS": str(os.cpu_count() or 1)},
+            judge=lambda code, out: (code == 0, "built" if code == 0 else last_line(out)),
+        ),
+        run("extension has CUDA kernels", in_subprocess("has_cuda_kernels"), 60),
     ]
-    os.environ["TRITON_INTERPRET"] = "0"  # before dmup_kernels defines its kernels in this process
-    steps.append(routing_step())
-    print(f"\n{'step':<26} {'result':<6} {'seconds':>7}  detail")
-    for step in steps:
-        print(f"{step['step']:<26} {'ok' if step['ok'] else 'FAIL':<6} {step['seconds']:>7.0f}  {step['detail']}")
-    return 0 if all(step["ok"] for step in steps) else 1
+    for name, files, budget in (
+        ("CUDA C++ tests", ["tests/test_cuda_kernels.py"], 60),
+        ("Triton tests on CUDA", ["tests/test_triton_kernels.py"], 90),
+        ("op tests: triton, cuda", [f"tests/test_{op}.py" for op in ("scaled_residual", "residual_stack",
+                                                                      "residual_mlp_stack", "checkpoint")], 150),
+        ("non-finite/compile/func", ["tests/test_nonfinite.py", "tests/test_compile.py",
+                                     "tests/test_func_transforms.py"], 90),
+    ):  # fmt: skip
+        results.append(run(name, [*PYTEST, "-k", "triton or cuda", *files], budget, judge=pytest_judge))
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "bench.json"
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--device",
+            "cuda",
+            "--quick",
+            "--no-compile",
+            "--out",
+            str(out),
+        ]
+        results.append(run("quick benchmark", command, 90, judge=bench_judge(out)))
+    results.append(run("routing rule", in_subprocess("routing"), 45))
+    if seconds_left() >= AUTOTUNE_MIN_S:
+        results.append(run("autotuned stack", in_subprocess("autotuned_stack"), AUTOTUNE_MIN_S, {"DMUP_AUTOTUNE": "1"}))
+    else:
+        report("autotuned stack", "skip", 0, f"less than {AUTOTUNE_MIN_S} s left before the deadline")
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(print(SUBPROCESS_STEPS[sys.argv[1]]()) if len(sys.argv) > 1 else main())
