@@ -436,6 +436,20 @@ def test_depth_fused_mlp_needs_programs_for_half_the_sms(rows, width, hidden, it
     assert uses_depth_fused_mlp(rows, width, hidden, itemsize, sms) is fused
 
 
+def test_depth_fused_mlp_keeps_wide_float64_off_older_triton(monkeypatch):
+    """Where Triton cannot compile the float64 dots over more than 64 stream columns, those MLP stacks run
+    per layer; float32, and float64 up to 64 wide, stay depth-fused."""
+    from dmup_kernels.triton import residual_mlp_stack
+
+    fills = (66 * 16, 132)  # rows whose programs fill half of 132 SMs
+    monkeypatch.setattr(residual_mlp_stack, "FLOAT64_WIDE_DOTS", False)
+    assert not residual_mlp_stack.uses_depth_fused_mlp(fills[0], 128, 64, 8, fills[1])
+    assert residual_mlp_stack.uses_depth_fused_mlp(fills[0], 128, 64, 4, fills[1])
+    assert residual_mlp_stack.uses_depth_fused_mlp(fills[0], 64, 64, 8, fills[1])
+    monkeypatch.setattr(residual_mlp_stack, "FLOAT64_WIDE_DOTS", True)
+    assert residual_mlp_stack.uses_depth_fused_mlp(fills[0], 128, 64, 8, fills[1])
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_mlp_saved_state_layout(activation, triton_device, seed):
     """states = x_1..x_{L-1}; signs = the bits of h1 = x_l W1^T + b1 packed little-endian per row, hidden

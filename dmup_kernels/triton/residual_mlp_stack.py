@@ -51,6 +51,10 @@ from .tuning import (
 )
 
 DEPTH_FUSED_MLP_MAX_WIDTH = 128
+FLOAT64_WIDE_DOTS = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+"""Whether this Triton compiles the MLP kernels' float64 dots over more than 64 columns of the stream: 3.6
+aborts the process there ("fp64 don't support largeK MMA", tests/triton_aot.py at n = 128), 3.9 does not.
+Without it those stacks take the per-layer route."""
 """The widest stream the depth-fused MLP kernels take (docs/design.md §3.9).
 
 Registers: the backward holds four (BLOCK_M, BLOCK_N) row tiles at once (g, dh2, the dh1 @ W1 accumulator
@@ -115,8 +119,9 @@ def _pinned_mlp_config(block_n: int, itemsize: int) -> triton.Config:
 def uses_depth_fused_mlp(rows: int, width: int, hidden_width: int, itemsize: int, sm_count: int | None) -> bool:
     """Whether the Triton MLP stack runs these rows through the depth-fused kernels: n at most
     DEPTH_FUSED_MLP_MAX_WIDTH and row tiles that fill the GPU (``fused_kernels_fill_the_gpu``, with the
-    2 n m itemsize bytes of one block's weights)."""
-    if width > DEPTH_FUSED_MLP_MAX_WIDTH:
+    2 n m itemsize bytes of one block's weights), and not a float64 stream over 64 wide before Triton 3.9
+    (``FLOAT64_WIDE_DOTS``)."""
+    if width > DEPTH_FUSED_MLP_MAX_WIDTH or (itemsize == 8 and _block_n(width) > 64 and not FLOAT64_WIDE_DOTS):
         return False
     block_m = _pinned_mlp_config(_block_n(width), itemsize).kwargs["BLOCK_M"]
     return fused_kernels_fill_the_gpu(triton.cdiv(rows, block_m), 2 * width * hidden_width * itemsize, sm_count)
@@ -141,6 +146,7 @@ def _hidden_preactivation(
         _load_tile(w1, c, k, 1, n, c_ok, k_ok),  # W1^T[c, k] = W1[k, c]
         tl.zeros([BLOCK_M, BLOCK_H], dtype=dtype),
         input_precision=PRECISION,
+        out_dtype=dtype,
     )
     if HAS_BIAS1:
         h1 += widen(tl.load(b1_ptr + tl.cast(layer, tl.int64) * m + k, mask=k_ok, other=0.0))[None, :]
@@ -238,6 +244,7 @@ def mlp_stack_forward_kernel(
                 _load_tile(w2, k, c, 1, m, k_ok, c_ok),  # W2^T[k, c] = W2[c, k]
                 h2,
                 input_precision=PRECISION,
+                out_dtype=h2.dtype,
             )
         if HAS_BIAS2:
             h2 += widen(tl.load(b2_ptr + tl.cast(layer, tl.int64) * n + c, mask=c_ok, other=0.0))[None, :]
@@ -302,6 +309,7 @@ def mlp_stack_backward_kernel(
                 _load_tile(w2, c, k, m, 1, c_ok, k_ok),
                 tl.zeros([BLOCK_M, BLOCK_H], dtype=g.dtype),
                 input_precision=PRECISION,
+                out_dtype=g.dtype,
             )
             if PLANES > 0:
                 dh1 = chain_stored_sign_bits(da, signs, plane_bytes, byte_offs, byte_ok, ACT, PLANES, BLOCK_M, BLOCK_H)
@@ -313,7 +321,8 @@ def mlp_stack_backward_kernel(
                 dh1 = chain_activation(da, h1, ACT)
             dh1 = tl.where(hidden_ok, dh1, 0.0)
             tl.store(grad_h1_ptr + layer * hidden_elems + hidden_offs, dh1, mask=hidden_ok)
-            back = tl.dot(dh1.to(operand_type), _load_tile(w1, k, c, n, 1, k_ok, c_ok), back, input_precision=PRECISION)
+            back = tl.dot(dh1.to(operand_type), _load_tile(w1, k, c, n, 1, k_ok, c_ok), back, input_precision=PRECISION,
+                          out_dtype=back.dtype)  # fmt: skip
         g = g + tl.where(ok, back, 0.0)
     tl.store(grad_x_ptr + offs, g, mask=ok)
 

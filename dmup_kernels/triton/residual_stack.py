@@ -108,7 +108,7 @@ def _matmul_rows(
             w = tl.load(w_ptr + c[None, :] * n + k[:, None], mask=(k < n)[:, None] & (c < n)[None, :], other=0.0)
         else:
             w = tl.load(w_ptr + k[:, None] * n + c[None, :], mask=(k < n)[:, None] & (c < n)[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -402,7 +402,7 @@ def stack_weight_grad_kernel(
         a = tl.load(a_ptr + r[:, None] * n + j[None, :], mask=row_ok[:, None] & (j < n)[None, :], other=0.0)
         if PRE_BLOCK:
             a = activation(widen(a), ACT).to(a_ptr.dtype.element_ty)
-        acc = tl.dot(dh_t, a, acc, input_precision=PRECISION)
+        acc = tl.dot(dh_t, a, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         if HAS_BIAS:
             bias_acc += tl.sum(widen(dh_t), axis=1)
     layer_w = grad_w_ptr + tl.cast(layer, tl.int64) * n * n
