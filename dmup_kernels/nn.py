@@ -193,6 +193,7 @@ class ResidualStack(DepthScaledStack):
         checkpoint: what the forward keeps for the backward: None (every layer's input), an int k >= 1
             (the stream state every k layers; the backward recomputes the rest), or "sqrt" (k =
             ceil(sqrt(depth))). See ``dmup_kernels.residual_stack``.
+        device, dtype: of the parameters, as for ``nn.Linear``.
     Input: (..., width). Output: same shape.
     Conversions: ``split`` (pipeline stages), ``from_linears`` / ``to_reference_modules`` (a list of
     ``nn.Linear`` / an ``nn.Sequential`` of eager ``ReferenceBlock``).
@@ -349,7 +350,7 @@ class ResidualMLPStack(DepthScaledStack):
     Args:
         width: n, the residual-stream width. hidden_width: m. depth: the number of blocks in this module.
         activation: phi. mean_subtract: MS on the branch output. bias: add bias1 and bias2.
-        parametrization, backend, total_depth, checkpoint: as in ``ResidualStack``.
+        parametrization, backend, total_depth, base_width, checkpoint, device, dtype: as in ``ResidualStack``.
     Input: (..., width). Output: same shape.
     Conversions: ``split`` (pipeline stages), ``from_linears`` / ``to_reference_modules`` (pairs of
     ``nn.Linear`` / an ``nn.Sequential`` of eager ``ReferenceMLPBlock``).
@@ -519,7 +520,8 @@ class ReferenceBlock(nn.Module):
     Args:
         width: n; ``linear`` is ``nn.Linear(width, width, bias)``.
         scale: s, the branch multiplier of the network the block belongs to.
-        activation, block, mean_subtract: as in ``ResidualStack``.
+        activation, block, mean_subtract: as in ``ResidualStack``. bias: ``linear`` has a bias.
+        device, dtype: of the parameters, as for ``nn.Linear``.
     Input: (..., width). Output: same shape.
     """
 
@@ -574,7 +576,8 @@ class ReferenceMLPBlock(nn.Module):
     Args:
         width: n. hidden_width: m; ``linear1`` is ``nn.Linear(n, m, bias)``, ``linear2`` ``nn.Linear(m, n, bias)``.
         scale: s, the branch multiplier of the network the block belongs to.
-        activation, mean_subtract: as in ``ResidualMLPStack``.
+        activation, mean_subtract: as in ``ResidualMLPStack``. bias: both linears have a bias.
+        device, dtype: of the parameters, as for ``nn.Linear``.
     Input: (..., width). Output: same shape.
     """
 

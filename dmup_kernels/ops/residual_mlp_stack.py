@@ -95,13 +95,20 @@ def residual_mlp_stack(
     with a hidden width m, and MS (mean subtraction over the width n) only when ``mean_subtract``.
 
     Args:
+        x: the input stream x^0, floating point, shape (..., n).
         weight1: (L, m, n), weight2: (L, n, m), ``nn.Linear`` layout per layer. bias1: (L, m) or None,
             bias2: (L, n) or None.
+        scale: the branch multiplier s, a finite real number (e.g. ``DEPTH_MUP.branch_scale(L)``).
+        activation: phi on the hidden layer, one of "relu", "abs", "gelu" (tanh form), "silu", "identity".
+        mean_subtract: subtract each row's mean over the width n from the branch.
         checkpoint: what the forward keeps for the backward, as in ``residual_stack`` (docs/design.md §4.4):
             None (every layer's input), an int k >= 1 (the stream state every k layers) or "sqrt".
         backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
         return_states: also return the residual-stream states x^0..x^L, stacked into a tensor of shape
             (L + 1, ..., n) and detached from autograd; ``checkpoint`` then has no effect.
+
+    Returns:
+        x^L, of x's shape and dtype; with ``return_states``, the pair (x^L, states).
     """
     scale = check_mlp_stack_args(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract)
     checkpoint = check_checkpoint(checkpoint)

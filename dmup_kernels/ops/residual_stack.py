@@ -77,7 +77,12 @@ def residual_stack(
     MS (mean subtraction over the width) only when ``mean_subtract``.
 
     Args:
+        x: the input stream x^0, floating point, shape (..., n).
         weight: (L, n, n), ``nn.Linear`` layout per layer. bias: (L, n) or None.
+        scale: the branch multiplier s, a finite real number (e.g. ``DEPTH_MUP.branch_scale(L)``).
+        activation: phi, one of "relu", "abs", "gelu" (tanh form), "silu", "identity".
+        block: "post" or "pre", where phi sits (above).
+        mean_subtract: subtract each row's mean over the width from the branch.
         backend: one of ``BACKENDS`` ("auto", "reference", "cpp", "cuda", "triton").
         checkpoint: what the forward keeps for the backward (docs/design.md §4.4). None: every layer's
             input. An int k >= 1: the stream state every k layers only (x^0, x^k, x^2k, ...); the backward
@@ -87,6 +92,9 @@ def residual_stack(
         return_states: also return the residual-stream states x^0..x^L, stacked into a tensor of shape
             (L + 1, ..., n) and detached from autograd (for diagnostics); the output stays differentiable.
             Returning every state, the forward keeps every state: ``checkpoint`` then has no effect.
+
+    Returns:
+        x^L, of x's shape and dtype; with ``return_states``, the pair (x^L, states).
     """
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
     checkpoint = check_checkpoint(checkpoint)
