@@ -40,9 +40,9 @@ DMUP_HOST_DEVICE constexpr int mask_planes(Activation a, Block block) {
 constexpr int64_t kMaskWordBits = 16;
 DMUP_HOST_DEVICE constexpr int64_t mask_words(int64_t batch) { return (batch + kMaskWordBits - 1) / kMaskWordBits; }
 // The checkpoints of a stack of `depth` layers that keeps x_0, x_k, x_2k, ... (k = every; docs/design.md
-// §4.4): ceil(depth / every), the same on every device.
+// §4.4): ceil(depth / every), the same on every device, written so that it does not overflow for any every >= 1.
 DMUP_HOST_DEVICE constexpr int64_t checkpoint_count(int64_t depth, int64_t every) {
-  return (depth + every - 1) / every;
+  return depth <= 0 ? 0 : (depth - 1) / every + 1;
 }
 // The segments of a checkpointed backward, from the last: f(segment, first layer, layer count).
 template <class F>

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "activations.h"
 
@@ -27,8 +28,10 @@ inline Block parse_block(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "block must be 'post' or 'pre'; got '", name, "'");
 }
 
-// a and b have the same shape, dtype and device, and at least one dimension (scaled_residual's pair).
+// a and b have the same shape, floating dtype and device, and at least one dimension (scaled_residual's pair).
 inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), a_name, " must be float32, float64, float16 or bfloat16; got ",
+                   a.scalar_type());
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), "; got ",
                     b.sizes());
   TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
@@ -38,51 +41,52 @@ inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor
   TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
 }
 
-// x (B, n) of a stack: float32 or float64 on a device of type `device`.
-inline void check_stack_rows(const at::Tensor& x, c10::DeviceType device) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D (batch, width); got shape ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "x must be float32 or float64 for the ", device, " stack kernel; got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().type() == device, "x must be a ", device, " tensor; got one on ", x.device());
+// The rows of a stack, x (B, n) (named x_name: x, or grad_out in a backward): float32 or float64 on a device of
+// type `device`.
+inline void check_stack_rows(const at::Tensor& x, const char* x_name, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(x.dim() == 2, x_name, " must be 2-D (batch, width); got shape ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, x_name,
+                   " must be float32 or float64 for the ", device, " stack kernel; got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().type() == device, x_name, " must be a ", device, " tensor; got one on ", x.device());
 }
 
-// A parameter of a stack (weight or bias): of `shape`, with the dtype and device of x.
+// A tensor that goes with the rows x (named x_name): of `shape`, with the dtype and device of x.
 inline void check_stack_param(const at::Tensor& param, const char* name, at::IntArrayRef shape, const char* shape_names,
-                              const at::Tensor& x) {
+                              const at::Tensor& x, const char* x_name) {
   TORCH_CHECK_VALUE(param.sizes() == shape, name, " must have shape ", shape_names, " = ", shape, "; got ",
                     param.sizes());
-  TORCH_CHECK_TYPE(param.scalar_type() == x.scalar_type(), name, " must have the dtype of x (", x.scalar_type(),
-                   "); got ", param.scalar_type());
-  TORCH_CHECK_VALUE(param.device() == x.device(), name, " must be on the device of x (", x.device(), "); got ",
-                    param.device());
+  TORCH_CHECK_TYPE(param.scalar_type() == x.scalar_type(), name, " must have the dtype of ", x_name, " (",
+                   x.scalar_type(), "); got ", param.scalar_type());
+  TORCH_CHECK_VALUE(param.device() == x.device(), name, " must be on the device of ", x_name, " (", x.device(),
+                    "); got ", param.device());
 }
 
-// The inputs of residual_stack (x, or grad_out in the backward): x (B, n) and weight (L, n, n) with L >= 1 of
-// one float dtype on one device of type `device`, bias (L, n) or none.
-inline void check_stack_inputs(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               c10::DeviceType device) {
-  check_stack_rows(x, device);
+// The inputs of residual_stack (x_name: x, or grad_out in the backward): x (B, n) and weight (L, n, n) with
+// L >= 1 of one float dtype on one device of type `device`, bias (L, n) or none.
+inline void check_stack_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, c10::DeviceType device) {
+  check_stack_rows(x, x_name, device);
   const int64_t width = x.size(1), depth = weight.dim() == 3 ? weight.size(0) : 0;
   TORCH_CHECK_VALUE(depth >= 1, "weight must have shape (depth, width, width) with depth >= 1; got ", weight.sizes());
-  check_stack_param(weight, "weight", {depth, width, width}, "(depth, width, width)", x);
-  if (bias) check_stack_param(*bias, "bias", {depth, width}, "(depth, width)", x);
+  check_stack_param(weight, "weight", {depth, width, width}, "(depth, width, width)", x, x_name);
+  if (bias) check_stack_param(*bias, "bias", {depth, width}, "(depth, width)", x, x_name);
 }
 
-// The inputs of residual_mlp_stack (x, or grad_out in the backward): x (B, n), weight1 (L, m, n) and weight2
-// (L, n, m) with L, m >= 1, bias1 (L, m) and bias2 (L, n) or none, all of one float dtype on one device of
-// type `device`.
-inline void check_mlp_stack_inputs(const at::Tensor& x, const at::Tensor& weight1, const at::Tensor& weight2,
-                                   const std::optional<at::Tensor>& bias1, const std::optional<at::Tensor>& bias2,
-                                   c10::DeviceType device) {
-  check_stack_rows(x, device);
+// The inputs of residual_mlp_stack (x_name: x, or grad_out in the backward): x (B, n), weight1 (L, m, n) and
+// weight2 (L, n, m) with L, m >= 1, bias1 (L, m) and bias2 (L, n) or none, all of one float dtype on one device
+// of type `device`.
+inline void check_mlp_stack_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& weight1,
+                                   const at::Tensor& weight2, const std::optional<at::Tensor>& bias1,
+                                   const std::optional<at::Tensor>& bias2, c10::DeviceType device) {
+  check_stack_rows(x, x_name, device);
   TORCH_CHECK_VALUE(weight1.dim() == 3 && weight1.size(0) >= 1 && weight1.size(1) >= 1,
                     "weight1 must have shape (depth, hidden_width, width) with depth, hidden_width >= 1; got ",
                     weight1.sizes());
   const int64_t depth = weight1.size(0), hidden_width = weight1.size(1), width = x.size(1);
-  check_stack_param(weight1, "weight1", {depth, hidden_width, width}, "(depth, hidden_width, width)", x);
-  check_stack_param(weight2, "weight2", {depth, width, hidden_width}, "(depth, width, hidden_width)", x);
-  if (bias1) check_stack_param(*bias1, "bias1", {depth, hidden_width}, "(depth, hidden_width)", x);
-  if (bias2) check_stack_param(*bias2, "bias2", {depth, width}, "(depth, width)", x);
+  check_stack_param(weight1, "weight1", {depth, hidden_width, width}, "(depth, hidden_width, width)", x, x_name);
+  check_stack_param(weight2, "weight2", {depth, width, hidden_width}, "(depth, width, hidden_width)", x, x_name);
+  if (bias1) check_stack_param(*bias1, "bias1", {depth, hidden_width}, "(depth, hidden_width)", x, x_name);
+  if (bias2) check_stack_param(*bias2, "bias2", {depth, width}, "(depth, width)", x, x_name);
 }
 
 // The checkpoint spacing of the stacks: 0 saves every layer's input and sign bits; k >= 1 saves only x_0, x_k,
@@ -126,13 +130,18 @@ inline void check_stack_state(const at::Tensor& saved, const at::Tensor& mask, c
   check_checkpoint_every(checkpoint_every);
   const int64_t batch = grad_out.size(0), width = grad_out.size(1);
   const int64_t kept = saved_layers(depth, checkpoint_every), masked = checkpoint_every == 0 ? depth : 0;
-  TORCH_CHECK_VALUE(saved.sizes() == at::IntArrayRef({kept, width, batch}) && saved.is_contiguous() &&
-                        saved.scalar_type() == grad_out.scalar_type() && saved.device() == grad_out.device(),
-                    "saved must be the contiguous (", kept, ", width, batch) state returned by ", op, "; got ",
-                    saved.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef({masked, planes, signed_features, mask_words(batch)}) &&
-                        mask.is_contiguous() && mask.scalar_type() == at::kShort && mask.device() == grad_out.device(),
-                    "mask must be the state returned by ", op, "; got ", mask.sizes());
+  check_stack_param(saved, "saved (the state returned by the forward)", {kept, width, batch},
+                    "(saved layers, width, batch)", grad_out, "grad_out");
+  TORCH_CHECK_VALUE(saved.is_contiguous(), "saved must be contiguous, as ", op, " returned it");
+  const std::vector<int64_t> mask_shape{masked, planes, signed_features, mask_words(batch)};
+  TORCH_CHECK_VALUE(mask.sizes() == at::IntArrayRef(mask_shape), "mask (the sign bits returned by ", op,
+                    ") must have shape (layers, planes, features, ceil(batch / 16)) = ", at::IntArrayRef(mask_shape),
+                    "; got ", mask.sizes());
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kShort, "mask must be int16, as ", op, " returned it; got ",
+                   mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device() == grad_out.device() && mask.is_contiguous(),
+                    "mask must be contiguous and on the device of grad_out (", grad_out.device(), "); got one on ",
+                    mask.device());
 }
 
 }  // namespace dmup

@@ -35,6 +35,38 @@ def sign_planes(activation: str, block: str) -> int:
     return {"relu": 1, "abs": 2}.get(activation, 0) if block == "post" else 0
 
 
+def saved_layers(depth: int, checkpoint_every: int) -> int:
+    """Layers of the state a stack op saves: every layer's input (``checkpoint_every`` 0) or ceil(L / k)
+    checkpoints (docs/design.md §4.4)."""
+    return -(-depth // checkpoint_every) if checkpoint_every else depth
+
+
+def check_checkpoint_every(every: int) -> None:
+    """The checkpoint spacing of the C++ stack ops (csrc/op_args.h), for their fake rules: 0 or a layer count."""
+    torch._check(every >= 0, lambda: f"checkpoint_every must be 0 (save every layer) or >= 1; got {every}")
+
+
+def check_fake_stack_state(
+    op: str, grad_out: Tensor, saved: Tensor, signs: Tensor, depth: int, planes: int, features: int, every: int
+) -> None:
+    """The check of the saved state the C++ backward ops make (csrc/op_args.h), for their fake rules, which
+    are all that torch.compile and meta tensors run: ``saved`` (saved_layers, width, batch) and ``signs``
+    (layers, planes, features, words) int16, on grad_out's device, for a forward of ``op`` with
+    ``checkpoint_every`` = ``every``."""
+    check_checkpoint_every(every)
+    batch, width = grad_out.shape
+    expected = {
+        "saved": (saved, (saved_layers(depth, every), width, batch)),
+        "mask": (signs, (0 if every else depth, planes, features, sign_words(batch))),
+    }
+    for name, (state, shape) in expected.items():
+        wrong_shape = f"{name} (returned by {op}) must have shape {shape}; got {tuple(state.shape)}"
+        torch._check(tuple(state.shape) == shape, lambda: wrong_shape)  # noqa: B023 (_check calls it at once)
+        wrong_device = f"{name} must be on the device of grad_out ({grad_out.device}); got {state.device}"
+        torch._check(state.device == grad_out.device, lambda: wrong_device)  # noqa: B023
+    torch._check(signs.dtype == torch.int16, lambda: f"mask must be int16, as {op} returned it; got {signs.dtype}")
+
+
 class EpilogueSettings(NamedTuple):
     """The non-tensor arguments of the scaled_residual ops, in their schemas' order."""
 

@@ -145,7 +145,11 @@ class OpEpilogue:
         self.names = op.removeprefix("dmup::"), backward_op.removeprefix("dmup::")
 
         def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
-            torch._check(x.shape == branch_out.shape, lambda: "branch_out must have the shape of x")
+            # What the kernels check (torch.compile and meta tensors run only this rule); the backward op's
+            # first argument is grad_out.
+            torch._check(x.shape == branch_out.shape, lambda: f"{op}: its two tensors must have one shape")
+            torch._check(x.dtype == branch_out.dtype, lambda: f"{op}: its two tensors must have one dtype")
+            torch._check(x.device == branch_out.device, lambda: f"{op}: its two tensors must be on one device")
             return torch.empty_like(x, memory_format=torch.contiguous_format)
 
         torch.library.register_fake(op)(fake)

@@ -705,6 +705,86 @@ def test_backward_op_direct_bad_input():
 
 @needs_cpp
 def test_op_direct_integer_dtype():
-    """Integer tensors reach the C++ dispatch when the op is called directly: an error, not a crash."""
-    with pytest.raises((TypeError, RuntimeError), match="Long|Int|dtype"):
+    """Integer tensors reach the C++ ops when they are called directly: an error naming the argument."""
+    with pytest.raises(TypeError, match=r"\bx must be float32, float64, float16 or bfloat16; got Long"):
         torch.ops.dmup.scaled_residual(t(4, 8, dtype=INT), t(4, 8, dtype=INT), 0.5, "relu", True)
+    with pytest.raises(TypeError, match=r"branch_out must be float32, .*; got Long"):
+        torch.ops.dmup.scaled_residual_backward(t(4, 8), t(4, 8, dtype=INT), 0.5, "relu", True)
+
+
+META = "meta"
+FAKE_RULE_CASES = [
+    (
+        "stack-weight-shape",
+        lambda: torch.ops.dmup.residual_stack(t(3, 8, device=META), t(2, 5, 7, device=META), None, 0.5, "relu", "post",
+                                              True, True),
+        ValueError,
+        r"weight must have shape \(depth, width, width\)",
+    ),
+    (
+        "stack-mixed-devices",
+        lambda: torch.ops.dmup.residual_stack(t(3, 8), t(2, 8, 8, device=META), None, 0.5, "relu", "post", True, True),
+        ValueError,
+        r"weight must be on the device of x \(cpu\); got meta",
+    ),
+    (
+        "stack-checkpoint-every",
+        lambda: torch.ops.dmup.residual_stack(t(3, 8, device=META), t(2, 8, 8, device=META), None, 0.5, "relu", "post",
+                                              True, True, -2),
+        RuntimeError,
+        r"checkpoint_every must be 0 \(save every layer\) or >= 1; got -2",
+    ),
+    (
+        "stack-backward-saved",
+        lambda: torch.ops.dmup.residual_stack_backward(t(3, 8, device=META), t(5, device=META),
+                                                       t(2, 1, 8, 1, dtype=torch.int16, device=META),
+                                                       t(2, 8, 8, device=META), None, 0.5, "relu", "post", True),
+        RuntimeError,
+        r"saved \(returned by residual_stack\) must have shape \(2, 8, 3\); got \(5,\)",
+    ),
+    (
+        "mlp-backward-grad-out",
+        lambda: torch.ops.dmup.residual_mlp_stack_backward(t(3, 6, device=META), t(2, 8, 3, device=META),
+                                                           t(2, 1, 5, 1, dtype=torch.int16, device=META),
+                                                           t(2, 5, 8, device=META), t(2, 8, 5, device=META), None,
+                                                           None, 0.5, "relu", True),
+        ValueError,
+        r"grad_out must have shape \(\.\.\., 8\)",
+    ),
+    (
+        "mlp-backward-mask-dtype",
+        lambda: torch.ops.dmup.residual_mlp_stack_backward(t(3, 8, device=META), t(2, 8, 3, device=META),
+                                                           t(2, 1, 5, 1, dtype=torch.int32, device=META),
+                                                           t(2, 5, 8, device=META), t(2, 8, 5, device=META), None,
+                                                           None, 0.5, "relu", True),
+        RuntimeError,
+        r"mask must be int16",
+    ),
+    (
+        "epilogue-mixed-devices",
+        lambda: torch.ops.dmup.scaled_residual(t(3, 4), t(3, 4, device=META), 0.5, "relu", True),
+        RuntimeError,
+        r"dmup::scaled_residual: its two tensors must be on one device",
+    ),
+]  # fmt: skip
+
+
+@needs_cpp
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in FAKE_RULE_CASES], ids=[c[0] for c in FAKE_RULE_CASES])
+def test_fake_rules_check_what_the_kernels_check(call, error, match):
+    """Meta tensors (and torch.compile) run the ops' fake rules only: they reject what the C++ ops reject, and
+    a CPU tensor beside a meta one gets an error rather than an unfilled CPU result."""
+    with pytest.raises(error, match=match):
+        call()
+
+
+@needs_cpp
+def test_stack_backward_ops_name_grad_out():
+    """The backward ops check grad_out as the forward checks x, under its own name."""
+    weight, saved, mask = t(2, 4, 4), t(2, 4, 3), torch.zeros(2, 1, 4, 1, dtype=torch.int16)
+    with pytest.raises(TypeError, match=r"weight must have the dtype of grad_out \(Double\)"):
+        torch.ops.dmup.residual_stack_backward(t(3, 4, dtype=torch.float64), saved, mask, weight, None, 0.5, "relu",
+                                               "post", True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"grad_out must be 2-D"):
+        torch.ops.dmup.residual_mlp_stack_backward(t(3), saved, mask, t(2, 5, 4), t(2, 4, 5), None, None, 0.5, "relu",
+                                                   True)  # fmt: skip

@@ -166,6 +166,25 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent(
 
 
 @needs_cpp
+@pytest.mark.parametrize("kind", ["stack", "mlp_stack"])
+def test_checkpoint_spacing_up_to_the_largest_int(kind, seed):
+    """k = 2**63 - 1 keeps x^0 only, as k = L does (the checkpoint count is computed without overflow): the
+    same output and gradients, bitwise."""
+    x = torch.randn(5, 8, requires_grad=True)
+    if kind == "stack":
+        params = [(torch.randn(4, 8, 8) / 8**0.5).requires_grad_()]
+        run = lambda checkpoint: dmup_kernels.residual_stack(x, *params, scale=0.5, checkpoint=checkpoint)  # noqa: E731
+    else:
+        params = [(torch.randn(4, 6, 8) / 8**0.5).requires_grad_(), (torch.randn(4, 8, 6) / 6**0.5).requires_grad_()]
+        run = lambda checkpoint: dmup_kernels.residual_mlp_stack(x, *params, scale=0.5, checkpoint=checkpoint)  # noqa: E731
+    results = []
+    for checkpoint in (4, 2**63 - 1):
+        out = run(checkpoint)
+        results.append([out.detach(), *torch.autograd.grad(out.square().sum(), [x, *params])])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@needs_cpp
 def test_backward_peak_memory_grows_by_gradients_and_one_segment():
     """At (n, B, L) = (64, 512, 1024) and k = 32: the backward's peak RSS over the RSS after the forward is
     at most the gradients (weight and x) plus one segment of recomputed states (k B n) plus 16 MiB of slack
@@ -247,7 +266,7 @@ def test_op_schema_and_fake_rules_with_checkpoints(seed):
     torch.library.opcheck(
         torch.ops.dmup.residual_stack_backward.default, backward_args, test_utils=("test_schema", "test_faketensor")
     )
-    with pytest.raises(ValueError, match=r"saved must be the contiguous \(3, width, batch\) state"):
+    with pytest.raises(ValueError, match=r"saved .* must have shape \(saved layers, width, batch\) = \[3, 8, 19\]"):
         torch.ops.dmup.residual_stack_backward(*backward_args[:-1], 2)  # 3 checkpoints, not the 2 given
     with pytest.raises(ValueError, match="checkpoint_every must be 0"):
         torch.ops.dmup.residual_stack(*args[:-1], -1)

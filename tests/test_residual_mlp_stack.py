@@ -385,24 +385,28 @@ def _bad_state_cases():
 
         return run
 
+    saved_shape = r"saved \(the state returned by the forward\) must have shape \(saved layers, width, batch\)"
+    mask_shape = r"mask \(the sign bits returned by residual_mlp_stack\) must have shape .* = "
     return [
-        ("saved-depth", call(saved_fn=lambda s: s[:2]), r"saved must be the contiguous \(3, width, batch\) state"),
-        ("saved-batch-major", call(saved_fn=lambda s: s.permute(0, 2, 1).contiguous()), "saved"),
-        ("saved-dtype", call(saved_fn=lambda s: s.double()), "saved"),
-        ("checkpoints", call(every=2), r"saved must be the contiguous \(2, width, batch\)"),
-        ("mask-planes-relu", call(activation="relu"), "mask must be the state returned by residual_mlp_stack"),
-        ("mask-features", call(mask_fn=lambda m: m[:, :, :7].contiguous()), "mask"),
-        ("mask-dtype", call(mask_fn=lambda m: m.to(torch.int32)), "mask"),
-    ]
+        ("saved-depth", call(saved_fn=lambda s: s[:2]), ValueError, saved_shape + r" = \[3, 7, 20\]"),
+        ("saved-batch-major", call(saved_fn=lambda s: s.permute(0, 2, 1).contiguous()), ValueError, saved_shape),
+        ("saved-strided", call(saved_fn=lambda s: s.permute(0, 2, 1).contiguous().permute(0, 2, 1)), ValueError,
+         "saved must be contiguous"),
+        ("saved-dtype", call(saved_fn=lambda s: s.double()), TypeError, r"saved .* must have the dtype of grad_out"),
+        ("checkpoints", call(every=2), ValueError, saved_shape + r" = \[2, 7, 20\]"),
+        ("mask-planes-relu", call(activation="relu"), ValueError, mask_shape + r"\[3, 1, 9, 2\]"),
+        ("mask-features", call(mask_fn=lambda m: m[:, :, :7].contiguous()), ValueError, mask_shape + r"\[3, 2, 9, 2\]"),
+        ("mask-dtype", call(mask_fn=lambda m: m.to(torch.int32)), TypeError, "mask must be int16"),
+    ]  # fmt: skip
 
 
 BAD_STATE_CASES = _bad_state_cases()
 
 
 @needs_cpp
-@pytest.mark.parametrize("call,match", [c[1:] for c in BAD_STATE_CASES], ids=[c[0] for c in BAD_STATE_CASES])
-def test_backward_op_rejects_bad_state(call, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_STATE_CASES], ids=[c[0] for c in BAD_STATE_CASES])
+def test_backward_op_rejects_bad_state(call, error, match):
+    with pytest.raises(error, match=match):
         call()
 
 

@@ -523,6 +523,22 @@ def test_empty_batch(shape, activation):
 
 
 @needs_cpp
+@pytest.mark.parametrize(("batch", "width"), [(3, 0), (0, 0), (0, 5)])
+def test_empty_direct_ops_match_their_fake_rules(batch, width):
+    """No rows or no features: the ops return empty tensors of the shapes their fake rules give (opcheck)."""
+    weight, grad = torch.randn(2, width, width), torch.randn(batch, width)
+    args = (torch.randn(batch, width), weight, None, 0.5, "relu", "post", True, True, 0)
+    torch.library.opcheck(torch.ops.dmup.residual_stack.default, args, test_utils=("test_schema", "test_faketensor"))
+    _, saved, mask = torch.ops.dmup.residual_stack(*args)
+    backward_args = (grad, saved, mask, weight, None, 0.5, "relu", "post", True, 0)
+    torch.library.opcheck(
+        torch.ops.dmup.residual_stack_backward.default, backward_args, test_utils=("test_schema", "test_faketensor")
+    )
+    grad_x, grad_weight, _ = torch.ops.dmup.residual_stack_backward(*backward_args)
+    assert grad_x.shape == (batch, width) and torch.equal(grad_weight, torch.zeros_like(weight))
+
+
+@needs_cpp
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_empty_batch_direct_op(activation):
@@ -561,22 +577,32 @@ def _bad_state_cases():
         return run
 
     return [
-        ("saved-depth", call(saved_fn=lambda s: s[:2]), "saved"),
-        ("saved-batch", call(saved_fn=lambda s: s[..., :19].contiguous()), "saved"),
-        ("saved-batch-major", call(saved_fn=lambda s: s.permute(0, 2, 1).contiguous()), "saved"),
-        ("saved-2d", call(saved_fn=lambda s: s.reshape(21, 20)), "saved"),
-        ("saved-noncontiguous", call(saved_fn=lambda s: s.transpose(1, 2).contiguous().transpose(1, 2)), "saved"),
-        ("saved-dtype", call(saved_fn=lambda s: s.double()), "saved"),
-        ("state-of-inference-forward", call(save=False), "saved"),  # 0 layers kept
-        ("saved-3-layers-mask-0", call(mask_fn=lambda m: m[:0]), "mask"),
-        ("mask-words", call(mask_fn=lambda m: m[..., :1].contiguous()), "mask"),
-        ("mask-planes-abs", call(activation="abs"), "mask"),  # relu's 1 plane where abs needs 2
-        ("mask-planes-gelu", call(activation="gelu"), "mask"),
-        ("mask-planes-relu", call(saved_activation="gelu"), "mask"),  # gelu's empty mask where relu needs 1
-        ("mask-dtype", call(mask_fn=lambda m: m.to(torch.int32)), "mask"),
-        ("mask-width", call(mask_fn=lambda m: m[:, :, :6].contiguous()), "mask"),
-        ("mask-noncontiguous", call(mask_fn=lambda m: m.transpose(2, 3).contiguous().transpose(2, 3)), "mask"),
-        ("mask-flat", call(mask_fn=lambda m: m.flatten()), "mask"),
+        ("saved-depth", call(saved_fn=lambda s: s[:2]), ValueError, "saved"),
+        ("saved-batch", call(saved_fn=lambda s: s[..., :19].contiguous()), ValueError, "saved"),
+        ("saved-batch-major", call(saved_fn=lambda s: s.permute(0, 2, 1).contiguous()), ValueError, "saved"),
+        ("saved-2d", call(saved_fn=lambda s: s.reshape(21, 20)), ValueError, "saved"),
+        (
+            "saved-noncontiguous",
+            call(saved_fn=lambda s: s.transpose(1, 2).contiguous().transpose(1, 2)),
+            ValueError,
+            "saved",
+        ),
+        ("saved-dtype", call(saved_fn=lambda s: s.double()), TypeError, "saved"),
+        ("state-of-inference-forward", call(save=False), ValueError, "saved"),  # 0 layers kept
+        ("saved-3-layers-mask-0", call(mask_fn=lambda m: m[:0]), ValueError, "mask"),
+        ("mask-words", call(mask_fn=lambda m: m[..., :1].contiguous()), ValueError, "mask"),
+        ("mask-planes-abs", call(activation="abs"), ValueError, "mask"),  # relu's 1 plane where abs needs 2
+        ("mask-planes-gelu", call(activation="gelu"), ValueError, "mask"),
+        ("mask-planes-relu", call(saved_activation="gelu"), ValueError, "mask"),  # gelu's empty mask where relu needs 1
+        ("mask-dtype", call(mask_fn=lambda m: m.to(torch.int32)), TypeError, "mask"),
+        ("mask-width", call(mask_fn=lambda m: m[:, :, :6].contiguous()), ValueError, "mask"),
+        (
+            "mask-noncontiguous",
+            call(mask_fn=lambda m: m.transpose(2, 3).contiguous().transpose(2, 3)),
+            ValueError,
+            "mask",
+        ),
+        ("mask-flat", call(mask_fn=lambda m: m.flatten()), ValueError, "mask"),
     ]
 
 
@@ -584,7 +610,7 @@ BAD_STATE_CASES = _bad_state_cases()
 
 
 @needs_cpp
-@pytest.mark.parametrize("call,match", [c[1:] for c in BAD_STATE_CASES], ids=[c[0] for c in BAD_STATE_CASES])
-def test_backward_op_rejects_bad_state(call, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("call,error,match", [c[1:] for c in BAD_STATE_CASES], ids=[c[0] for c in BAD_STATE_CASES])
+def test_backward_op_rejects_bad_state(call, error, match):
+    with pytest.raises(error, match=match):
         call()

@@ -39,13 +39,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
                                                                   double scale, c10::string_view activation,
                                                                   c10::string_view block, bool mean_subtract,
                                                                   bool save_for_backward, int64_t checkpoint_every) {
-  check_stack_inputs(x_in, weight_in, bias_in, c10::DeviceType::CPU);
+  check_stack_inputs(x_in, "x", weight_in, bias_in, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int planes = mask_planes(parse_activation(activation), parse_block(block));
   at::Tensor out, saved, mask;
   std::tie(out, saved, mask) =
       empty_stack_outputs(x, weight.size(0), planes, x.size(1), save_for_backward, checkpoint_every, &empty_large);
+  if (x.numel() == 0) return {out, saved, mask};  // no rows or no features: nothing to compute, and no row tile
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
     const auto kernels = active_cpu_kernels<scalar_t>().stack(problem.activation, problem.block);
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
     bool mean_subtract, int64_t checkpoint_every) {
-  check_stack_inputs(grad_out_in, weight_in, bias_in, c10::DeviceType::CPU);
+  check_stack_inputs(grad_out_in, "grad_out", weight_in, bias_in, c10::DeviceType::CPU);
   const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);
@@ -69,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
   at::Tensor grad_x = at::empty({batch, width}, options);
   at::Tensor grad_weight = empty_large({depth, width, width}, options);
   at::Tensor grad_bias = at::empty({bias ? depth : 0, width}, options);
-  if (batch == 0) {  // no rows: the sums over rows are empty
+  if (grad_out.numel() == 0) {  // no rows (the sums over rows are empty) or no features
     grad_weight.zero_();
     grad_bias.zero_();
     return {grad_x, grad_weight, grad_bias};

@@ -23,7 +23,10 @@ from .._layout import (
     MlpStackSettings,
     MlpWeights,
     RecordedMlpStack,
+    check_checkpoint_every,
+    check_fake_stack_state,
     compute_rows,
+    saved_layers,
     sign_planes,
     sign_words,
     stacked_states,
@@ -45,8 +48,10 @@ def check_mlp_stack_args(
     scale: float,
     activation: str,
     mean_subtract: bool,
+    x_name: str = "x",
 ) -> float:
-    """Validates the arguments of residual_mlp_stack; returns the scale as a float."""
+    """Validates the arguments of residual_mlp_stack (x named ``x_name``: grad_out in the backward's fake
+    rule); returns the scale as a float."""
     check_tensor(weight1, "weight1")
     check_tensor(weight2, "weight2")
     if weight1.dim() != 3 or weight1.shape[0] < 1:
@@ -61,14 +66,14 @@ def check_mlp_stack_args(
             f"weight2 must have shape (depth, width, hidden_width) = {(depth, width, hidden_width)} to match "
             f"weight1 {tuple(weight1.shape)}; got {tuple(weight2.shape)}"
         )
-    check_width(x, "x", width)  # also checks that x is a floating-point tensor
-    check_like(weight1, "weight1", x, "x", autocast=True)
-    check_like(weight2, "weight2", x, "x", autocast=True)
+    check_width(x, x_name, width)  # also checks that x is a floating-point tensor
+    check_like(weight1, "weight1", x, x_name, autocast=True)
+    check_like(weight2, "weight2", x, x_name, autocast=True)
     for bias, name, features in ((bias1, "bias1", hidden_width), (bias2, "bias2", width)):
         if bias is not None:
             check_tensor(bias, name)
             check_shape(bias, name, (depth, features))
-            check_like(bias, name, x, "x", autocast=True)
+            check_like(bias, name, x, x_name, autocast=True)
     check_activation(activation)
     check_flag(mean_subtract, "mean_subtract")
     return check_scale(scale)
@@ -161,12 +166,14 @@ if HAS_TRITON:
 
 
 if HAS_CPP:
-
+    # The fake rules check what the C++ ops check (torch.compile and meta tensors run only them).
     @torch.library.register_fake("dmup::residual_mlp_stack")
     def _(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, save_for_backward, checkpoint_every=0):
+        check_mlp_stack_args(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract)
+        check_checkpoint_every(checkpoint_every)
         batch, width = x.shape
         depth, hidden_width = weight1.shape[:2]
-        kept = -(-depth // checkpoint_every) if checkpoint_every else depth
+        kept = saved_layers(depth, checkpoint_every)
         masked = depth if save_for_backward and not checkpoint_every else 0
         return (
             x.new_empty(batch, width),
@@ -176,7 +183,12 @@ if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_mlp_stack_backward")
     def _(grad_out, saved, signs, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, checkpoint_every=0):
+        check_mlp_stack_args(grad_out, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, "grad_out")
         depth, hidden_width, width = weight1.shape
+        planes = sign_planes(activation, "post")
+        check_fake_stack_state(
+            "residual_mlp_stack", grad_out, saved, signs, depth, planes, hidden_width, checkpoint_every
+        )
         return (
             grad_out.new_empty(grad_out.shape),
             weight1.new_empty(weight1.shape),

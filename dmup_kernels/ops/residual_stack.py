@@ -23,9 +23,12 @@ from .._layout import (
     StackBackend,
     StackGrads,
     StackSettings,
+    check_checkpoint_every,
+    check_fake_stack_state,
     checkpointed_stream,
     compute_rows,
     graph_backward,
+    saved_layers,
     sign_planes,
     sign_words,
     stacked_states,
@@ -39,18 +42,26 @@ if HAS_TRITON:
 
 
 def check_stack_args(
-    x: Tensor, weight: Tensor, bias: Tensor | None, scale: float, activation: str, block: str, mean_subtract: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    activation: str,
+    block: str,
+    mean_subtract: bool,
+    x_name: str = "x",
 ) -> float:
-    """Validates the arguments of residual_stack; returns the scale as a float."""
+    """Validates the arguments of residual_stack (x named ``x_name``: grad_out in the backward's fake rule);
+    returns the scale as a float."""
     check_tensor(weight, "weight")
     if weight.dim() != 3 or weight.shape[0] < 1 or weight.shape[1] != weight.shape[2]:
         raise ValueError(f"weight must have shape (depth, width, width) with depth >= 1; got {tuple(weight.shape)}")
-    check_width(x, "x", weight.shape[-1])  # also checks that x is a floating-point tensor
-    check_like(weight, "weight", x, "x", autocast=True)
+    check_width(x, x_name, weight.shape[-1])  # also checks that x is a floating-point tensor
+    check_like(weight, "weight", x, x_name, autocast=True)
     if bias is not None:
         check_tensor(bias, "bias")
         check_shape(bias, "bias", weight.shape[:2])
-        check_like(bias, "bias", x, "x", autocast=True)
+        check_like(bias, "bias", x, x_name, autocast=True)
     check_activation(activation)
     check_block(block)
     check_flag(mean_subtract, "mean_subtract")
@@ -171,12 +182,14 @@ if HAS_TRITON:
 
 
 if HAS_CPP:
-
+    # The fake rules check what the C++ ops check (torch.compile and meta tensors run only them).
     @torch.library.register_fake("dmup::residual_stack")
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward, checkpoint_every=0):
+        check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
+        check_checkpoint_every(checkpoint_every)
         batch, width = x.shape
         depth = weight.shape[0]
-        kept = -(-depth // checkpoint_every) if checkpoint_every else depth
+        kept = saved_layers(depth, checkpoint_every)
         masked = depth if save_for_backward and not checkpoint_every else 0
         signs_shape = (masked, sign_planes(activation, block), width, sign_words(batch))
         return (
@@ -187,6 +200,11 @@ if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_stack_backward")
     def _(grad_out, states, signs, weight, bias, scale, activation, block, mean_subtract, checkpoint_every=0):
+        check_stack_args(grad_out, weight, bias, scale, activation, block, mean_subtract, x_name="grad_out")
+        planes, width = sign_planes(activation, block), weight.shape[1]
+        check_fake_stack_state(
+            "residual_stack", grad_out, states, signs, weight.shape[0], planes, width, checkpoint_every
+        )
         bias_rows = 0 if bias is None else weight.shape[0]
         return (
             grad_out.new_empty(grad_out.shape),
