@@ -2,8 +2,9 @@
 # Both create .venv with the pinned requirements if it is missing and (re)build the extension.
 # `make lint`: ruff and clang-format. `make gpu-check`: the checks only a GPU runs (Triton tests on
 # CUDA tensors, CUDA C++ tests, a quick benchmark), at most 9 minutes on one H100/H200, with GPU_PYTHON
-# (the Python of a CUDA build of torch, not .venv's CPU build); one line and success without a GPU. `make test-neon`: the kernel check for Arm NEON, cross-compiled and run under
-# qemu (make test runs it first, and says so when the cross compiler or qemu is missing).
+# (the Python of a CUDA build of torch, not .venv's CPU build); one line and success without a GPU.
+# `make test-neon`: the kernel check for Arm NEON, cross-compiled and run under qemu (make test runs it
+# first, and says so when the cross compiler or qemu is missing).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?=

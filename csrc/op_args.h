@@ -30,8 +30,9 @@ inline Block parse_block(c10::string_view name) {
 
 // a and b have the same shape, floating dtype and device, and at least one dimension (scaled_residual's pair).
 inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), a_name, " must be float32, float64, float16 or bfloat16; got ",
-                   a.scalar_type());
+  const at::ScalarType dtype = a.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, a_name,
+                   " must be float32, float64, float16 or bfloat16; got ", dtype);
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ", a.sizes(), "; got ",
                     b.sizes());
   TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name, " (",
@@ -139,9 +140,9 @@ inline void check_stack_state(const at::Tensor& saved, const at::Tensor& mask, c
                     "; got ", mask.sizes());
   TORCH_CHECK_TYPE(mask.scalar_type() == at::kShort, "mask must be int16, as ", op, " returned it; got ",
                    mask.scalar_type());
-  TORCH_CHECK_VALUE(mask.device() == grad_out.device() && mask.is_contiguous(),
-                    "mask must be contiguous and on the device of grad_out (", grad_out.device(), "); got one on ",
-                    mask.device());
+  TORCH_CHECK_VALUE(mask.device() == grad_out.device(), "mask must be on the device of grad_out (", grad_out.device(),
+                    "); got ", mask.device());
+  TORCH_CHECK_VALUE(mask.is_contiguous(), "mask must be contiguous, as ", op, " returned it");
 }
 
 }  // namespace dmup

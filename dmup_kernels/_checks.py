@@ -83,7 +83,9 @@ def check_scale(scale: object) -> float:
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {tuple(choices)}; got {type(value).__name__} {value!r}")
+    if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}")
     return value  # type: ignore[return-value]
 

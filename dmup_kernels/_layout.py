@@ -43,28 +43,39 @@ def saved_layers(depth: int, checkpoint_every: int) -> int:
 
 def check_checkpoint_every(every: int) -> None:
     """The checkpoint spacing of the C++ stack ops (csrc/op_args.h), for their fake rules: 0 or a layer count."""
-    torch._check(every >= 0, lambda: f"checkpoint_every must be 0 (save every layer) or >= 1; got {every}")
+    torch._check_value(every >= 0, lambda: f"checkpoint_every must be 0 (save every layer) or >= 1; got {every}")
 
 
 def check_fake_stack_state(
     op: str, grad_out: Tensor, saved: Tensor, signs: Tensor, depth: int, planes: int, features: int, every: int
 ) -> None:
     """The check of the saved state the C++ backward ops make (csrc/op_args.h), for their fake rules, which
-    are all that torch.compile and meta tensors run: ``saved`` (saved_layers, width, batch) and ``signs``
-    (layers, planes, features, words) int16, on grad_out's device, for a forward of ``op`` with
-    ``checkpoint_every`` = ``every``."""
+    are all that torch.compile and meta tensors run: ``saved`` (saved_layers, width, batch) of grad_out's
+    dtype and ``signs`` (layers, planes, features, words) int16, on grad_out's device, for a forward of ``op``
+    with ``checkpoint_every`` = ``every``."""
     check_checkpoint_every(every)
     batch, width = grad_out.shape
     expected = {
-        "saved": (saved, (saved_layers(depth, every), width, batch)),
-        "mask": (signs, (0 if every else depth, planes, features, sign_words(batch))),
+        "saved": (saved, (saved_layers(depth, every), width, batch), grad_out.dtype),
+        "mask": (signs, (0 if every else depth, planes, features, sign_words(batch)), torch.int16),
     }
-    for name, (state, shape) in expected.items():
-        wrong_shape = f"{name} (returned by {op}) must have shape {shape}; got {tuple(state.shape)}"
-        torch._check(tuple(state.shape) == shape, lambda: wrong_shape)  # noqa: B023 (_check calls it at once)
-        wrong_device = f"{name} must be on the device of grad_out ({grad_out.device}); got {state.device}"
-        torch._check(state.device == grad_out.device, lambda: wrong_device)  # noqa: B023
-    torch._check(signs.dtype == torch.int16, lambda: f"mask must be int16, as {op} returned it; got {signs.dtype}")
+    for name, (state, shape, dtype) in expected.items():
+        torch._check_value(
+            tuple(state.shape) == shape,
+            lambda name=name, state=state, shape=shape: (
+                f"{name} (returned by {op}) must have shape {shape}; got {tuple(state.shape)}"
+            ),
+        )
+        torch._check_type(
+            state.dtype == dtype,
+            lambda name=name, state=state, dtype=dtype: f"{name} must be {dtype}; got {state.dtype}",
+        )
+        torch._check_value(
+            state.device == grad_out.device,
+            lambda name=name, state=state: (
+                f"{name} must be on the device of grad_out ({grad_out.device}); got {state.device}"
+            ),
+        )
 
 
 class EpilogueSettings(NamedTuple):
@@ -234,7 +245,7 @@ def checkpointed_stream(
         return [x, run_segment(x, *params)]
     # split, not slices: the backward of a slice writes a full-size gradient per segment.
     depth = next(p for p in params if p is not None).shape[0]
-    segments = -(-depth // every)
+    segments = saved_layers(depth, every)
     pieces = [[None] * segments if p is None else p.split(every) for p in params]
     stream = [x]
     for segment_params in zip(*pieces):

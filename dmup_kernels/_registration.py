@@ -147,9 +147,9 @@ class OpEpilogue:
         def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
             # What the kernels check (torch.compile and meta tensors run only this rule); the backward op's
             # first argument is grad_out.
-            torch._check(x.shape == branch_out.shape, lambda: f"{op}: its two tensors must have one shape")
-            torch._check(x.dtype == branch_out.dtype, lambda: f"{op}: its two tensors must have one dtype")
-            torch._check(x.device == branch_out.device, lambda: f"{op}: its two tensors must be on one device")
+            torch._check_value(x.shape == branch_out.shape, lambda: f"{op}: its two tensors must have one shape")
+            torch._check_type(x.dtype == branch_out.dtype, lambda: f"{op}: its two tensors must have one dtype")
+            torch._check_value(x.device == branch_out.device, lambda: f"{op}: its two tensors must be on one device")
             return torch.empty_like(x, memory_format=torch.contiguous_format)
 
         torch.library.register_fake(op)(fake)

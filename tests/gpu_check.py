@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,13 @@ AUTOTUNE_MIN_S = 150
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 if importlib.util.find_spec("xdist") is not None:
     PYTEST += ["-n", "8"]
-STEP_ENV = {"TRITON_INTERPRET": "0", "DMUP_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1"}
+# The steps import the package built in place from the repository (GPU_PYTHON does not have it installed).
+STEP_ENV = {
+    "TRITON_INTERPRET": "0",
+    "DMUP_AUTOTUNE": "0",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 START = time.monotonic()
 
 
@@ -68,36 +75,44 @@ def last_line(text: str) -> str:
 
 def run(name: str, command: list[str], budget_s: float, env: dict[str, str] | None = None, judge=None) -> bool:
     """Runs ``command`` in the repository with at most ``budget_s`` seconds (and what the deadline leaves);
-    ``judge(returncode, stdout)`` gives (ok, detail), by default the exit status and stdout's last line."""
+    ``judge(returncode, stdout, stderr)`` gives (ok, detail), by default the exit status and the last line of
+    stdout (of stderr when it failed). On timeout the step's whole process group is killed (pytest's workers,
+    the compilers of a build), so that nothing of it runs into the next step."""
     limit = min(budget_s, seconds_left())
     if limit < 10:
         return report(name, "FAIL", 0, "no time left before the deadline")
     start = time.monotonic()
     try:
-        result = subprocess.run(
-            command, cwd=ROOT, env={**os.environ, **STEP_ENV, **(env or {})}, capture_output=True, text=True,
-            timeout=limit,
-        )  # fmt: skip
-        ok, detail = (judge or (lambda code, out: (code == 0, last_line(out))))(result.returncode, result.stdout)
-        if not ok and not detail:
-            detail = last_line(result.stderr)
-    except subprocess.TimeoutExpired:
-        ok, detail = False, f"timed out after {limit:.0f} s"
+        with subprocess.Popen(
+            command, cwd=ROOT, env={**os.environ, **STEP_ENV, **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+        ) as process:  # fmt: skip
+            try:
+                out, err = process.communicate(timeout=limit)
+                ok, detail = (judge or default_judge)(process.returncode, out, err)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                ok, detail = False, f"timed out after {limit:.0f} s"
     except Exception as error:  # a step that cannot even start is a failure with its reason, not a crash
         ok, detail = False, f"{type(error).__name__}: {error}"
     return report(name, "ok" if ok else "FAIL", time.monotonic() - start, detail)
 
 
-def pytest_judge(code: int, out: str) -> tuple[bool, str]:
+def default_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    return code == 0, last_line(out) if code == 0 else last_line(err) or last_line(out)
+
+
+def pytest_judge(code: int, out: str, err: str) -> tuple[bool, str]:
     """pytest's summary line: ok when it exited 0 and something passed."""
-    summary = last_line(out)
+    summary = last_line(out) or last_line(err)
     return code == 0 and " passed" in summary, summary
 
 
 def bench_judge(path: Path):
-    def judge(code: int, out: str) -> tuple[bool, str]:
+    def judge(code: int, out: str, err: str) -> tuple[bool, str]:
         if code != 0 or not path.exists():
-            return False, last_line(out)
+            return False, last_line(err) or last_line(out)
         document = json.loads(path.read_text())
         copy = document.get("machine", {}).get("copy_gbps")
         best: dict[str, float] = {}
@@ -156,7 +171,7 @@ def autotuned_stack() -> str:
     errors = {}
     results = {}
     for backend, dtype, device in (("reference", torch.float64, "cpu"), ("triton", torch.float32, "cuda")):
-        leaves = [t.to(device, dtype).requires_grad_() for t in (x, weight)]
+        leaves = [t.detach().to(device, dtype).requires_grad_() for t in (x, weight)]
         out = residual_stack(*leaves, scale=0.35, backend=backend)
         out.backward(grad_out.to(device, dtype))
         results[backend] = [out.detach(), *(leaf.grad for leaf in leaves)]
@@ -202,10 +217,10 @@ def main() -> int:
     results = [
         run(
             "build (CUDA kernels)",
-            [sys.executable, "setup.py", "build_ext", "--inplace"],
+            [sys.executable, "setup.py", "build_ext", "--inplace", "--force"],  # not a CPU torch's build left here
             240,
             env={"MAX_JOBS": str(os.cpu_count() or 1)},
-            judge=lambda code, out: (code == 0, "built" if code == 0 else last_line(out)),
+            judge=lambda code, out, err: (code == 0, "built" if code == 0 else last_line(err) or last_line(out)),
         ),
         run("extension has CUDA kernels", in_subprocess("has_cuda_kernels"), 60),
     ]
@@ -237,8 +252,13 @@ def main() -> int:
         results.append(run("autotuned stack", in_subprocess("autotuned_stack"), AUTOTUNE_MIN_S, {"DMUP_AUTOTUNE": "1"}))
     else:
         report("autotuned stack", "skip", 0, f"less than {AUTOTUNE_MIN_S} s left before the deadline")
+    print(f"gpu-check: {sum(results)} of {len(results)} steps ok in {time.monotonic() - START:.0f} s "
+          f"(a step cut short by the deadline of {DEADLINE_S:.0f} s counts as failed)")  # fmt: skip
     return 0 if all(results) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(print(SUBPROCESS_STEPS[sys.argv[1]]()) if len(sys.argv) > 1 else main())
+    if len(sys.argv) > 1:  # one of SUBPROCESS_STEPS, run by in_subprocess
+        print(SUBPROCESS_STEPS[sys.argv[1]]())
+        sys.exit(0)
+    sys.exit(main())

@@ -424,14 +424,14 @@ MODULE_CASES = [
     (
         "net-activation-array",
         lambda b: DepthMuPNet(3, 8, 2, 2, activation=np.array(["relu"]), backend=b),
-        ValueError,
-        r"activation must be one of",
+        TypeError,
+        r"activation must be a str, one of .*; got ndarray",
     ),
     (
         "net-checkpoint-array",
-        lambda b: DepthMuPNet(3, 8, 2, 2, checkpoint=np.array([2]), backend=b),
+        lambda b: DepthMuPNet(3, 8, 2, 2, checkpoint=np.array([2, 3]), backend=b),
         TypeError,
-        r"checkpoint",
+        r"checkpoint must be None, an int >= 1 or \"sqrt\"; got ndarray",
     ),
     ("net-dtype-int", lambda b: DepthMuPNet(3, 8, 2, 2, dtype=torch.int64, backend=b), TypeError, r"dtype.*floating"),
     ("net-unknown-option", lambda b: DepthMuPNet(3, 8, 2, 2, activaton="relu", backend=b), TypeError, r"activaton"),
@@ -731,7 +731,7 @@ FAKE_RULE_CASES = [
         "stack-checkpoint-every",
         lambda: torch.ops.dmup.residual_stack(t(3, 8, device=META), t(2, 8, 8, device=META), None, 0.5, "relu", "post",
                                               True, True, -2),
-        RuntimeError,
+        ValueError,
         r"checkpoint_every must be 0 \(save every layer\) or >= 1; got -2",
     ),
     (
@@ -739,7 +739,7 @@ FAKE_RULE_CASES = [
         lambda: torch.ops.dmup.residual_stack_backward(t(3, 8, device=META), t(5, device=META),
                                                        t(2, 1, 8, 1, dtype=torch.int16, device=META),
                                                        t(2, 8, 8, device=META), None, 0.5, "relu", "post", True),
-        RuntimeError,
+        ValueError,
         r"saved \(returned by residual_stack\) must have shape \(2, 8, 3\); got \(5,\)",
     ),
     (
@@ -757,13 +757,13 @@ FAKE_RULE_CASES = [
                                                            t(2, 1, 5, 1, dtype=torch.int32, device=META),
                                                            t(2, 5, 8, device=META), t(2, 8, 5, device=META), None,
                                                            None, 0.5, "relu", True),
-        RuntimeError,
-        r"mask must be int16",
+        TypeError,
+        r"mask must be torch.int16; got torch.int32",
     ),
     (
         "epilogue-mixed-devices",
         lambda: torch.ops.dmup.scaled_residual(t(3, 4), t(3, 4, device=META), 0.5, "relu", True),
-        RuntimeError,
+        ValueError,
         r"dmup::scaled_residual: its two tensors must be on one device",
     ),
 ]  # fmt: skip

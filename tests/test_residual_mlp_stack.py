@@ -583,6 +583,25 @@ def test_compile_and_func_grad(backend, seed):
 # ---------------------------------------------------------------------------------------------------
 
 
+@needs_cpp
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize(("batch", "width"), [(3, 0), (0, 0), (0, 5)])
+def test_empty_direct_ops_match_their_fake_rules(batch, width):
+    """No rows or no stream features: the ops return empty tensors of the shapes their fake rules give
+    (opcheck), and zero bias gradients."""
+    weights = [torch.randn(2, 4, width), torch.randn(2, width, 4)]
+    biases = [torch.randn(2, 4), torch.randn(2, width)]
+    args = (torch.randn(batch, width), *weights, *biases, 0.5, "relu", True, True, 0)
+    op, backward_op = torch.ops.dmup.residual_mlp_stack, torch.ops.dmup.residual_mlp_stack_backward
+    torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor"))
+    _, saved, mask = op(*args)
+    backward_args = (torch.randn(batch, width), saved, mask, *weights, *biases, 0.5, "relu", True, 0)
+    torch.library.opcheck(backward_op.default, backward_args, test_utils=("test_schema", "test_faketensor"))
+    grads = backward_op(*backward_args)
+    assert grads[0].shape == (batch, width)
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads[3:])
+
+
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

@@ -523,6 +523,7 @@ def test_empty_batch(shape, activation):
 
 
 @needs_cpp
+@pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize(("batch", "width"), [(3, 0), (0, 0), (0, 5)])
 def test_empty_direct_ops_match_their_fake_rules(batch, width):
     """No rows or no features: the ops return empty tensors of the shapes their fake rules give (opcheck)."""

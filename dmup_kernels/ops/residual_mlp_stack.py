@@ -166,7 +166,8 @@ if HAS_TRITON:
 
 
 if HAS_CPP:
-    # The fake rules check what the C++ ops check (torch.compile and meta tensors run only them).
+    # The fake rules check the arguments as the function does, and the backward's state as the C++ ops do:
+    # torch.compile and meta tensors run only them.
     @torch.library.register_fake("dmup::residual_mlp_stack")
     def _(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, save_for_backward, checkpoint_every=0):
         check_mlp_stack_args(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract)

@@ -182,7 +182,8 @@ if HAS_TRITON:
 
 
 if HAS_CPP:
-    # The fake rules check what the C++ ops check (torch.compile and meta tensors run only them).
+    # The fake rules check the arguments as the function does, and the backward's state as the C++ ops do:
+    # torch.compile and meta tensors run only them.
     @torch.library.register_fake("dmup::residual_stack")
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward, checkpoint_every=0):
         check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .. import reference
 from .._layout import sign_planes
+from . import INTERPRETED
 from .common import (
     activation,
     chain_activation,
@@ -51,10 +52,6 @@ from .tuning import (
 )
 
 DEPTH_FUSED_MLP_MAX_WIDTH = 128
-FLOAT64_WIDE_DOTS = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
-"""Whether this Triton compiles the MLP kernels' float64 dots over more than 64 columns of the stream: 3.6
-aborts the process there ("fp64 don't support largeK MMA", tests/triton_aot.py at n = 128), 3.9 does not.
-Without it those stacks take the per-layer route."""
 """The widest stream the depth-fused MLP kernels take (docs/design.md §3.9).
 
 Registers: the backward holds four (BLOCK_M, BLOCK_N) row tiles at once (g, dh2, the dh1 @ W1 accumulator
@@ -66,6 +63,12 @@ backward spills 64-120 bytes. n = 256 doubles the row tiles: past the 255 regist
 while 16 warps cap a thread at 128. Shared memory (``_mlp_shared_bytes``): at n = 128 the pinned configs
 take at most 65 KiB (float32, BLOCK_H = 16, two stages) and 82 KiB (float64, one stage) of the 96 KiB
 budget; n = 256 in float64 would take 3 x 256 x 16 x 8 + 16 x 528 x 8 bytes = 162 KiB with one stage."""
+
+FLOAT64_WIDE_DOTS = INTERPRETED or tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+"""Whether the MLP kernels' float64 dots over more than 64 columns of the stream compile: Triton 3.6 aborts
+the process there ("fp64 don't support largeK MMA", tests/triton_aot.py at n = 128), 3.9 does not, and the
+interpreter compiles nothing."""
+
 
 FORWARD_FLAGS = ["ACT", "MEAN_SUBTRACT", "HAS_BIAS1", "HAS_BIAS2", "SAVE", "PLANES", "PRECISION"]
 BACKWARD_FLAGS = ["ACT", "MEAN_SUBTRACT", "HAS_BIAS1", "PLANES", "PRECISION"]
@@ -116,12 +119,17 @@ def _pinned_mlp_config(block_n: int, itemsize: int) -> triton.Config:
     return config
 
 
+def depth_fused_mlp_compiles(width: int, itemsize: int) -> bool:
+    """Whether this Triton compiles the depth-fused MLP kernels for a stream of ``width`` (``FLOAT64_WIDE_DOTS``)."""
+    return FLOAT64_WIDE_DOTS or itemsize != 8 or _block_n(width) <= 64
+
+
 def uses_depth_fused_mlp(rows: int, width: int, hidden_width: int, itemsize: int, sm_count: int | None) -> bool:
     """Whether the Triton MLP stack runs these rows through the depth-fused kernels: n at most
     DEPTH_FUSED_MLP_MAX_WIDTH and row tiles that fill the GPU (``fused_kernels_fill_the_gpu``, with the
     2 n m itemsize bytes of one block's weights), and not a float64 stream over 64 wide before Triton 3.9
     (``FLOAT64_WIDE_DOTS``)."""
-    if width > DEPTH_FUSED_MLP_MAX_WIDTH or (itemsize == 8 and _block_n(width) > 64 and not FLOAT64_WIDE_DOTS):
+    if width > DEPTH_FUSED_MLP_MAX_WIDTH or not depth_fused_mlp_compiles(width, itemsize):
         return False
     block_m = _pinned_mlp_config(_block_n(width), itemsize).kwargs["BLOCK_M"]
     return fused_kernels_fill_the_gpu(triton.cdiv(rows, block_m), 2 * width * hidden_width * itemsize, sm_count)
