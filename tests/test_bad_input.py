@@ -713,6 +713,16 @@ def test_op_direct_integer_dtype():
 
 
 META = "meta"
+
+
+def meta_mlp_backward(grad_width: int = 8, mask_dtype: torch.dtype = torch.int16):
+    """The MLP backward op on meta tensors of a relu forward with n = 8, m = 5, B = 3, L = 2."""
+    return torch.ops.dmup.residual_mlp_stack_backward(
+        t(3, grad_width, device=META), t(2, 8, 3, device=META), t(2, 1, 5, 1, dtype=mask_dtype, device=META),
+        t(2, 5, 8, device=META), t(2, 8, 5, device=META), None, None, 0.5, "relu", True,
+    )  # fmt: skip
+
+
 FAKE_RULE_CASES = [
     (
         "stack-weight-shape",
@@ -744,19 +754,13 @@ FAKE_RULE_CASES = [
     ),
     (
         "mlp-backward-grad-out",
-        lambda: torch.ops.dmup.residual_mlp_stack_backward(t(3, 6, device=META), t(2, 8, 3, device=META),
-                                                           t(2, 1, 5, 1, dtype=torch.int16, device=META),
-                                                           t(2, 5, 8, device=META), t(2, 8, 5, device=META), None,
-                                                           None, 0.5, "relu", True),
+        lambda: meta_mlp_backward(grad_width=6),
         ValueError,
         r"grad_out must have shape \(\.\.\., 8\)",
     ),
     (
         "mlp-backward-mask-dtype",
-        lambda: torch.ops.dmup.residual_mlp_stack_backward(t(3, 8, device=META), t(2, 8, 3, device=META),
-                                                           t(2, 1, 5, 1, dtype=torch.int32, device=META),
-                                                           t(2, 5, 8, device=META), t(2, 8, 5, device=META), None,
-                                                           None, 0.5, "relu", True),
+        lambda: meta_mlp_backward(mask_dtype=torch.int32),
         TypeError,
         r"mask must be torch.int16; got torch.int32",
     ),
