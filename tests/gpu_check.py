@@ -4,7 +4,8 @@ It runs with the Python that holds a CUDA build of torch (make's GPU_PYTHON, def
 machine the system's torch, not the CPU build pinned in .venv) and builds the extension in place first.
 Steps, most important first; each prints its line as soon as it ends, so a run cut short still reports:
 
-0. build: ``setup.py build_ext --inplace``, with the CUDA kernels (MAX_JOBS = the CPU count);
+0. build: ``setup.py build_ext --inplace --force``, with the CUDA kernels (MAX_JOBS = the CPU count), then a
+   check that the extension has them and that Triton imports;
 1. the CUDA C++ tests: tests/test_cuda_kernels.py;
 2. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns the
    interpreter on): tests/test_triton_kernels.py;
