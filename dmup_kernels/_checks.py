@@ -66,7 +66,10 @@ def check_finite_real(value: object, name: str) -> float:
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
     if not is_finite(value):
         raise ValueError(f"{name} must be finite; got {value}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past the float range
+        raise ValueError(f"{name} must be finite as a float; got an int of {len(str(abs(value)))} digits") from None
 
 
 def check_non_negative(value: object, name: str) -> float:

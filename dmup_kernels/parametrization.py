@@ -49,10 +49,10 @@ class DepthParametrization:
 
     def _scaled_power(self, what: str, depth: int, exponent: float, factor: float = 1.0) -> float:
         """``factor * (depth / base_depth) ** exponent``; a ValueError naming ``what`` if it is not finite."""
-        relative = check_positive_int(depth, "depth") / self.base_depth
+        check_positive_int(depth, "depth")
         try:
-            value = factor * relative**exponent
-        except OverflowError:
+            value = factor * (depth / self.base_depth) ** exponent
+        except OverflowError:  # past the float range: the depth ratio, or its power
             value = math.inf
         if not is_finite(value):
             raise ValueError(

@@ -524,6 +524,18 @@ BACKEND_FREE_CASES = [
     ),
     ("branch-scale-overflow", lambda: OVERFLOWING.branch_scale(1), ValueError, r"branch_scale at depth 1.*not finite"),
     (
+        "branch-scale-huge-depth",
+        lambda: DepthParametrization(0.5, 0.5).branch_scale(10**400),
+        ValueError,
+        r"branch_scale at depth 1000.*",
+    ),
+    (
+        "multiplier-huge-int",
+        lambda: DepthParametrization(0.5, 0.5, multiplier=10**400),
+        ValueError,
+        r"multiplier must be finite as a float; got an int of 401 digits",
+    ),
+    (
         "lr-scale-overflow",
         lambda: DepthParametrization(0.0, 400.0, base_depth=10**6).lr_scale(1),
         ValueError,
