@@ -49,7 +49,7 @@ class DepthParametrization:
 
     def _scaled_power(self, what: str, depth: int, exponent: float, factor: float = 1.0) -> float:
         """``factor * (depth / base_depth) ** exponent``; a ValueError naming ``what`` if it is not finite."""
-        check_positive_int(depth, "depth")
+        depth = check_positive_int(depth, "depth")
         try:
             value = factor * (depth / self.base_depth) ** exponent
         except OverflowError:  # past the float range: the depth ratio, or its power
