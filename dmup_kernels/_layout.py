@@ -46,19 +46,39 @@ def check_checkpoint_every(every: int) -> None:
     torch._check_value(every >= 0, lambda: f"checkpoint_every must be 0 (save every layer) or >= 1; got {every}")
 
 
+def stack_state_shapes(
+    x: Tensor, depth: int, planes: int, features: int, every: int, save: bool = True
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of the state a stack op saves for rows ``x`` (batch, width), as the C++ ops allocate and
+    check it (csrc/op_args.h): ``saved`` (saved_layers, width, batch) and ``mask`` (layers, planes, features,
+    ceil(batch / 16)), the mask without layers under checkpoints (``every`` >= 1); both without layers when
+    nothing is saved."""
+    batch, width = x.shape
+    kept = saved_layers(depth, every) if save else 0
+    masked = depth if save and not every else 0
+    return (kept, width, batch), (masked, planes, features, sign_words(batch))
+
+
+def fake_stack_outputs(
+    x: Tensor, depth: int, planes: int, features: int, save: bool, every: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The outputs of a stack op's fake rule: ``out`` of x's shape and the state (``stack_state_shapes``),
+    unfilled."""
+    check_checkpoint_every(every)
+    saved_shape, mask_shape = stack_state_shapes(x, depth, planes, features, every, save)
+    return x.new_empty(x.shape), x.new_empty(saved_shape), x.new_empty(mask_shape, dtype=torch.int16)
+
+
 def check_fake_stack_state(
     op: str, grad_out: Tensor, saved: Tensor, signs: Tensor, depth: int, planes: int, features: int, every: int
 ) -> None:
     """The check of the saved state the C++ backward ops make (csrc/op_args.h), for their fake rules, which
-    are all that torch.compile and meta tensors run: ``saved`` (saved_layers, width, batch) of grad_out's
-    dtype and ``signs`` (layers, planes, features, words) int16, on grad_out's device, for a forward of ``op``
-    with ``checkpoint_every`` = ``every``."""
+    are all that torch.compile and meta tensors run: ``saved`` and ``signs`` of ``stack_state_shapes``, of
+    grad_out's dtype and int16, on grad_out's device, for a forward of ``op`` with ``checkpoint_every`` =
+    ``every``."""
     check_checkpoint_every(every)
-    batch, width = grad_out.shape
-    expected = {
-        "saved": (saved, (saved_layers(depth, every), width, batch), grad_out.dtype),
-        "mask": (signs, (0 if every else depth, planes, features, sign_words(batch)), torch.int16),
-    }
+    saved_shape, mask_shape = stack_state_shapes(grad_out, depth, planes, features, every)
+    expected = {"saved": (saved, saved_shape, grad_out.dtype), "mask": (signs, mask_shape, torch.int16)}
     for name, (state, shape, dtype) in expected.items():
         torch._check_value(
             tuple(state.shape) == shape,

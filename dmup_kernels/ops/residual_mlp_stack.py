@@ -23,12 +23,10 @@ from .._layout import (
     MlpStackSettings,
     MlpWeights,
     RecordedMlpStack,
-    check_checkpoint_every,
     check_fake_stack_state,
     compute_rows,
-    saved_layers,
+    fake_stack_outputs,
     sign_planes,
-    sign_words,
     stacked_states,
 )
 from .._registration import register_autograd
@@ -171,16 +169,9 @@ if HAS_CPP:
     @torch.library.register_fake("dmup::residual_mlp_stack")
     def _(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, save_for_backward, checkpoint_every=0):
         check_mlp_stack_args(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract)
-        check_checkpoint_every(checkpoint_every)
-        batch, width = x.shape
         depth, hidden_width = weight1.shape[:2]
-        kept = saved_layers(depth, checkpoint_every)
-        masked = depth if save_for_backward and not checkpoint_every else 0
-        return (
-            x.new_empty(batch, width),
-            x.new_empty(kept if save_for_backward else 0, width, batch),
-            x.new_empty(masked, sign_planes(activation, "post"), hidden_width, sign_words(batch), dtype=torch.int16),
-        )
+        planes = sign_planes(activation, "post")
+        return fake_stack_outputs(x, depth, planes, hidden_width, save_for_backward, checkpoint_every)
 
     @torch.library.register_fake("dmup::residual_mlp_stack_backward")
     def _(grad_out, saved, signs, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, checkpoint_every=0):

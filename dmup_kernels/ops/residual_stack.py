@@ -23,14 +23,12 @@ from .._layout import (
     StackBackend,
     StackGrads,
     StackSettings,
-    check_checkpoint_every,
     check_fake_stack_state,
     checkpointed_stream,
     compute_rows,
+    fake_stack_outputs,
     graph_backward,
-    saved_layers,
     sign_planes,
-    sign_words,
     stacked_states,
 )
 from .._registration import register_autograd
@@ -187,17 +185,8 @@ if HAS_CPP:
     @torch.library.register_fake("dmup::residual_stack")
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward, checkpoint_every=0):
         check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
-        check_checkpoint_every(checkpoint_every)
-        batch, width = x.shape
-        depth = weight.shape[0]
-        kept = saved_layers(depth, checkpoint_every)
-        masked = depth if save_for_backward and not checkpoint_every else 0
-        signs_shape = (masked, sign_planes(activation, block), width, sign_words(batch))
-        return (
-            x.new_empty(batch, width),
-            x.new_empty(kept if save_for_backward else 0, width, batch),
-            x.new_empty(signs_shape, dtype=torch.int16),
-        )
+        planes, width = sign_planes(activation, block), x.shape[1]
+        return fake_stack_outputs(x, weight.shape[0], planes, width, save_for_backward, checkpoint_every)
 
     @torch.library.register_fake("dmup::residual_stack_backward")
     def _(grad_out, states, signs, weight, bias, scale, activation, block, mean_subtract, checkpoint_every=0):
