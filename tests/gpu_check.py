@@ -163,22 +163,22 @@ def routing() -> str:
 
 def autotuned_stack() -> str:
     """One stack problem, forward and backward, on the autotuned Triton kernels against the float64 reference."""
+    from benchmarks.measure import TOLERANCE, rel_err
     from dmup_kernels import residual_stack
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=generator, dtype=torch.float64)
     weight = torch.randn(8, 64, 64, generator=generator, dtype=torch.float64) / 8
     grad_out = torch.randn(256, 64, generator=generator, dtype=torch.float64)
-    errors = {}
     results = {}
     for backend, dtype, device in (("reference", torch.float64, "cpu"), ("triton", torch.float32, "cuda")):
         leaves = [t.detach().to(device, dtype).requires_grad_() for t in (x, weight)]
         out = residual_stack(*leaves, scale=0.35, backend=backend)
         out.backward(grad_out.to(device, dtype))
         results[backend] = [out.detach(), *(leaf.grad for leaf in leaves)]
-    for name, got, want in zip(("out", "grad_x", "grad_weight"), results["triton"], results["reference"]):
-        errors[name] = ((got.double().cpu() - want).norm() / want.norm()).item()
-    if max(errors.values()) > 1e-4:
+    names = ("out", "grad_x", "grad_weight")
+    errors = {name: rel_err(got, want) for name, got, want in zip(names, results["triton"], results["reference"])}
+    if max(errors.values()) > TOLERANCE[torch.float32]:
         raise AssertionError(f"autotuned kernels off the reference: {errors}")
     return "rel. errors " + ", ".join(f"{name} {error:.1e}" for name, error in errors.items())
 
