@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -28,8 +29,13 @@ inline Block parse_block(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "block must be 'post' or 'pre'; got '", name, "'");
 }
 
-// a and b have the same shape, floating dtype and device, and at least one dimension (scaled_residual's pair).
-inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+// The branch multiplier s of every op: a finite number (a NaN or an infinity would only fill the outputs with NaN).
+inline void check_scale(double scale) { TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite; got ", scale); }
+
+// The inputs of scaled_residual (and of its backward, a = branch_out, b = grad_out): a and b of the same shape,
+// floating dtype and device, with at least one dimension, and a finite scale.
+inline void check_epilogue_inputs(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                                  double scale) {
   const at::ScalarType dtype = a.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, a_name,
                    " must be float32, float64, float16 or bfloat16; got ", dtype);
@@ -40,6 +46,7 @@ inline void check_pair(const at::Tensor& a, const char* a_name, const at::Tensor
   TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the device of ", a_name, " (", a.device(), "); got ",
                     b.device());
   TORCH_CHECK_VALUE(a.dim() >= 1, a_name, " must have at least 1 dimension");
+  check_scale(scale);
 }
 
 // The rows of a stack, x (B, n) (named x_name: x, or grad_out in a backward): float32 or float64 on a device of
@@ -63,22 +70,23 @@ inline void check_stack_param(const at::Tensor& param, const char* name, at::Int
 }
 
 // The inputs of residual_stack (x_name: x, or grad_out in the backward): x (B, n) and weight (L, n, n) with
-// L >= 1 of one float dtype on one device of type `device`, bias (L, n) or none.
+// L >= 1 of one float dtype on one device of type `device`, bias (L, n) or none, and a finite scale.
 inline void check_stack_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, c10::DeviceType device) {
+                               const std::optional<at::Tensor>& bias, double scale, c10::DeviceType device) {
   check_stack_rows(x, x_name, device);
   const int64_t width = x.size(1), depth = weight.dim() == 3 ? weight.size(0) : 0;
   TORCH_CHECK_VALUE(depth >= 1, "weight must have shape (depth, width, width) with depth >= 1; got ", weight.sizes());
   check_stack_param(weight, "weight", {depth, width, width}, "(depth, width, width)", x, x_name);
   if (bias) check_stack_param(*bias, "bias", {depth, width}, "(depth, width)", x, x_name);
+  check_scale(scale);
 }
 
 // The inputs of residual_mlp_stack (x_name: x, or grad_out in the backward): x (B, n), weight1 (L, m, n) and
 // weight2 (L, n, m) with L, m >= 1, bias1 (L, m) and bias2 (L, n) or none, all of one float dtype on one device
-// of type `device`.
+// of type `device`, and a finite scale.
 inline void check_mlp_stack_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& weight1,
                                    const at::Tensor& weight2, const std::optional<at::Tensor>& bias1,
-                                   const std::optional<at::Tensor>& bias2, c10::DeviceType device) {
+                                   const std::optional<at::Tensor>& bias2, double scale, c10::DeviceType device) {
   check_stack_rows(x, x_name, device);
   TORCH_CHECK_VALUE(weight1.dim() == 3 && weight1.size(0) >= 1 && weight1.size(1) >= 1,
                     "weight1 must have shape (depth, hidden_width, width) with depth, hidden_width >= 1; got ",
@@ -88,6 +96,7 @@ inline void check_mlp_stack_inputs(const at::Tensor& x, const char* x_name, cons
   check_stack_param(weight2, "weight2", {depth, width, hidden_width}, "(depth, width, hidden_width)", x, x_name);
   if (bias1) check_stack_param(*bias1, "bias1", {depth, hidden_width}, "(depth, hidden_width)", x, x_name);
   if (bias2) check_stack_param(*bias2, "bias2", {depth, width}, "(depth, width)", x, x_name);
+  check_scale(scale);
 }
 
 // The checkpoint spacing of the stacks: 0 saves every layer's input and sign bits; k >= 1 saves only x_0, x_k,

@@ -46,6 +46,23 @@ def check_checkpoint_every(every: int) -> None:
     torch._check_value(every >= 0, lambda: f"checkpoint_every must be 0 (save every layer) or >= 1; got {every}")
 
 
+def check_stack_rows(x: Tensor, x_name: str, **params: Tensor | None) -> None:
+    """What the C++ stack ops take (csrc/op_args.h), for their fake rules: rows ``x`` (batch, width) in
+    float32 or float64, and each of ``params`` (None: absent) in x's dtype. The functions also take
+    (..., width) and autocast's mixed dtypes, which ``compute_rows`` turns into this before calling the ops."""
+    torch._check_value(x.dim() == 2, lambda: f"{x_name} must be 2-D (batch, width); got shape {tuple(x.shape)}")
+    torch._check_type(
+        x.dtype in (torch.float32, torch.float64),
+        lambda: f"{x_name} must be float32 or float64 for the stack kernels; got {x.dtype}",
+    )
+    for name, param in params.items():
+        if param is not None:
+            torch._check_type(
+                param.dtype == x.dtype,
+                lambda name=name, param=param: f"{name} must have the dtype of {x_name} ({x.dtype}); got {param.dtype}",
+            )
+
+
 def stack_state_shapes(
     x: Tensor, depth: int, planes: int, features: int, every: int, save: bool = True
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -49,6 +49,7 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd import forward_ad
 from torch.autograd.function import _SingleLevelFunction
 
+from ._checks import check_activation, check_scale
 from ._layout import EpilogueSettings
 
 _LIBRARY = torch.library.Library("dmup", "IMPL")  # kept alive: dropping it would unregister the kernels
@@ -144,12 +145,18 @@ class OpEpilogue:
     def __init__(self, op: str, backward_op: str) -> None:
         self.names = op.removeprefix("dmup::"), backward_op.removeprefix("dmup::")
 
-        def fake(x: Tensor, branch_out: Tensor, *settings) -> Tensor:
+        def fake(x: Tensor, branch_out: Tensor, scale: float, activation: str, mean_subtract: bool) -> Tensor:
             # What the kernels check (torch.compile and meta tensors run only this rule); the backward op's
             # first argument is grad_out.
             torch._check_value(x.shape == branch_out.shape, lambda: f"{op}: its two tensors must have one shape")
             torch._check_type(x.dtype == branch_out.dtype, lambda: f"{op}: its two tensors must have one dtype")
             torch._check_value(x.device == branch_out.device, lambda: f"{op}: its two tensors must be on one device")
+            torch._check_type(
+                x.dtype.is_floating_point, lambda: f"{op}: its tensors must be floating point; got {x.dtype}"
+            )
+            torch._check_value(x.dim() >= 1, lambda: f"{op}: its tensors must have at least 1 dimension")
+            check_scale(scale)
+            check_activation(activation)
             return torch.empty_like(x, memory_format=torch.contiguous_format)
 
         torch.library.register_fake(op)(fake)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dmup_kernels import (
     DepthMuPNet,
@@ -792,6 +793,79 @@ def test_fake_rules_check_what_the_kernels_check(call, error, match):
     a CPU tensor beside a meta one gets an error rather than an unfilled CPU result."""
     with pytest.raises(error, match=match):
         call()
+
+
+def op_call(name: str, *, scale: float = 0.5, rows: tuple[int, ...] = (3, 8), dtype=torch.float32, param_dtype=None):
+    """A call of the C++ op ``name`` with relu, B = 3, n = 8, m = 5, L = 2, on valid arguments but for ``scale``,
+    and x (grad_out in a backward) of shape ``rows`` and ``dtype`` (the parameters' ``param_dtype``, x's by
+    default); its tensors are made when it is called, so that it runs as well in a FakeTensorMode."""
+    ops, param_dtype = torch.ops.dmup, param_dtype or dtype
+
+    def call():
+        x, p = t(*rows, dtype=dtype), lambda *shape: t(*shape, dtype=param_dtype)
+        mask = lambda features: torch.zeros(2, 1, features, 1, dtype=torch.int16)  # noqa: E731
+        return {
+            "scaled_residual": lambda: ops.scaled_residual(x, t(*rows, dtype=dtype), scale, "relu", True),
+            "scaled_residual_backward": lambda: ops.scaled_residual_backward(
+                x, t(*rows, dtype=dtype), scale, "relu", True
+            ),
+            "residual_stack": lambda: ops.residual_stack(x, p(2, 8, 8), p(2, 8), scale, "relu", "post", True, True),
+            "residual_stack_backward": lambda: ops.residual_stack_backward(
+                x, p(2, 8, 3), mask(8), p(2, 8, 8), p(2, 8), scale, "relu", "post", True
+            ),
+            "residual_mlp_stack": lambda: ops.residual_mlp_stack(
+                x, p(2, 5, 8), p(2, 8, 5), p(2, 5), p(2, 8), scale, "relu", True, True
+            ),
+            "residual_mlp_stack_backward": lambda: ops.residual_mlp_stack_backward(
+                x, p(2, 8, 3), mask(5), p(2, 5, 8), p(2, 8, 5), p(2, 5), p(2, 8), scale, "relu", True
+            ),
+        }[name]()
+
+    return call
+
+
+STACK_OPS = ["residual_stack", "residual_stack_backward", "residual_mlp_stack", "residual_mlp_stack_backward"]
+ALL_OPS = ["scaled_residual", "scaled_residual_backward", *STACK_OPS]
+
+# (id, ops, call(op), exception, regex the message must match); the stack ops take rows (B, n) of float32 or
+# float64, which the functions make (of any (..., n), and under autocast of any floating dtype) before calling them
+KERNEL_AND_FAKE_CASES = [
+    ("scale-nan", ALL_OPS, lambda op: op_call(op, scale=math.nan), ValueError, r"scale must be finite; got nan"),
+    ("scale-inf", ALL_OPS, lambda op: op_call(op, scale=-math.inf), ValueError, r"scale must be finite; got -inf"),
+    ("rows-3d", STACK_OPS, lambda op: op_call(op, rows=(1, 3, 8)), ValueError, r"(x|grad_out) must be 2-D"),
+    ("rows-bf16", STACK_OPS, lambda op: op_call(op, dtype=torch.bfloat16), TypeError, r"must be float32 or float64"),
+    (
+        "rows-bf16-params-f32",
+        STACK_OPS,
+        lambda op: op_call(op, dtype=torch.bfloat16, param_dtype=torch.float32),
+        TypeError,
+        r"must be float32 or float64",
+    ),
+    (
+        "params-f64",
+        STACK_OPS,
+        lambda op: op_call(op, param_dtype=torch.float64),
+        TypeError,
+        r"weight1? must have the dtype of (x|grad_out) \((torch\.float32|Float)\)",
+    ),
+]  # fmt: skip
+
+
+@needs_cpp
+@pytest.mark.parametrize("autocast", [False, True], ids=["", "autocast"])
+@pytest.mark.parametrize(
+    "op,call,error,match",
+    [(op, *c[2:]) for c in KERNEL_AND_FAKE_CASES for op in c[1]],
+    ids=[f"{c[0]}-{op}" for c in KERNEL_AND_FAKE_CASES for op in c[1]],
+)
+def test_fake_rules_reject_what_the_kernels_reject(op, call, error, match, autocast):
+    """The same bad arguments raise the same error from the CPU kernel and from the fake rule (what
+    torch.compile runs), also under autocast, where the functions accept mixed dtypes but the ops do not."""
+    with torch.autocast("cpu", enabled=autocast):
+        with pytest.raises(error, match=match):
+            call(op)()
+        with FakeTensorMode(), pytest.raises(error, match=match):
+            call(op)()
 
 
 @needs_cpp

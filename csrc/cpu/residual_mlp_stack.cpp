@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_mlp_stack_cpu(
     const at::Tensor& x_in, const at::Tensor& weight1_in, const at::Tensor& weight2_in,
     const std::optional<at::Tensor>& bias1_in, const std::optional<at::Tensor>& bias2_in, double scale,
     c10::string_view activation, bool mean_subtract, bool save_for_backward, int64_t checkpoint_every) {
-  check_mlp_stack_inputs(x_in, "x", weight1_in, weight2_in, bias1_in, bias2_in, c10::DeviceType::CPU);
+  check_mlp_stack_inputs(x_in, "x", weight1_in, weight2_in, bias1_in, bias2_in, scale, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), weight1 = weight1_in.contiguous(), weight2 = weight2_in.contiguous();
   const std::optional<at::Tensor> bias1 = contiguous(bias1_in), bias2 = contiguous(bias2_in);
   const int planes = mask_planes(parse_activation(activation), Block::Post);
@@ -59,7 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight1_in,
     const at::Tensor& weight2_in, const std::optional<at::Tensor>& bias1_in, const std::optional<at::Tensor>& bias2_in,
     double scale, c10::string_view activation, bool mean_subtract, int64_t checkpoint_every) {
-  check_mlp_stack_inputs(grad_out_in, "grad_out", weight1_in, weight2_in, bias1_in, bias2_in, c10::DeviceType::CPU);
+  check_mlp_stack_inputs(grad_out_in, "grad_out", weight1_in, weight2_in, bias1_in, bias2_in, scale,
+                         c10::DeviceType::CPU);
   const at::Tensor grad_out = grad_out_in.contiguous(), weight1 = weight1_in.contiguous();
   const at::Tensor weight2 = weight2_in.contiguous();
   const std::optional<at::Tensor> bias1 = contiguous(bias1_in), bias2 = contiguous(bias2_in);

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
                                                                   double scale, c10::string_view activation,
                                                                   c10::string_view block, bool mean_subtract,
                                                                   bool save_for_backward, int64_t checkpoint_every) {
-  check_stack_inputs(x_in, "x", weight_in, bias_in, c10::DeviceType::CPU);
+  check_stack_inputs(x_in, "x", weight_in, bias_in, scale, c10::DeviceType::CPU);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int planes = mask_planes(parse_activation(activation), parse_block(block));
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
     bool mean_subtract, int64_t checkpoint_every) {
-  check_stack_inputs(grad_out_in, "grad_out", weight_in, bias_in, c10::DeviceType::CPU);
+  check_stack_inputs(grad_out_in, "grad_out", weight_in, bias_in, scale, c10::DeviceType::CPU);
   const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   const int64_t batch = grad_out.size(0), width = grad_out.size(1), depth = weight.size(0);

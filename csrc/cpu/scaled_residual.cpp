@@ -55,7 +55,7 @@ using OpMath = at::opmath_type<std::remove_cv_t<T>>;
 
 at::Tensor scaled_residual_cpu(const at::Tensor& x, const at::Tensor& branch_out, double scale,
                                c10::string_view activation, bool mean_subtract) {
-  check_pair(x, "x", branch_out, "branch_out");
+  check_epilogue_inputs(x, "x", branch_out, "branch_out", scale);
   return map_row_pairs(x, branch_out, activation, [&](auto tag, const auto* xr, const auto* br, auto* out, int64_t n) {
     using Phi = Act<decltype(tag)::value>;
     using opmath_t = OpMath<std::remove_pointer_t<decltype(out)>>;
@@ -74,7 +74,7 @@ at::Tensor scaled_residual_cpu(const at::Tensor& x, const at::Tensor& branch_out
 
 at::Tensor scaled_residual_backward_cpu(const at::Tensor& grad_out, const at::Tensor& branch_out, double scale,
                                         c10::string_view activation, bool mean_subtract) {
-  check_pair(branch_out, "branch_out", grad_out, "grad_out");
+  check_epilogue_inputs(branch_out, "branch_out", grad_out, "grad_out", scale);
   return map_row_pairs(
       grad_out, branch_out, activation, [&](auto tag, const auto* gr, const auto* br, auto* db, int64_t n) {
         using Phi = Act<decltype(tag)::value>;

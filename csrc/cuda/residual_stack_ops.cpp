@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cuda(const at::Ten
                                                                    double scale, c10::string_view activation,
                                                                    c10::string_view block, bool mean_subtract,
                                                                    bool save_for_backward, int64_t checkpoint_every) {
-  check_stack_inputs(x_in, "x", weight_in, bias_in, c10::DeviceType::CUDA);
+  check_stack_inputs(x_in, "x", weight_in, bias_in, scale, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const StackRun run(activation, block, weight_in, bias_in, scale, mean_subtract);
@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& saved, const at::Tensor& mask, const at::Tensor& weight_in,
     const std::optional<at::Tensor>& bias_in, double scale, c10::string_view activation, c10::string_view block,
     bool mean_subtract, int64_t checkpoint_every) {
-  check_stack_inputs(grad_out_in, "grad_out", weight_in, bias_in, c10::DeviceType::CUDA);
+  check_stack_inputs(grad_out_in, "grad_out", weight_in, bias_in, scale, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grad_out_in.device());
   const at::Tensor grad_out = grad_out_in.contiguous();
   const StackRun run(activation, block, weight_in, bias_in, scale, mean_subtract);

@@ -50,7 +50,7 @@ at::Tensor launch_rows(const at::Tensor& a, const at::Tensor& b, const char* op,
 
 at::Tensor scaled_residual_cuda(const at::Tensor& x, const at::Tensor& branch_out, double scale,
                                 c10::string_view activation, bool mean_subtract) {
-  check_pair(x, "x", branch_out, "branch_out");
+  check_epilogue_inputs(x, "x", branch_out, "branch_out", scale);
   const Activation act = parse_activation(activation);
   return launch_rows(x, branch_out, "dmup::scaled_residual",
                      [&](const auto* xp, const auto* bp, auto* out, int64_t rows, int64_t n, cudaStream_t stream) {
@@ -60,7 +60,7 @@ at::Tensor scaled_residual_cuda(const at::Tensor& x, const at::Tensor& branch_ou
 
 at::Tensor scaled_residual_backward_cuda(const at::Tensor& grad_out, const at::Tensor& branch_out, double scale,
                                          c10::string_view activation, bool mean_subtract) {
-  check_pair(branch_out, "branch_out", grad_out, "grad_out");
+  check_epilogue_inputs(branch_out, "branch_out", grad_out, "grad_out", scale);
   const Activation act = parse_activation(activation);
   return launch_rows(grad_out, branch_out, "dmup::scaled_residual_backward",
                      [&](const auto* gp, const auto* bp, auto* out, int64_t rows, int64_t n, cudaStream_t stream) {

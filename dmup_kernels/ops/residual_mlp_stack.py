@@ -24,6 +24,7 @@ from .._layout import (
     MlpWeights,
     RecordedMlpStack,
     check_fake_stack_state,
+    check_stack_rows,
     compute_rows,
     fake_stack_outputs,
     sign_planes,
@@ -168,6 +169,7 @@ if HAS_CPP:
     # torch.compile and meta tensors run only them.
     @torch.library.register_fake("dmup::residual_mlp_stack")
     def _(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, save_for_backward, checkpoint_every=0):
+        check_stack_rows(x, "x", weight1=weight1, weight2=weight2, bias1=bias1, bias2=bias2)
         check_mlp_stack_args(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract)
         depth, hidden_width = weight1.shape[:2]
         planes = sign_planes(activation, "post")
@@ -175,6 +177,7 @@ if HAS_CPP:
 
     @torch.library.register_fake("dmup::residual_mlp_stack_backward")
     def _(grad_out, saved, signs, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, checkpoint_every=0):
+        check_stack_rows(grad_out, "grad_out", weight1=weight1, weight2=weight2, bias1=bias1, bias2=bias2)
         check_mlp_stack_args(grad_out, weight1, weight2, bias1, bias2, scale, activation, mean_subtract, "grad_out")
         depth, hidden_width, width = weight1.shape
         planes = sign_planes(activation, "post")

@@ -24,6 +24,7 @@ from .._layout import (
     StackGrads,
     StackSettings,
     check_fake_stack_state,
+    check_stack_rows,
     checkpointed_stream,
     compute_rows,
     fake_stack_outputs,
@@ -184,12 +185,14 @@ if HAS_CPP:
     # torch.compile and meta tensors run only them.
     @torch.library.register_fake("dmup::residual_stack")
     def _(x, weight, bias, scale, activation, block, mean_subtract, save_for_backward, checkpoint_every=0):
+        check_stack_rows(x, "x", weight=weight, bias=bias)
         check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
         planes, width = sign_planes(activation, block), x.shape[1]
         return fake_stack_outputs(x, weight.shape[0], planes, width, save_for_backward, checkpoint_every)
 
     @torch.library.register_fake("dmup::residual_stack_backward")
     def _(grad_out, states, signs, weight, bias, scale, activation, block, mean_subtract, checkpoint_every=0):
+        check_stack_rows(grad_out, "grad_out", weight=weight, bias=bias)
         check_stack_args(grad_out, weight, bias, scale, activation, block, mean_subtract, x_name="grad_out")
         planes, width = sign_planes(activation, block), weight.shape[1]
         check_fake_stack_state(
