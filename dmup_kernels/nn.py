@@ -57,10 +57,16 @@ class ScaledResidual(nn.Module):
         self.backend = check_choice(backend, "backend", BACKENDS)
 
     def reset_parameters(self) -> None:
-        """Re-initialises every submodule of the branch that has ``reset_parameters``."""
-        for module in self.branch.modules():
-            if hasattr(module, "reset_parameters"):
+        """Re-initialises the branch: calls ``reset_parameters`` of the branch if it has one, else of each
+        outermost submodule that has one. A module's own ``reset_parameters`` initialises its submodules
+        its way (as ``DepthMuPNet``'s does), which resetting them after it would undo."""
+        pending = [self.branch]
+        while pending:
+            module = pending.pop()
+            if callable(getattr(module, "reset_parameters", None)):
                 module.reset_parameters()
+            else:
+                pending.extend(module.children())
 
     def forward(self, x: Tensor) -> Tensor:
         check_tensor(x, "x")  # before the branch, so a bad x is named here rather than deep inside it

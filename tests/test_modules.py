@@ -196,6 +196,17 @@ def test_scaled_residual_module_reset_and_state_dict():
     assert torch.equal(copy(x), module(x))
 
 
+def test_scaled_residual_reset_keeps_the_branch_init():
+    """A branch with its own reset_parameters keeps its initialisation: DepthMuPNet's zero readout is not
+    overwritten by nn.Linear's default initialisation of that readout."""
+    branch = DepthMuPNet(6, 8, 2, 6, readout_zero_init=True)
+    module = ScaledResidual(branch, 0.5)
+    with torch.no_grad():
+        branch.output.weight.fill_(1.0)
+    module.reset_parameters()
+    assert torch.equal(branch.output.weight, torch.zeros_like(branch.output.weight))
+
+
 def test_state_dict_round_trip_stack(seed):
     stack = ResidualStack(12, 5, bias=True, activation="silu", block="pre")
     randomize_biases(stack, seed)
