@@ -36,7 +36,7 @@ test-neon:
 lint: $(VENV)/.requirements-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/clang-format --dry-run -Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/native/*.cpp')
+	$(VENV)/bin/clang-format --dry-run -Werror $$(git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 'tests/native/*.cpp' 'tests/native/*.h')
 
 bench: build
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
