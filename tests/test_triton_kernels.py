@@ -574,3 +574,25 @@ def test_half_precision_mlp_stack_kernels(activation, dtype, triton_device, seed
     for name, got, want in zip(MLP_RESULTS, (out, *grads), (expected, *expected_grads)):
         assert got.dtype == dtype, name
         assert rel_err(got, want) < 2 * HALF_TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize(
+    "setting,float32_dots",
+    [
+        ("pass", "tf32x3"),
+        ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32"),
+        ('torch.set_float32_matmul_precision("high")', "tf32"),
+        ('torch.backends.fp32_precision = "tf32"', "tf32"),
+        ('torch.backends.cuda.matmul.fp32_precision = "tf32"', "tf32"),
+        ('torch.backends.fp32_precision = "tf32"; torch.backends.cuda.matmul.fp32_precision = "ieee"', "tf32x3"),
+    ],
+)
+def test_float32_dots_follow_torchs_tf32_setting(setting, float32_dots):
+    """float32 tl.dots use plain TF32 exactly where torch lets float32 matmuls use it, whichever of torch's
+    APIs said so (reading the legacy allow_tf32 raises after the new ones: each setting runs in a fresh process)."""
+    code = (
+        f"import torch\n{setting}\nfrom dmup_kernels.triton.tuning import input_precision\n"
+        "print(input_precision(torch.float32), input_precision(torch.float64))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == [float32_dots, "ieee"], result.stderr

@@ -90,10 +90,19 @@ def rows_bucket(rows: int) -> int:
     return min(triton.next_power_of_2(max(rows, 1)), 1 << 16)
 
 
+def float32_matmuls_use_tf32() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32: ``torch.backends.cuda.matmul.fp32_precision`` is
+    "tf32", set directly, by ``allow_tf32 = True`` or ``set_float32_matmul_precision("high")``, or inherited
+    ("none") from ``torch.backends.fp32_precision``. Not ``allow_tf32`` itself: reading it raises once
+    either of the fp32_precision settings has been made."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    return (torch.backends.fp32_precision if precision == "none" else precision) == "tf32"
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot precision. float32: "tf32x3" (three TF32 tensor-core products, about float32's accuracy; an
-    "ieee" dot runs on the FMA units instead) unless torch allows plain TF32 for float32 matmuls; float64:
-    "ieee"."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+    "ieee" dot runs on the FMA units instead) unless torch lets float32 matmuls use plain TF32
+    (``float32_matmuls_use_tf32``); float64: "ieee"."""
+    if dtype == torch.float32:
+        return "tf32" if float32_matmuls_use_tf32() else "tf32x3"
+    return "ieee"
