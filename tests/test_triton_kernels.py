@@ -395,8 +395,8 @@ def test_depth_fused_mlp_stack_matches_reference(spec: MlpStackSpec, dtype, monk
     against the float64 reference; every spec is narrow enough for them, whatever the GPU."""
     from dmup_kernels.triton.residual_mlp_stack import depth_fused_mlp_compiles
 
-    if not depth_fused_mlp_compiles(spec.width, dtype.itemsize):
-        pytest.skip("this Triton cannot compile the depth-fused MLP kernels here (FLOAT64_WIDE_DOTS)")
+    if not depth_fused_mlp_compiles(dtype.itemsize, spec.activation):
+        pytest.skip("this Triton cannot compile the depth-fused MLP kernels here (FLOAT64_SIGN_BIT_DOTS)")
     calls = []
     _counting_mlp_ops(monkeypatch, calls)
     check_mlp_stack(make_mlp_stack_case(spec, dtype, seed).to(triton_device), dtype, "triton")
@@ -411,7 +411,7 @@ def test_mlp_stack_routes_by_width(width, sms, fused, monkeypatch, triton_device
     from dmup_kernels.triton import ops as triton_ops
     from dmup_kernels.triton.residual_mlp_stack import depth_fused_mlp_compiles
 
-    fused = fused and depth_fused_mlp_compiles(width, torch.float64.itemsize)
+    fused = fused and depth_fused_mlp_compiles(torch.float64.itemsize, "abs")
     calls = []
     monkeypatch.setattr(triton_ops, "sm_count", lambda device: sms)
     _counting_mlp_ops(monkeypatch, calls)
@@ -439,21 +439,25 @@ def test_mlp_stack_routes_by_width(width, sms, fused, monkeypatch, triton_device
 def test_depth_fused_mlp_needs_programs_for_half_the_sms(rows, width, hidden, itemsize, sms, fused):
     from dmup_kernels.triton.residual_mlp_stack import uses_depth_fused_mlp
 
-    assert uses_depth_fused_mlp(rows, width, hidden, itemsize, sms) is fused
+    assert uses_depth_fused_mlp(rows, width, hidden, itemsize, "relu", sms) is fused
 
 
-def test_depth_fused_mlp_keeps_wide_float64_off_older_triton(monkeypatch):
-    """Where Triton cannot compile the float64 dots over more than 64 stream columns, those MLP stacks run
-    per layer; float32, and float64 up to 64 wide, stay depth-fused."""
+@pytest.mark.parametrize("width", [16, 128])
+def test_depth_fused_mlp_keeps_float64_sign_bits_off_older_triton(width, monkeypatch):
+    """Where Triton cannot compile the float64 backward of relu and abs (at any width), those MLP stacks run
+    per layer; float32, and float64 with gelu, silu or identity, stay depth-fused."""
     from dmup_kernels.triton import residual_mlp_stack
 
-    fills = (66 * 16, 132)  # rows whose programs fill half of 132 SMs
-    monkeypatch.setattr(residual_mlp_stack, "FLOAT64_WIDE_DOTS", False)
-    assert not residual_mlp_stack.uses_depth_fused_mlp(fills[0], 128, 64, 8, fills[1])
-    assert residual_mlp_stack.uses_depth_fused_mlp(fills[0], 128, 64, 4, fills[1])
-    assert residual_mlp_stack.uses_depth_fused_mlp(fills[0], 64, 64, 8, fills[1])
-    monkeypatch.setattr(residual_mlp_stack, "FLOAT64_WIDE_DOTS", True)
-    assert residual_mlp_stack.uses_depth_fused_mlp(fills[0], 128, 64, 8, fills[1])
+    def fused(itemsize: int, activation: str) -> bool:
+        rows, sms = 66 * 16, 132  # rows whose programs fill half of 132 SMs
+        return residual_mlp_stack.uses_depth_fused_mlp(rows, width, 64, itemsize, activation, sms)
+
+    monkeypatch.setattr(residual_mlp_stack, "FLOAT64_SIGN_BIT_DOTS", False)
+    assert not fused(8, "relu") and not fused(8, "abs")
+    assert all(fused(8, activation) for activation in ("gelu", "silu", "identity"))
+    assert all(fused(4, activation) for activation in ACTIVATIONS)
+    monkeypatch.setattr(residual_mlp_stack, "FLOAT64_SIGN_BIT_DOTS", True)
+    assert all(fused(8, activation) for activation in ACTIVATIONS)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

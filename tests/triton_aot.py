@@ -115,6 +115,7 @@ def recorded_launches() -> list[tuple[object, dict, dict]]:
         (48, 64, torch.float32, "identity", False),
         (64, 256, torch.float64, "silu", True),
         (128, 100, torch.float64, "relu", False),
+        (16, 64, torch.float64, "abs", True),
         *half_mlp,
     ]:
         x = torch.randn(40, width, dtype=dtype)

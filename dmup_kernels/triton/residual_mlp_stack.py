@@ -64,10 +64,11 @@ while 16 warps cap a thread at 128. Shared memory (``_mlp_shared_bytes``): at n 
 take at most 65 KiB (float32, BLOCK_H = 16, two stages) and 82 KiB (float64, one stage) of the 96 KiB
 budget; n = 256 in float64 would take 3 x 256 x 16 x 8 + 16 x 528 x 8 bytes = 162 KiB with one stage."""
 
-FLOAT64_WIDE_DOTS = INTERPRETED or tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
-"""Whether the MLP kernels' float64 dots over more than 64 columns of the stream compile: Triton 3.6 aborts
-the process there ("fp64 don't support largeK MMA", tests/triton_aot.py at n = 128), 3.9 does not, and the
-interpreter compiles nothing."""
+FLOAT64_SIGN_BIT_DOTS = INTERPRETED or tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+"""Whether the float64 MLP backward of relu and abs compiles: Triton 3.6 fails on its dh1 @ W1 dot, whose dh1
+comes from the saved sign bits ("fp64 don't support largeK MMA", at every width and hidden width; gelu, silu
+and identity compile, and so does every forward: tests/triton_aot.py under Triton 3.6), 3.9 compiles it, and
+the interpreter compiles nothing."""
 
 
 FORWARD_FLAGS = ["ACT", "MEAN_SUBTRACT", "HAS_BIAS1", "HAS_BIAS2", "SAVE", "PLANES", "PRECISION"]
@@ -119,17 +120,20 @@ def _pinned_mlp_config(block_n: int, itemsize: int) -> triton.Config:
     return config
 
 
-def depth_fused_mlp_compiles(width: int, itemsize: int) -> bool:
-    """Whether this Triton compiles the depth-fused MLP kernels for a stream of ``width`` (``FLOAT64_WIDE_DOTS``)."""
-    return FLOAT64_WIDE_DOTS or itemsize != 8 or _block_n(width) <= 64
+def depth_fused_mlp_compiles(itemsize: int, activation: str) -> bool:
+    """Whether this Triton compiles the depth-fused MLP kernels of ``activation`` for elements of ``itemsize``
+    (``FLOAT64_SIGN_BIT_DOTS``)."""
+    return FLOAT64_SIGN_BIT_DOTS or itemsize != 8 or sign_planes(activation, "post") == 0
 
 
-def uses_depth_fused_mlp(rows: int, width: int, hidden_width: int, itemsize: int, sm_count: int | None) -> bool:
+def uses_depth_fused_mlp(
+    rows: int, width: int, hidden_width: int, itemsize: int, activation: str, sm_count: int | None
+) -> bool:
     """Whether the Triton MLP stack runs these rows through the depth-fused kernels: n at most
     DEPTH_FUSED_MLP_MAX_WIDTH and row tiles that fill the GPU (``fused_kernels_fill_the_gpu``, with the
-    2 n m itemsize bytes of one block's weights), and not a float64 stream over 64 wide before Triton 3.9
-    (``FLOAT64_WIDE_DOTS``)."""
-    if width > DEPTH_FUSED_MLP_MAX_WIDTH or not depth_fused_mlp_compiles(width, itemsize):
+    2 n m itemsize bytes of one block's weights), and not float64 relu or abs before Triton 3.9
+    (``FLOAT64_SIGN_BIT_DOTS``)."""
+    if width > DEPTH_FUSED_MLP_MAX_WIDTH or not depth_fused_mlp_compiles(itemsize, activation):
         return False
     block_m = _pinned_mlp_config(_block_n(width), itemsize).kwargs["BLOCK_M"]
     return fused_kernels_fill_the_gpu(triton.cdiv(rows, block_m), 2 * width * hidden_width * itemsize, sm_count)
