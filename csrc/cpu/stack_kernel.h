@@ -65,6 +65,12 @@ inline int64_t mask_offset(int64_t layer, int64_t plane, int64_t feature, int64_
 // (L, n, n) weight and grad_weight: the first element of one output row of one layer.
 inline int64_t weight_offset(int64_t layer, int64_t row, int64_t width) { return (layer * width + row) * width; }
 
+// Asks the caches for `elements` contiguous elements from p, one request per 64-byte line.
+template <class T>
+inline void prefetch(const T* p, int64_t elements) {
+  for (int64_t i = 0; i < elements; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(p + i, 0, 3);
+}
+
 // One segment's scratch for a checkpointed backward (checkpointed_backward, at the end), sized for
 // `every` layers of the whole batch.
 template <class T>
@@ -753,6 +759,9 @@ struct Stack
         map_rows<V>(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
         gemm_in = s.input;
       }
+      // A feature-split team's GEMM is too short to hide the next layer's weights coming from memory: each
+      // thread asks for its rows of them now (docs/design.md §7.6).
+      if (team.split && l + 1 < p.depth) prefetch(W + weight_offset(1, o0, n), (o1 - o0) * n);
       team.sync();  // the GEMM reads every feature of its input
       gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
       // Branch epilogue: bias, then phi (post) with its sign bits.
