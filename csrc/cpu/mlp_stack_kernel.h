@@ -115,6 +115,10 @@ struct MlpStack
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
     const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
     for (int64_t l = 0; l < p.depth; ++l) {
+      if (team.split && l + 1 < p.depth) {  // as the stack's forward: the next layer's weights, in time
+        prefetch(p.weight1 + p.weight_offset(l + 1) + j0 * n, (j1 - j0) * n);
+        prefetch(p.weight2 + p.weight_offset(l + 1) + o0 * m, (o1 - o0) * m);
+      }
       team.sync();  // h1 = W1 x reads every feature of x
       gemm<V>(j1 - j0, live, n, p.weight1 + p.weight_offset(l) + j0 * n, n, 1, s.stream, Rp, s.hidden + j0 * Rp, Rp,
               false);
