@@ -241,8 +241,8 @@ class TritonMlpStack:
     ) -> tuple[Tensor, FusedMlpState | list[Tensor]]:
         hidden_width, width = weights.weight1.shape[1:]
         itemsize = compute_dtype(x.dtype).itemsize
-        rows = x.numel() // width
-        if not uses_depth_fused_mlp(rows, width, hidden_width, itemsize, settings.activation, sm_count(x.device)):
+        row_count = x.numel() // width
+        if not uses_depth_fused_mlp(row_count, width, hidden_width, itemsize, settings.activation, sm_count(x.device)):
             return self.per_layer.forward(x, weights, settings, save)
         rows, *params = compute_rows(x, *weights)
         if save and settings.checkpoint_every:
