@@ -761,7 +761,7 @@ struct Stack
       }
       // A feature-split team's GEMM is too short to hide the next layer's weights coming from memory: each
       // thread asks for its rows of them now (docs/design.md §7.6).
-      if (team.split && l + 1 < p.depth) prefetch(W + weight_offset(1, o0, n), (o1 - o0) * n);
+      if (team.split && l + 1 < p.depth) prefetch(p.weight + weight_offset(l + 1, o0, n), (o1 - o0) * n);
       team.sync();  // the GEMM reads every feature of its input
       gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
       // Branch epilogue: bias, then phi (post) with its sign bits.
