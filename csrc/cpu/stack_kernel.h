@@ -331,6 +331,51 @@ inline typename V::Mask load_bits(const uint16_t* words, int64_t row) {
   return V::mask((words[row / 16] >> (row % 16)) & ((1u << V::W) - 1u));
 }
 
+// Tells the core that this thread is spinning (x86 PAUSE, Arm YIELD): a hardware thread sharing the core runs
+// on meanwhile, and the loop's exit does not flush the pipeline on a mispredicted memory order.
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Polls done() until it holds, pausing between polls, and after kSpinsBeforeYield polls (a few microseconds)
+// yields the core between them: the thread it waits for may not be running (more threads than cores; a
+// longer spin made such a team several times slower, docs/design.md §7.6).
+template <class F>
+void spin_until(F&& done) {
+  constexpr int kSpinsBeforeYield = 64;
+  for (int spins = 0; !done(); ++spins) {
+    if (spins >= kSpinsBeforeYield) {
+      std::this_thread::yield();
+    } else {
+      spin_pause();
+    }
+  }
+}
+
+// The barrier of a feature-split team, met twice per layer in each direction: a polled counter, a fraction
+// of the cost of OpenMP's barrier between two cores, and much faster with more threads than cores
+// (docs/design.md §7.6).
+class TeamBarrier {
+ public:
+  void wait(int threads) {
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {  // the last to arrive opens it
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
+      return;
+    }
+    spin_until([&] { return generation_.load(std::memory_order_acquire) != generation; });
+  }
+
+ private:
+  alignas(64) std::atomic<int> arrived_{0};  // own cache lines: the waiting threads poll generation_
+  alignas(64) std::atomic<int64_t> generation_{0};
+};
+
 // How the threads of one OpenMP team share the work. With at least as many row tiles as threads,
 // each thread owns whole tiles ("row split", no barriers; the reverse walk only chains the threads'
 // weight-gradient sums, GradientChain). With fewer (small batches), all
@@ -339,6 +384,7 @@ inline typename V::Mask load_bits(const uint16_t* words, int64_t row) {
 struct Team {
   int thread, threads;
   bool split;
+  TeamBarrier* barrier;  // shared by the team, met wherever a split step reads other threads' features
   int64_t begin(int64_t n) const { return split ? n * thread / threads : 0; }
   int64_t end(int64_t n) const { return split ? n * (thread + 1) / threads : n; }
   // The tiles [first_tile, end_tile) of `count` this thread walks: all of them in turn when split, else a
@@ -347,9 +393,7 @@ struct Team {
   int64_t first_tile(int64_t count) const { return split ? 0 : count * thread / threads; }
   int64_t end_tile(int64_t count) const { return split ? count : count * (thread + 1) / threads; }
   void sync() const {
-    if (split) {
-#pragma omp barrier
-    }
+    if (split) barrier->wait(threads);
   }
 };
 
@@ -395,11 +439,12 @@ void with_planes(const Problem& p, int threads, int64_t stream_features, F&& bod
   const int64_t tiles = tile_count(p);
   const bool split = tiles < threads;
   std::unique_ptr<Planes> shared(split ? new Planes(p) : nullptr);
+  TeamBarrier barrier;
   std::unique_ptr<TilePlanes<typename Planes::Simd>> shared_streams(
       split ? new TilePlanes<typename Planes::Simd>(p.tile_rows, tiles * stream_features) : nullptr);
 #pragma omp parallel num_threads(threads)
   {
-    const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1};
+    const Team team{omp_get_thread_num(), omp_get_num_threads(), split && omp_get_num_threads() > 1, &barrier};
     std::unique_ptr<Planes> own(shared ? nullptr : new Planes(p));
     Planes& planes = shared ? *shared : *own;
     const int64_t own_tiles = team.end_tile(tiles) - team.first_tile(tiles);
@@ -420,16 +465,6 @@ void for_each_tile(const Problem& p, const Team& team, F&& body) {
   }
 }
 
-// Tells the core that this thread is spinning (x86 PAUSE, Arm YIELD): a hardware thread sharing the core runs
-// on meanwhile, and the loop's exit does not flush the pipeline on a mispredicted memory order.
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
 // The order in which the threads of a team that owns whole tiles add their rows into a layer's weight
 // gradients (TileWalks::walk_back): thread t adds its rows to a layer after thread t - 1 has added its
 // own, so every sum over the batch runs in row order. Thread 0 may run at most kLayerSlots layers ahead
@@ -447,13 +482,7 @@ class GradientChain {
     if (team.split) return;
     const int predecessor = team.thread > 0 ? team.thread - 1 : team.threads - 1;
     const int64_t target = team.thread > 0 ? step + 1 : step + 1 - kLayerSlots;
-    for (int spins = 0; done_[predecessor].layers.load(std::memory_order_acquire) < target; ++spins) {
-      if (spins >= kSpinsBeforeYield) {
-        std::this_thread::yield();  // the predecessor may not be running
-      } else {
-        spin_pause();
-      }
-    }
+    spin_until([&] { return done_[predecessor].layers.load(std::memory_order_acquire) >= target; });
   }
 
   // After this thread has added its rows to the step-th layer.
@@ -462,7 +491,6 @@ class GradientChain {
   }
 
  private:
-  static constexpr int kSpinsBeforeYield = 1 << 14;
   struct alignas(64) Counter {  // one cache line each: the threads poll each other's
     std::atomic<int64_t> layers{0};
   };
