@@ -53,15 +53,23 @@ def outputs_and_grads(fn, inputs: list[torch.Tensor], params: list[torch.Tensor]
     return [out.detach()] + [leaf.grad for leaf in leaves] + [param.grad.clone() for param in params]
 
 
+MORE_THREADS_THAN_CORES = (os.cpu_count() or 1) + 1
+"""A team the cores cannot all run at once: its threads wait at barriers for threads that are not running,
+and split the features unevenly."""
+
+
 def assert_bitwise_across_threads(fn, inputs, params=(), grad_seed=0) -> None:
     with num_threads(1):
         one = outputs_and_grads(fn, inputs, list(params), grad_seed)
     with num_threads(2):
         two = outputs_and_grads(fn, inputs, list(params), grad_seed)
         again = outputs_and_grads(fn, inputs, list(params), grad_seed)
-    for index, (a, b, c) in enumerate(zip(one, two, again)):
+    with num_threads(MORE_THREADS_THAN_CORES):
+        many = outputs_and_grads(fn, inputs, list(params), grad_seed)
+    for index, (a, b, c, d) in enumerate(zip(one, two, again, many)):
         assert torch.equal(a, b), f"result {index}: 1 thread != 2 threads"
         assert torch.equal(b, c), f"result {index}: two calls differ"
+        assert torch.equal(a, d), f"result {index}: 1 thread != {MORE_THREADS_THAN_CORES} threads (more than cores)"
 
 
 SCALED_RESIDUAL_SPECS = [
