@@ -54,8 +54,8 @@ def outputs_and_grads(fn, inputs: list[torch.Tensor], params: list[torch.Tensor]
 
 
 MORE_THREADS_THAN_CORES = (os.cpu_count() or 1) + 1
-"""A team the cores cannot all run at once: its threads wait at barriers for threads that are not running,
-and split the features unevenly."""
+"""A team the cores cannot all run at once: its threads wait at barriers and in the gradient chain for threads
+that are not running."""
 
 
 def assert_bitwise_across_threads(fn, inputs, params=(), grad_seed=0) -> None:
