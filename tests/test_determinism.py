@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import dmup_kernels
-from dmup_kernels import DepthMuPNet, ResidualStack, ScaledResidual
+from dmup_kernels import DepthMuPNet, ResidualMLPStack, ResidualStack, ScaledResidual
 
 from conftest import num_threads
 from sample_inputs import (
@@ -53,7 +53,9 @@ def outputs_and_grads(fn, inputs: list[torch.Tensor], params: list[torch.Tensor]
     return [out.detach()] + [leaf.grad for leaf in leaves] + [param.grad.clone() for param in params]
 
 
-MORE_THREADS_THAN_CORES = (os.cpu_count() or 1) + 1
+MORE_THREADS_THAN_CORES = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+) + 1
 """A team the cores cannot all run at once: its threads wait at barriers and in the gradient chain for threads
 that are not running."""
 
@@ -93,14 +95,22 @@ def test_scaled_residual_bitwise_across_threads(spec: ResidualSpec, dtype, seed)
 
 
 @pytest.mark.parametrize(
-    "batch,block,activation",
-    [(1000, "post", "abs"), (3, "post", "relu"), (200, "pre", "silu")],
-    ids=["row-split", "feature-split", "pre"],
+    "batch,width,block,activation",
+    [(1000, 96, "post", "abs"), (3, 96, "post", "relu"), (200, 96, "pre", "silu"), (3, 2, "post", "gelu")],
+    ids=["row-split", "feature-split", "pre", "fewer-features-than-threads"],
 )
-def test_residual_stack_module_bitwise_across_threads(batch, block, activation, cpu_isa, seed):
+def test_residual_stack_module_bitwise_across_threads(batch, width, block, activation, cpu_isa, seed):
     torch.manual_seed(seed)
-    module = ResidualStack(96, 17, activation=activation, block=block, bias=True, backend="auto")
-    x = torch.randn(batch, 96)
+    module = ResidualStack(width, 17, activation=activation, block=block, bias=True, backend="auto")
+    x = torch.randn(batch, width)
+    assert_bitwise_across_threads(module, [x], module.parameters(), grad_seed=seed)
+
+
+@pytest.mark.parametrize("batch", [200, 3], ids=["row-split", "feature-split"])
+def test_residual_mlp_stack_module_bitwise_across_threads(batch, cpu_isa, seed):
+    torch.manual_seed(seed)
+    module = ResidualMLPStack(40, 72, 9, activation="relu", mean_subtract=True, bias=True, backend="auto")
+    x = torch.randn(batch, 40)
     assert_bitwise_across_threads(module, [x], module.parameters(), grad_seed=seed)
 
 

@@ -347,11 +347,12 @@ inline void spin_pause() {
 template <class F>
 void spin_until(F&& done) {
   constexpr int kSpinsBeforeYield = 64;
-  for (int spins = 0; !done(); ++spins) {
-    if (spins >= kSpinsBeforeYield) {
-      std::this_thread::yield();
-    } else {
+  for (int spins = 0; !done();) {
+    if (spins < kSpinsBeforeYield) {
+      ++spins;  // counted up to the limit only: a wait may outlast any count
       spin_pause();
+    } else {
+      std::this_thread::yield();
     }
   }
 }
