@@ -13,8 +13,6 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
-// GCC 12 flags the intentionally undefined pass-through operand of masked intrinsics.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "cpu_kernels.h"
 #include "simd_avx512.h"

@@ -22,6 +22,10 @@
 
 #include "simd_math.h"
 
+// GCC 12 flags the intentionally undefined pass-through operand of masked intrinsics inlined here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace dmup {
 namespace avx512 {
 
@@ -109,3 +113,5 @@ inline Vec tanh(Vec x) { return tanh_approx<Simd>(x); }
 
 }  // namespace avx512
 }  // namespace dmup
+
+#pragma GCC diagnostic pop
