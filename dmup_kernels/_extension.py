@@ -40,7 +40,8 @@ def cpu_isa() -> str | None:
     ``"portable"`` (scalar code); ``None`` without the C++ extension.
 
     It is the best one this CPU runs, unless ``DMUP_CPU_ISA`` pinned another when the package was
-    imported. float64 always runs the portable kernel.
+    imported. float64 always runs the portable kernel, and under ``"avx512"`` a batch of at most 8 rows
+    runs the 8-lane AVX2 kernels (16 lanes would be half empty).
     """
     return _C.cpu_isa() if _C is not None else None
 

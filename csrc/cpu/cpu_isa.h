@@ -1,7 +1,7 @@
 // Which instruction set the CPU kernels of float32 run on, chosen once per process: the best this
 // CPU runs (x86: avx512 > avx2 > portable; aarch64: neon), or the one pinned by name (the
 // DMUP_CPU_ISA environment variable, applied when the Python package is imported). float64 always
-// runs the portable kernel.
+// runs the portable kernel; on avx512, small batches run the avx2 one (active_cpu_kernels, cpu_kernels.h).
 #pragma once
 
 #include <string>

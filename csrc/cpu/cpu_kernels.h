@@ -30,8 +30,10 @@ CpuKernels<float> cpu_kernels_neon();
 template <class T>
 CpuKernels<T> cpu_kernels_portable();
 
-// The kernels float32 runs on the instruction set in use (cpu_isa.h); float64 always runs the portable ones.
+// The kernels float32 runs for a batch of `batch` rows on the instruction set in use (cpu_isa.h); float64 always
+// runs the portable ones. On AVX-512, a batch of at most 8 rows runs the 8-lane AVX2 kernels:
+// the kernels vectorise over rows, so its 16-lane vectors would be half empty (docs/design.md §7.3).
 template <class T>
-CpuKernels<T> active_cpu_kernels();
+CpuKernels<T> active_cpu_kernels(int64_t batch);
 
 }  // namespace dmup

@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_mlp_stack_cpu(
                                                    checkpoint_every, &empty_large);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_mlp_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract);
-    const auto kernels = active_cpu_kernels<scalar_t>().mlp_stack(problem.activation);
+    const auto kernels = active_cpu_kernels<scalar_t>(problem.batch).mlp_stack(problem.activation);
     kernels.forward(problem, forward_buffers<scalar_t>(x, out, saved, mask, save_for_backward, checkpoint_every),
                     at::get_num_threads());
   });
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_
                                                   grad_weight2.mutable_data_ptr<scalar_t>(),
                                                   bias1 ? grad_bias1.mutable_data_ptr<scalar_t>() : nullptr,
                                                   bias2 ? grad_bias2.mutable_data_ptr<scalar_t>() : nullptr};
-    run_backward(active_cpu_kernels<scalar_t>().mlp_stack(problem.activation), problem, whole, saved, mask,
+    run_backward(active_cpu_kernels<scalar_t>(problem.batch).mlp_stack(problem.activation), problem, whole, saved, mask,
                  checkpoint_every, planes, hidden_width);
   });
   return {grad_x, grad_weight1, grad_weight2, grad_bias1, grad_bias2};

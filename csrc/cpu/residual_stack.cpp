@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_cpu(const at::Tens
   if (x.numel() == 0) return {out, saved, mask};  // no rows or no features: nothing to compute, and no row tile
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_stack_cpu", [&] {
     const auto problem = make_problem<scalar_t>(x, weight, bias, scale, activation, block, mean_subtract);
-    const auto kernels = active_cpu_kernels<scalar_t>().stack(problem.activation, problem.block);
+    const auto kernels = active_cpu_kernels<scalar_t>(problem.batch).stack(problem.activation, problem.block);
     kernels.forward(problem, forward_buffers<scalar_t>(x, out, saved, mask, save_for_backward, checkpoint_every),
                     at::get_num_threads());
   });
@@ -84,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_stack_backward_cpu(
                                                nullptr,
                                                grad_weight.mutable_data_ptr<scalar_t>(),
                                                bias ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr};
-    run_backward(active_cpu_kernels<scalar_t>().stack(problem.activation, problem.block), problem, whole, saved, mask,
-                 checkpoint_every, planes, width);
+    run_backward(active_cpu_kernels<scalar_t>(problem.batch).stack(problem.activation, problem.block), problem, whole,
+                 saved, mask, checkpoint_every, planes, width);
   });
   return {grad_x, grad_weight, grad_bias};
 }

@@ -19,12 +19,15 @@
 
 namespace dmup {
 
+// Rows that fill at most half of an AVX-512 vector. Every CPU with AVX-512 F also has AVX2 and FMA.
+constexpr int64_t kHalfVectorRows = 8;
+
 template <class T>
-CpuKernels<T> active_cpu_kernels() {
+CpuKernels<T> active_cpu_kernels(int64_t batch) {
   if constexpr (std::is_same_v<T, float>) {
     switch (active_cpu_isa()) {
 #if defined(__x86_64__)
-      case CpuIsa::Avx512: return cpu_kernels_avx512();
+      case CpuIsa::Avx512: return batch <= kHalfVectorRows ? cpu_kernels_avx2() : cpu_kernels_avx512();
       case CpuIsa::Avx2: return cpu_kernels_avx2();
 #elif defined(__aarch64__)
       case CpuIsa::Neon: return cpu_kernels_neon();
@@ -35,8 +38,8 @@ CpuKernels<T> active_cpu_kernels() {
   return cpu_kernels_portable<T>();
 }
 
-template CpuKernels<float> active_cpu_kernels<float>();
-template CpuKernels<double> active_cpu_kernels<double>();
+template CpuKernels<float> active_cpu_kernels<float>(int64_t batch);
+template CpuKernels<double> active_cpu_kernels<double>(int64_t batch);
 
 namespace {
 
