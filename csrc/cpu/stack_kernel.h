@@ -470,8 +470,7 @@ void for_each_tile(const Problem& p, const Team& team, F&& body) {
 // gradients (TileWalks::walk_back): thread t adds its rows to a layer after thread t - 1 has added its
 // own, so every sum over the batch runs in row order. Thread 0 may run at most kLayerSlots layers ahead
 // of the last thread, which finishes each layer's sums: the partial sums of layer step s live in slot
-// s % kLayerSlots until then. Threads that split one tile's features own disjoint rows of the gradients
-// and never wait.
+// s % kLayerSlots until then. (A feature-split team divides the walk by role instead, RolePipeline.)
 class GradientChain {
  public:
   static constexpr int64_t kLayerSlots = 4;
@@ -480,7 +479,6 @@ class GradientChain {
 
   // Before this thread adds its rows to the step-th layer of the walk.
   void wait(const Team& team, int64_t step) const {
-    if (team.split) return;
     const int predecessor = team.thread > 0 ? team.thread - 1 : team.threads - 1;
     const int64_t target = team.thread > 0 ? step + 1 : step + 1 - kLayerSlots;
     spin_until([&] { return done_[predecessor].layers.load(std::memory_order_acquire) >= target; });
@@ -488,7 +486,7 @@ class GradientChain {
 
   // After this thread has added its rows to the step-th layer.
   void pass(const Team& team, int64_t step) const {
-    if (!team.split) done_[team.thread].layers.store(step + 1, std::memory_order_release);
+    done_[team.thread].layers.store(step + 1, std::memory_order_release);
   }
 
  private:
@@ -496,6 +494,56 @@ class GradientChain {
     std::atomic<int64_t> layers{0};
   };
   std::unique_ptr<Counter[]> done_;
+};
+
+// How a feature-split team (fewer row tiles than threads) shares the reverse walk: by role, not by feature
+// alone. All threads but the last form the chain team, which takes the tiles back layer by layer (splitting
+// their features among themselves, and with two threads one thread alone, at no barrier); the last thread
+// adds each layer's weight gradients, whole, from the planes the chain team filled. Each (layer, tile) item
+// has its planes in a ring of kSlots, so the weight thread may lag up to kSlots - 1 items behind: neither role
+// waits for the other unless the ring is full or empty. The items run in walk_back's order and every sum in
+// the same order, so the results are bitwise those of any other split (docs/design.md §7.6).
+template <class Planes>
+class RolePipeline {
+ public:
+  static constexpr int64_t kSlots = 4;
+
+  // Planes for the ring only where the team may split (fewer tiles than threads).
+  template <class Problem>
+  RolePipeline(const Problem& p, int threads) : filled_(new Counter[std::max(threads - 1, 1)]) {
+    if (tile_count(p) < threads) {
+      for (auto& slot : ring_) slot.reset(new Planes(p));
+    }
+  }
+
+  // The chain team of `team`: every thread but the last, splitting the features when there are several.
+  Team chain(const Team& team) { return {team.thread, team.threads - 1, team.threads > 2, &barrier_}; }
+  bool weights_role(const Team& team) const { return team.thread == team.threads - 1; }
+  Planes& slot(int64_t item) const { return *ring_[item % kSlots]; }
+
+  // A chain thread, before it fills the planes of `item`: the weight thread is done with item - kSlots.
+  void wait_for_slot(int64_t item) const {
+    spin_until([&] { return emptied_.items.load(std::memory_order_acquire) >= item + 1 - kSlots; });
+  }
+  void filled(const Team& chain, int64_t item) const {
+    filled_[chain.thread].items.store(item + 1, std::memory_order_release);
+  }
+  // The weight thread, before it reads the planes of `item`: every chain thread has filled its features.
+  void wait_filled(const Team& chain, int64_t item) const {
+    for (int t = 0; t < chain.threads; ++t) {
+      spin_until([&] { return filled_[t].items.load(std::memory_order_acquire) >= item + 1; });
+    }
+  }
+  void emptied(int64_t item) { emptied_.items.store(item + 1, std::memory_order_release); }
+
+ private:
+  struct alignas(64) Counter {  // one cache line each: the other role polls it
+    std::atomic<int64_t> items{0};
+  };
+  std::unique_ptr<Planes> ring_[kSlots];
+  std::unique_ptr<Counter[]> filled_;  // per chain thread
+  Counter emptied_;
+  TeamBarrier barrier_;  // the chain team's
 };
 
 // The chained sum over the batch of features [o0, o1) of a tile's plane `values` (stride Rp), tile by tile in
@@ -587,41 +635,81 @@ struct TileWalks {
   // layer's parameter gradients at once, in the batch's row order (GradientChain), so no dh of the whole
   // batch is ever stored. Each gradient element sums the rows in the same order whatever the tiling, so the
   // result does not depend on the number of threads. With `recompute`, every tile first walks it forward
-  // (checkpoints).
+  // (checkpoints). A feature-split team divides the walk by role (walk_back_in_roles).
   static void walk_back(const Problem& p, const StackForwardBuffers<T>* recompute, const Backward& buf, int threads) {
-    using V = typename K::Planes::Simd;
+    using Planes = typename K::Planes;
+    using V = typename Planes::Simd;
     const GradientChain chain(threads);
+    RolePipeline<Planes> roles(p, threads);
     const int64_t summed = K::summed_features(p) * V::W;
     std::unique_ptr<T[]> sums(new T[GradientChain::kLayerSlots * summed]);
-    with_planes<typename K::Planes>(
-        p, threads, p.width, [&](const Team& team, typename K::Planes& s, T* row, TilePlanes<V>& grads) {
-          std::unique_ptr<T[]> packed(new T[K::packed_elements(p)]);
-          const int64_t last = team.end_tile(tile_count(p)) - team.first_tile(tile_count(p)) - 1;
-          // Each tile with its gradient plane. No barrier between tiles: a step of the reverse walk starts
-          // with one (backward_layer), as the next layer of the same tile would.
-          const auto each_tile = [&](auto&& body) {
-            for_each_tile(p, team,
-                          [&](int64_t i, int64_t b0, int64_t rows) { body(i, grads.at(i * p.width), b0, rows); });
-          };
-          if (recompute) walk_tiles_forward(p, *recompute, team, s, row);
-          const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
-          each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
-            load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
-          });
-          for (int64_t l = p.depth - 1; l >= 0; --l) {
-            const int64_t step = p.depth - 1 - l;
-            T* slot = sums.get() + step % GradientChain::kLayerSlots * summed;
-            each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
-              K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
-              if (i == 0) chain.wait(team, step);
-              K::add_weight_gradients(p, buf, team, s, l, b0, rows, packed.get(), slot);
-              if (i == last) chain.pass(team, step);
-            });
-          }
-          each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
-            store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
-          });
+    with_planes<Planes>(p, threads, p.width, [&](const Team& team, Planes& s, T* row, TilePlanes<V>& grads) {
+      std::unique_ptr<T[]> packed(new T[K::packed_elements(p)]);
+      if (recompute) walk_tiles_forward(p, *recompute, team, s, row);
+      if (team.split) return walk_back_in_roles(p, buf, team, roles, row, grads, packed.get(), sums.get());
+      const int64_t last = team.end_tile(tile_count(p)) - team.first_tile(tile_count(p)) - 1;
+      // Each of this thread's tiles with its gradient plane.
+      const auto each_tile = [&](auto&& body) {
+        for_each_tile(p, team, [&](int64_t i, int64_t b0, int64_t rows) { body(i, grads.at(i * p.width), b0, rows); });
+      };
+      const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
+      each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
+        load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
+      });
+      for (int64_t l = p.depth - 1; l >= 0; --l) {
+        const int64_t step = p.depth - 1 - l;
+        T* slot = sums.get() + step % GradientChain::kLayerSlots * summed;
+        each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
+          K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
+          if (i == 0) chain.wait(team, step);
+          K::add_weight_gradients(p, buf, team, s, l, b0, rows, packed.get(), slot);
+          if (i == last) chain.pass(team, step);
         });
+      }
+      each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
+        store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
+      });
+    });
+  }
+
+  // The reverse walk of a feature-split team, by role (RolePipeline): item i * tiles + t is tile t at layer step i,
+  // walk_back's order. The chain team takes each item back into its slot of the ring, the gradient of each tile in
+  // its plane of `grads`; the weight thread adds each item's rows into the layer's gradients, the partial sums of
+  // the biases in `sums`.
+  template <class Planes>
+  static void walk_back_in_roles(const Problem& p, const Backward& buf, const Team& team, RolePipeline<Planes>& roles,
+                                 T* row, TilePlanes<typename Planes::Simd>& grads, T* packed, T* sums) {
+    using V = typename Planes::Simd;
+    const int64_t tiles = tile_count(p), items = p.depth * tiles;
+    const auto rows_of = [&](int64_t tile) { return std::min(p.tile_rows, p.batch - tile * p.tile_rows); };
+    const Team chain = roles.chain(team);
+    if (roles.weights_role(team)) {
+      const Team alone{0, 1, false, nullptr};
+      for (int64_t item = 0; item < items; ++item) {
+        roles.wait_filled(chain, item);
+        const int64_t tile = item % tiles;
+        K::add_weight_gradients(p, buf, alone, roles.slot(item), p.depth - 1 - item / tiles, tile * p.tile_rows,
+                                rows_of(tile), packed, sums);
+        roles.emptied(item);
+      }
+      return;
+    }
+    const int64_t o0 = chain.begin(p.width), o1 = chain.end(p.width);
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, grads.at(tile * p.width), grads.padded, o0, o1,
+                   tile * p.tile_rows, rows_of(tile));
+    }
+    for (int64_t item = 0; item < items; ++item) {
+      roles.wait_for_slot(item);
+      const int64_t tile = item % tiles;
+      K::backward_layer(p, buf, chain, roles.slot(item), grads.at(tile * p.width), row, p.depth - 1 - item / tiles,
+                        tile * p.tile_rows, rows_of(tile));
+      roles.filled(chain, item);
+    }
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, grads.at(tile * p.width), grads.padded, o0, o1,
+                    tile * p.tile_rows, rows_of(tile));
+    }
   }
 };
 
