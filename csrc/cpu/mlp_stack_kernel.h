@@ -177,30 +177,25 @@ struct MlpStack
         V::store(s.hidden + i, Phi::value(h));
       }
     }
-    team.sync();  // g += dh1 W1 reads dh1 of every hidden feature, and overwrites g the row mean read; the
-                  // weight gradients read a of every hidden feature
+    team.sync();  // g += dh1 W1 reads dh1 of every hidden feature, and overwrites g the row mean read
     gemm<V>(o1 - o0, live, m, W1 + o0, 1, n, s.hidden_grad, Rp, g + o0 * Rp, Rp, true);
   }
 
   // The tile's rows added into dW2_l = dh2^T a, dW1_l = dh1^T x_l, db2_l = sum_rows dh2 and db1_l = sum_rows
-  // dh1, from the planes backward_layer left: rows [o0, o1) of dW2 and db2, [j0, j1) of dW1 and db1 when split.
-  static void add_weight_gradients(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Team& team,
-                                   const Planes& s, int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
+  // dh1, from the planes backward_layer left, by one thread.
+  static void add_weight_gradients(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Planes& s,
+                                   int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
-    const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
     const int64_t n_padded = whole_vectors<V>(n), m_padded = whole_vectors<V>(m);
     T* inputs = packed;                    // x_l, row-major
     T* hidden = packed + rows * n_padded;  // a_l, row-major
     const auto same = [](Vec x) { return x; };
     pack_transposed<V>(inputs, n_padded, buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows, same);
     pack_transposed<V>(hidden, m_padded, s.hidden, Rp, m, rows, same);
-    gemm<V>(o1 - o0, m, rows, s.branch + o0 * Rp, Rp, 1, hidden, m_padded,
-            buf.grad_weight2 + p.weight_offset(l) + o0 * m, m, b0 > 0);
-    gemm<V>(j1 - j0, n, rows, s.hidden_grad + j0 * Rp, Rp, 1, inputs, n_padded,
-            buf.grad_weight1 + p.weight_offset(l) + j0 * n, n, b0 > 0);
-    if (buf.grad_bias2) add_row_sums<V>(s.branch, Rp, o0, o1, rows, b0, B, sums, buf.grad_bias2 + l * n);
-    if (buf.grad_bias1)
-      add_row_sums<V>(s.hidden_grad, Rp, j0, j1, rows, b0, B, sums + n * V::W, buf.grad_bias1 + l * m);
+    gemm<V>(n, m, rows, s.branch, Rp, 1, hidden, m_padded, buf.grad_weight2 + p.weight_offset(l), m, b0 > 0);
+    gemm<V>(m, n, rows, s.hidden_grad, Rp, 1, inputs, n_padded, buf.grad_weight1 + p.weight_offset(l), n, b0 > 0);
+    if (buf.grad_bias2) add_row_sums<V>(s.branch, Rp, 0, n, rows, b0, B, sums, buf.grad_bias2 + l * n);
+    if (buf.grad_bias1) add_row_sums<V>(s.hidden_grad, Rp, 0, m, rows, b0, B, sums + n * V::W, buf.grad_bias1 + l * m);
   }
 };
 

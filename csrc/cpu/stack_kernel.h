@@ -25,7 +25,8 @@
 // at the end).
 // The backward walks the layers in step (TileWalks::walk_back): at layer l each tile forms its rows of dh_l
 // and at once adds them into dW_l and db_l, the threads' tiles in the batch's row order (GradientChain), so
-// dh of the whole stack never exists (docs/design.md §3.3).
+// dh of the whole stack never exists (docs/design.md §3.3). (A team that splits a tile's features hands dh_l
+// to its last thread, which adds it a few layers behind, RolePipeline.)
 // Threads: with enough rows each thread owns whole tiles; with fewer rows than threads x 16 the
 // threads share each tile, splitting its features (see Team). Every output element of a row depends
 // only on that row, summed in a fixed order (every GEMM sums over its K in order, whatever its
@@ -357,7 +358,8 @@ void spin_until(F&& done) {
   }
 }
 
-// The barrier of a feature-split team, met twice per layer in each direction: a polled counter, a fraction
+// The barrier of a feature-split team, met twice per layer in the forward (and in the backward by a chain team
+// of two threads or more, RolePipeline): a polled counter, a fraction
 // of the cost of OpenMP's barrier between two cores, and much faster with more threads than cores
 // (docs/design.md §7.6).
 class TeamBarrier {
@@ -662,7 +664,7 @@ struct TileWalks {
         each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
           K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
           if (i == 0) chain.wait(team, step);
-          K::add_weight_gradients(p, buf, team, s, l, b0, rows, packed.get(), slot);
+          K::add_weight_gradients(p, buf, s, l, b0, rows, packed.get(), slot);
           if (i == last) chain.pass(team, step);
         });
       }
@@ -684,12 +686,11 @@ struct TileWalks {
     const auto rows_of = [&](int64_t tile) { return std::min(p.tile_rows, p.batch - tile * p.tile_rows); };
     const Team chain = roles.chain(team);
     if (roles.weights_role(team)) {
-      const Team alone{0, 1, false, nullptr};
       for (int64_t item = 0; item < items; ++item) {
         roles.wait_filled(chain, item);
         const int64_t tile = item % tiles;
-        K::add_weight_gradients(p, buf, alone, roles.slot(item), p.depth - 1 - item / tiles, tile * p.tile_rows,
-                                rows_of(tile), packed, sums);
+        K::add_weight_gradients(p, buf, roles.slot(item), p.depth - 1 - item / tiles, tile * p.tile_rows, rows_of(tile),
+                                packed, sums);
         roles.emptied(item);
       }
       return;
@@ -938,15 +939,14 @@ struct Stack
   }
 
   // The tile's rows added into dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l,
-  // from dh_l in the plane aux: rows [o0, o1) of them when split.
-  static void add_weight_gradients(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team,
-                                   const Planes& s, int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
-    const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
+  // from dh_l in the plane aux, by one thread.
+  static void add_weight_gradients(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Planes& s,
+                                   int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
+    const int64_t n = p.width, B = p.batch, Rp = s.padded;
     pack_transposed<V>(packed, whole_vectors<V>(n), buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows,
                        [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
-    gemm<V>(o1 - o0, n, rows, s.aux + o0 * Rp, Rp, 1, packed, whole_vectors<V>(n),
-            buf.grad_weight + weight_offset(l, o0, n), n, b0 > 0);
-    if (buf.grad_bias) add_row_sums<V>(s.aux, Rp, o0, o1, rows, b0, B, sums, buf.grad_bias + l * n);
+    gemm<V>(n, n, rows, s.aux, Rp, 1, packed, whole_vectors<V>(n), buf.grad_weight + weight_offset(l, 0, n), n, b0 > 0);
+    if (buf.grad_bias) add_row_sums<V>(s.aux, Rp, 0, n, rows, b0, B, sums, buf.grad_bias + l * n);
   }
 };
 
