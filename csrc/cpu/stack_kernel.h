@@ -432,6 +432,18 @@ int64_t tile_count(const Problem& p) {
   return (p.batch + p.tile_rows - 1) / p.tile_rows;
 }
 
+// The rows of row tile `tile` (the last may be short).
+template <class Problem>
+int64_t rows_in_tile(const Problem& p, int64_t tile) {
+  return std::min(p.tile_rows, p.batch - tile * p.tile_rows);
+}
+
+// Whether a team of `threads` splits the features of each tile: it has fewer tiles than threads.
+template <class Problem>
+bool splits_features(const Problem& p, int threads) {
+  return tile_count(p) < threads;
+}
+
 // Runs body(team, planes, row, streams) on an OpenMP team of `threads`: the planes (Planes(p)) shared when
 // the team splits the features of each tile (fewer tiles than threads), else private; row, a row of the
 // tile's width, always private; streams, `stream_features` planes per tile of this thread (the i-th of its
@@ -440,7 +452,7 @@ template <class Planes, class Problem, class F>
 void with_planes(const Problem& p, int threads, int64_t stream_features, F&& body) {
   using T = typename Planes::T;
   const int64_t tiles = tile_count(p);
-  const bool split = tiles < threads;
+  const bool split = splits_features(p, threads);
   std::unique_ptr<Planes> shared(split ? new Planes(p) : nullptr);
   TeamBarrier barrier;
   std::unique_ptr<TilePlanes<typename Planes::Simd>> shared_streams(
@@ -462,10 +474,7 @@ void with_planes(const Problem& p, int threads, int64_t stream_features, F&& bod
 template <class Problem, class F>
 void for_each_tile(const Problem& p, const Team& team, F&& body) {
   const int64_t first = team.first_tile(tile_count(p)), end = team.end_tile(tile_count(p));
-  for (int64_t tile = first; tile < end; ++tile) {
-    const int64_t b0 = tile * p.tile_rows;
-    body(tile - first, b0, std::min(p.tile_rows, p.batch - b0));
-  }
+  for (int64_t tile = first; tile < end; ++tile) body(tile - first, tile * p.tile_rows, rows_in_tile(p, tile));
 }
 
 // The order in which the threads of a team that owns whole tiles add their rows into a layer's weight
@@ -510,10 +519,10 @@ class RolePipeline {
  public:
   static constexpr int64_t kSlots = 4;
 
-  // Planes for the ring only where the team may split (fewer tiles than threads).
+  // Planes for the ring only where the team may split.
   template <class Problem>
   RolePipeline(const Problem& p, int threads) : filled_(new Counter[std::max(threads - 1, 1)]) {
-    if (tile_count(p) < threads) {
+    if (splits_features(p, threads)) {
       for (auto& slot : ring_) slot.reset(new Planes(p));
     }
   }
@@ -683,34 +692,33 @@ struct TileWalks {
                                  T* row, TilePlanes<typename Planes::Simd>& grads, T* packed, T* sums) {
     using V = typename Planes::Simd;
     const int64_t tiles = tile_count(p), items = p.depth * tiles;
-    const auto rows_of = [&](int64_t tile) { return std::min(p.tile_rows, p.batch - tile * p.tile_rows); };
     const Team chain = roles.chain(team);
     if (roles.weights_role(team)) {
       for (int64_t item = 0; item < items; ++item) {
         roles.wait_filled(chain, item);
         const int64_t tile = item % tiles;
-        K::add_weight_gradients(p, buf, roles.slot(item), p.depth - 1 - item / tiles, tile * p.tile_rows, rows_of(tile),
-                                packed, sums);
+        K::add_weight_gradients(p, buf, roles.slot(item), p.depth - 1 - item / tiles, tile * p.tile_rows,
+                                rows_in_tile(p, tile), packed, sums);
         roles.emptied(item);
       }
       return;
     }
     const int64_t o0 = chain.begin(p.width), o1 = chain.end(p.width);
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, grads.at(tile * p.width), grads.padded, o0, o1,
-                   tile * p.tile_rows, rows_of(tile));
-    }
+    for_each_tile(p, chain, [&](int64_t tile, int64_t b0, int64_t rows) {  // every tile, in the chain team
+      load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, grads.at(tile * p.width), grads.padded, o0, o1, b0,
+                   rows);
+    });
     for (int64_t item = 0; item < items; ++item) {
       roles.wait_for_slot(item);
       const int64_t tile = item % tiles;
       K::backward_layer(p, buf, chain, roles.slot(item), grads.at(tile * p.width), row, p.depth - 1 - item / tiles,
-                        tile * p.tile_rows, rows_of(tile));
+                        tile * p.tile_rows, rows_in_tile(p, tile));
       roles.filled(chain, item);
     }
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, grads.at(tile * p.width), grads.padded, o0, o1,
-                    tile * p.tile_rows, rows_of(tile));
-    }
+    for_each_tile(p, chain, [&](int64_t tile, int64_t b0, int64_t rows) {
+      store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, grads.at(tile * p.width), grads.padded, o0, o1, b0,
+                    rows);
+    });
   }
 };
 
