@@ -107,20 +107,21 @@ struct MlpStack
     }
   };
 
-  // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of the stream and [j0, j1)
-  // of the hidden layer when split), its x in the plane stream.
+  // The forward walk of one tile of `rows` rows from row b0, its x in the plane stream of `own` (the planes of
+  // this thread; a feature-split team computes features [j0, j1) of each hidden layer and [o0, o1) of each
+  // branch into the shared planes s).
   static void forward_layers(const MlpStackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team,
-                             Planes& s, T* row, int64_t b0, int64_t rows) {
+                             Planes& s, Planes& own, T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
     const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
     for (int64_t l = 0; l < p.depth; ++l) {
-      if (team.split && l + 1 < p.depth) {  // as the stack's forward: the next layer's weights, in time
+      if (l + 1 < p.depth) {  // as the stack's forward: the next layer's weights, in time
         prefetch(p.weight1 + p.weight_offset(l + 1) + j0 * n, (j1 - j0) * n);
         prefetch(p.weight2 + p.weight_offset(l + 1) + o0 * m, (o1 - o0) * m);
       }
-      team.sync();  // h1 = W1 x reads every feature of x
-      gemm<V>(j1 - j0, live, n, p.weight1 + p.weight_offset(l) + j0 * n, n, 1, s.stream, Rp, s.hidden + j0 * Rp, Rp,
+      // Every thread has all of x; the threads are past the last layer's reads of the shared planes (its update).
+      gemm<V>(j1 - j0, live, n, p.weight1 + p.weight_offset(l) + j0 * n, n, 1, own.stream, Rp, s.hidden + j0 * Rp, Rp,
               false);
       uint16_t* mask = buf.mask ? buf.mask + mask_offset(l, 0, 0, kPlanes, m, B) : nullptr;
       bias_activation<V, A, kPlanes>(s.hidden, Rp, p.bias1 ? p.bias1 + l * m : nullptr, j0, j1, live, mask, m, B, b0);
@@ -129,7 +130,7 @@ struct MlpStack
               false);
       bias_activation<V, Activation::Identity, 0>(s.branch, Rp, p.bias2 ? p.bias2 + l * n : nullptr, o0, o1, live,
                                                   nullptr, n, B, b0);
-      residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
+      residual_update<V>(team, p.mean_subtract, n, p.scale, own.stream, s.branch, Rp, o0, o1, live, rows, row,
                          buf.layer_state(l, n, B, b0), B, buf.saved_bypasses_caches);
     }
   }

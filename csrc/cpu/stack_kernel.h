@@ -358,10 +358,9 @@ void spin_until(F&& done) {
   }
 }
 
-// The barrier of a feature-split team, met twice per layer in the forward (and in the backward by a chain team
-// of two threads or more, RolePipeline): a polled counter, a fraction
-// of the cost of OpenMP's barrier between two cores, and much faster with more threads than cores
-// (docs/design.md §7.6).
+// The barrier of a feature-split team, met once per layer in the stack's forward (twice in the MLP stack's, and in
+// the backward by a chain team of two threads or more, RolePipeline): a polled counter, a fraction of the cost of
+// OpenMP's barrier between two cores, and much faster with more threads than cores (docs/design.md §7.6).
 class TeamBarrier {
  public:
   void wait(int threads) {
@@ -626,17 +625,20 @@ struct TileWalks {
   static Kernels<T, Problem, Backward> kernels() { return {&forward, &backward, &recompute_backward}; }
 
  private:
-  // The forward walk of this thread's tiles, each over all layers.
+  // The forward walk of this thread's tiles, each over all layers. Every thread of a feature-split team carries
+  // the whole x of the tile in planes of its own, so that it reads no other thread's x (docs/design.md §7.6).
   // (Planes is K::Planes, a template parameter because K is incomplete where this is declared.)
   template <class Planes>
   static void walk_tiles_forward(const Problem& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
                                  T* row) {
     using V = typename Planes::Simd;
+    std::unique_ptr<Planes> private_planes(team.split ? new Planes(p) : nullptr);
+    Planes& own = team.split ? *private_planes : s;
     const int64_t o0 = team.begin(p.width), o1 = team.end(p.width);
     for_each_tile(p, team, [&](int64_t, int64_t b0, int64_t rows) {
-      load_tile<V>(buf.x, buf.x_features, p.width, p.batch, s.stream, s.padded, o0, o1, b0, rows);
-      K::forward_layers(p, buf, team, s, row, b0, rows);
-      store_tile<V>(buf.out, nullptr, p.width, p.batch, s.stream, s.padded, o0, o1, b0, rows);
+      load_tile<V>(buf.x, buf.x_features, p.width, p.batch, own.stream, s.padded, 0, p.width, b0, rows);
+      K::forward_layers(p, buf, team, s, own, row, b0, rows);
+      store_tile<V>(buf.out, nullptr, p.width, p.batch, own.stream, s.padded, o0, o1, b0, rows);
       team.sync();  // the next tile reuses the shared planes; a walk back reads every feature
     });
     if (buf.saved_bypasses_caches) V::stream_fence();  // the streamed states, for whoever reads them
@@ -789,23 +791,28 @@ inline void save_state(typename V::T* p, typename V::Vec x, int lanes, bool bypa
   }
 }
 
-// The residual update of one layer for features [o0, o1) of a tile of `rows` rows: saves x_l into `saved`
-// (this layer's (n, B) state from the tile's first row, or nullptr; past the caches if `bypass`), then
-// x <- x + scale * (v - mean) with the row mean of the branch v over all `width` features (0 without mean
-// subtraction).
+// The residual update of one layer of a tile of `rows` rows, once the team's threads have each computed features
+// [o0, o1) of the branch v: saves those features of x_l into `saved` (this layer's (n, B) state from the tile's
+// first row, or nullptr; past the caches if `bypass`), then x <- x + scale * (v - mean) for all `width` features
+// of this thread's x, with the row mean of v (0 without mean subtraction).
 template <class V>
 void residual_update(const Team& team, bool mean_subtract, int64_t width, typename V::T scale, typename V::T* stream,
                      const typename V::T* branch, int64_t stride, int64_t o0, int64_t o1, int64_t live, int64_t rows,
                      typename V::T* row, typename V::T* saved, int64_t batch, bool bypass) {
-  team.sync();  // the row mean reads every feature of the branch
+  if (saved) {
+    for (int64_t o = o0; o < o1; ++o) {
+      for (int64_t r = 0; r < live; r += V::W) {
+        save_state<V>(saved + o * batch + r, V::load(stream + o * stride + r), lanes_at<V>(r, rows), bypass);
+      }
+    }
+  }
+  team.sync();  // the update reads every feature of the branch
   row_mean<V>(mean_subtract, width, branch, stride, live, typename V::T(1), row);
   const typename V::Vec s = V::broadcast(scale);
-  for (int64_t o = o0; o < o1; ++o) {
+  for (int64_t o = 0; o < width; ++o) {
     for (int64_t r = 0; r < live; r += V::W) {
       const int64_t i = o * stride + r;
-      const typename V::Vec x = V::load(stream + i);
-      if (saved) save_state<V>(saved + o * batch + r, x, lanes_at<V>(r, rows), bypass);
-      V::store(stream + i, V::fma(s, V::load(branch + i) - V::load(row + r), x));
+      V::store(stream + i, V::fma(s, V::load(branch + i) - V::load(row + r), V::load(stream + i)));
     }
   }
 }
@@ -861,7 +868,7 @@ struct Stack
   static constexpr int kPlanes = mask_planes(A, K);
 
   // A tile's four (n x Rp) planes (stack_tile_features), shared by a feature-split team, private to a
-  // thread otherwise.
+  // thread otherwise. The forward uses aux as a second branch plane.
   struct Planes : TilePlanes<V> {
     T *stream, *branch, *aux, *input;
     explicit Planes(const StackProblem<T>& p) : TilePlanes<V>(p.tile_rows, stack_tile_features(p.width)) {
@@ -872,30 +879,32 @@ struct Stack
     }
   };
 
-  // The forward walk of one tile of `rows` rows from row b0 (features [o0, o1) of it when split), its x in the
-  // plane stream.
+  // The forward walk of one tile of `rows` rows from row b0, its x in the plane stream of `own` (the planes of
+  // this thread; a feature-split team computes features [o0, o1) of each branch into the shared planes s).
   static void forward_layers(const StackProblem<T>& p, const StackForwardBuffers<T>& buf, const Team& team, Planes& s,
-                             T* row, int64_t b0, int64_t rows) {
+                             Planes& own, T* row, int64_t b0, int64_t rows) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
     const int64_t live = whole_vectors<V>(rows);  // columns computed; Rp is the stride
     for (int64_t l = 0; l < p.depth; ++l) {
       const T* W = p.weight + weight_offset(l, 0, n);
-      const T* gemm_in = s.stream;
+      const T* gemm_in = own.stream;
       if (!kPost && !kIdentity) {  // pre block: the GEMM reads phi(x)
-        map_rows<V>(s.input, s.stream, Rp, o0, o1, live, [](Vec x) { return Phi::value(x); });
-        gemm_in = s.input;
+        map_rows<V>(own.input, own.stream, Rp, 0, n, live, [](Vec x) { return Phi::value(x); });
+        gemm_in = own.input;
       }
-      // A feature-split team's GEMM is too short to hide the next layer's weights coming from memory: each
-      // thread asks for its rows of them now (docs/design.md §7.6).
-      if (team.split && l + 1 < p.depth) prefetch(p.weight + weight_offset(l + 1, o0, n), (o1 - o0) * n);
-      team.sync();  // the GEMM reads every feature of its input
-      gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, s.branch + o0 * Rp, Rp, false);
+      // The hardware prefetchers bring the next layer's weights too late (docs/design.md §7.6): each thread
+      // asks for its rows of them now.
+      if (l + 1 < p.depth) prefetch(p.weight + weight_offset(l + 1, o0, n), (o1 - o0) * n);
+      // Layers alternate between two branch planes: a thread may write this layer's while another still reads
+      // the last one's.
+      T* branch = l % 2 ? s.aux : s.branch;
+      gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, gemm_in, Rp, branch + o0 * Rp, Rp, false);
       // Branch epilogue: bias, then phi (post) with its sign bits.
       uint16_t* mask = buf.mask ? buf.mask + mask_offset(l, 0, 0, kPlanes, n, B) : nullptr;
-      bias_activation<V, kPost ? A : Activation::Identity, kPlanes>(s.branch, Rp, p.bias ? p.bias + l * n : nullptr, o0,
+      bias_activation<V, kPost ? A : Activation::Identity, kPlanes>(branch, Rp, p.bias ? p.bias + l * n : nullptr, o0,
                                                                     o1, live, mask, n, B, b0);
       // Save x_l (every save_every-th layer), then x <- x + s * (v - mean).
-      residual_update<V>(team, p.mean_subtract, n, p.scale, s.stream, s.branch, Rp, o0, o1, live, rows, row,
+      residual_update<V>(team, p.mean_subtract, n, p.scale, own.stream, branch, Rp, o0, o1, live, rows, row,
                          buf.layer_state(l, n, B, b0), B, buf.saved_bypasses_caches);
     }
   }
