@@ -151,6 +151,10 @@ struct MlpStack
     const int64_t live = whole_vectors<V>(rows);
     const T* W1 = p.weight1 + p.weight_offset(l);
     const T* W2 = p.weight2 + p.weight_offset(l);
+    if (l > 0) {  // as the stack's: the next layer's weights this thread reads, asked for now
+      prefetch(p.weight1 + p.weight_offset(l - 1) + j0 * n, (j1 - j0) * n);
+      prefetch_columns(p.weight2 + p.weight_offset(l - 1), n, m, j0, j1);
+    }
     load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
     team.sync();  // the row mean reads all of g; h1 = W1 x_l all of x_l
     gemm<V>(j1 - j0, live, n, W1 + j0 * n, n, 1, s.input, Rp, s.hidden + j0 * Rp, Rp, false);

@@ -72,6 +72,12 @@ inline void prefetch(const T* p, int64_t elements) {
   for (int64_t i = 0; i < elements; i += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(p + i, 0, 3);
 }
 
+// The same for columns [c0, c1) of the `rows` rows of `stride` elements of a matrix at p.
+template <class T>
+inline void prefetch_columns(const T* p, int64_t rows, int64_t stride, int64_t c0, int64_t c1) {
+  for (int64_t r = 0; r < rows; ++r) prefetch(p + r * stride + c0, c1 - c0);
+}
+
 // One segment's scratch for a checkpointed backward (checkpointed_backward, at the end), sized for
 // `every` layers of the whole batch.
 template <class T>
@@ -922,6 +928,8 @@ struct Stack
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
     const int64_t live = whole_vectors<V>(rows);
     const T* W = p.weight + weight_offset(l, 0, n);
+    // As in the forward: the columns of the next layer's weights that g += dh W reads, asked for now.
+    if (l > 0) prefetch_columns(p.weight + weight_offset(l - 1, 0, n), n, n, o0, o1);
     if constexpr (kNeedInput) {
       load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
     }
