@@ -736,13 +736,14 @@ template <class V>
 void row_mean(bool mean_subtract, int64_t width, const typename V::T* buf, int64_t stride, int64_t live,
               typename V::T factor, typename V::T* row) {
   using T = typename V::T;
-  for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::zero());
-  if (!mean_subtract) return;
-  for (int64_t o = 0; o < width; ++o) {
-    for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) + V::load(buf + o * stride + r));
-  }
   const typename V::Vec scale = V::broadcast(factor / T(width));
-  for (int64_t r = 0; r < live; r += V::W) V::store(row + r, V::load(row + r) * scale);
+  for (int64_t r = 0; r < live; r += V::W) {
+    typename V::Vec sum = V::zero();  // in a register: a sum through memory waits on each store
+    if (mean_subtract) {
+      for (int64_t o = 0; o < width; ++o) sum += V::load(buf + o * stride + r);
+    }
+    V::store(row + r, mean_subtract ? sum * scale : V::zero());
+  }
 }
 
 // A proxy with the sign of h, rebuilt from the saved bits of `planes` planes (1, -1 or 0; relu's NaN reads
