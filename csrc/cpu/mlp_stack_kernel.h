@@ -151,7 +151,7 @@ struct MlpStack
     const int64_t live = whole_vectors<V>(rows);
     const T* W1 = p.weight1 + p.weight_offset(l);
     const T* W2 = p.weight2 + p.weight_offset(l);
-    if (l > 0) {  // as the stack's: the next layer's weights this thread reads, asked for now
+    if (l > 0) {  // as the stack's: the next layer's rows of W1 and columns of W2 this thread reads, asked for now
       prefetch(p.weight1 + p.weight_offset(l - 1) + j0 * n, (j1 - j0) * n);
       prefetch_columns(p.weight2 + p.weight_offset(l - 1), n, m, j0, j1);
     }
