@@ -195,7 +195,6 @@ struct MlpStack
     T* inputs = packed;                    // x_l, row-major
     T* hidden = packed + rows * n_padded;  // a_l, row-major
     const auto same = [](Vec x) { return x; };
-    if (l > 0) prefetch_columns(buf.saved + state_offset(l - 1, 0, n, B), n, B, b0, b0 + rows);  // as the stack's
     pack_transposed<V>(inputs, n_padded, buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows, same);
     pack_transposed<V>(hidden, m_padded, s.hidden, Rp, m, rows, same);
     gemm<V>(n, m, rows, s.branch, Rp, 1, hidden, m_padded, buf.grad_weight2 + p.weight_offset(l), m, b0 > 0);

@@ -969,8 +969,6 @@ struct Stack
   static void add_weight_gradients(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Planes& s,
                                    int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded;
-    // The saved states went past the caches: the tile's rows of the next layer's input, asked for now.
-    if (l > 0) prefetch_columns(buf.saved + state_offset(l - 1, 0, n, B), n, B, b0, b0 + rows);
     pack_transposed<V>(packed, whole_vectors<V>(n), buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows,
                        [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
     gemm<V>(n, n, rows, s.aux, Rp, 1, packed, whole_vectors<V>(n), buf.grad_weight + weight_offset(l, 0, n), n, b0 > 0);
