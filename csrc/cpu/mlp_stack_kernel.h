@@ -120,7 +120,7 @@ struct MlpStack
         prefetch(p.weight1 + p.weight_offset(l + 1) + j0 * n, (j1 - j0) * n);
         prefetch(p.weight2 + p.weight_offset(l + 1) + o0 * m, (o1 - o0) * m);
       }
-      // Every thread has all of x; the threads are past the last layer's reads of the shared planes (its update).
+      // Every thread has all of x; every thread has read the last layer's hidden plane (it met the last barrier).
       gemm<V>(j1 - j0, live, n, p.weight1 + p.weight_offset(l) + j0 * n, n, 1, own.stream, Rp, s.hidden + j0 * Rp, Rp,
               false);
       uint16_t* mask = buf.mask ? buf.mask + mask_offset(l, 0, 0, kPlanes, m, B) : nullptr;
