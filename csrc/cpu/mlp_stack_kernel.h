@@ -144,8 +144,9 @@ struct MlpStack
   // Layer l of the reverse walk for one tile of `rows` rows from row b0, whose gradient g = dLoss/dx is in the
   // plane g (features [o0, o1) of the stream and [j0, j1) of the hidden layer when split): dh2_l, dh1_l and a_l
   // into the planes branch, hidden_grad and hidden, then g <- dLoss/dx_l.
+  template <class Ahead>
   static void backward_layer(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Team& team,
-                             Planes& s, T* g, T* row, int64_t l, int64_t b0, int64_t rows) {
+                             Planes& s, T* g, T* row, int64_t l, int64_t b0, int64_t rows, Ahead& ahead) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t o0 = team.begin(n), o1 = team.end(n), j0 = team.begin(m), j1 = team.end(m);
     const int64_t live = whole_vectors<V>(rows);
@@ -157,11 +158,11 @@ struct MlpStack
     }
     load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
     team.sync();  // the row mean reads all of g; h1 = W1 x_l all of x_l
-    gemm<V>(j1 - j0, live, n, W1 + j0 * n, n, 1, s.input, Rp, s.hidden + j0 * Rp, Rp, false);
+    gemm<V>(j1 - j0, live, n, W1 + j0 * n, n, 1, s.input, Rp, s.hidden + j0 * Rp, Rp, false, ahead);
     branch_gradient<V>(p.mean_subtract, n, p.scale, g, s.branch, Rp, o0, o1, live, row,
                        [](int64_t, int64_t, Vec du) { return du; });
     team.sync();  // da = dh2 W2 reads dh2 of every feature
-    gemm<V>(j1 - j0, live, n, W2 + j0, 1, m, s.branch, Rp, s.hidden_grad + j0 * Rp, Rp, false);
+    gemm<V>(j1 - j0, live, n, W2 + j0, 1, m, s.branch, Rp, s.hidden_grad + j0 * Rp, Rp, false, ahead);
     // dh1 = phi'(h1) da, from the sign bits (relu, abs) or h1 (gelu, silu); a = phi(h1 + b1) replaces h1.
     const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, m, B) : nullptr;
     for (int64_t j = j0; j < j1; ++j) {
@@ -183,13 +184,14 @@ struct MlpStack
       }
     }
     team.sync();  // g += dh1 W1 reads dh1 of every hidden feature, and overwrites g the row mean read
-    gemm<V>(o1 - o0, live, m, W1 + o0, 1, n, s.hidden_grad, Rp, g + o0 * Rp, Rp, true);
+    gemm<V>(o1 - o0, live, m, W1 + o0, 1, n, s.hidden_grad, Rp, g + o0 * Rp, Rp, true, ahead);
   }
 
   // The tile's rows added into dW2_l = dh2^T a, dW1_l = dh1^T x_l, db2_l = sum_rows dh2 and db1_l = sum_rows
   // dh1, from the planes backward_layer left, by one thread.
+  template <class Ahead>
   static void add_weight_gradients(const MlpStackProblem<T>& p, const MlpStackBackwardBuffers<T>& buf, const Planes& s,
-                                   int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
+                                   int64_t l, int64_t b0, int64_t rows, T* packed, T* sums, Ahead& ahead) {
     const int64_t n = p.width, m = p.hidden_width, B = p.batch, Rp = s.padded;
     const int64_t n_padded = whole_vectors<V>(n), m_padded = whole_vectors<V>(m);
     T* inputs = packed;                    // x_l, row-major
@@ -197,8 +199,9 @@ struct MlpStack
     const auto same = [](Vec x) { return x; };
     pack_transposed<V>(inputs, n_padded, buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows, same);
     pack_transposed<V>(hidden, m_padded, s.hidden, Rp, m, rows, same);
-    gemm<V>(n, m, rows, s.branch, Rp, 1, hidden, m_padded, buf.grad_weight2 + p.weight_offset(l), m, b0 > 0);
-    gemm<V>(m, n, rows, s.hidden_grad, Rp, 1, inputs, n_padded, buf.grad_weight1 + p.weight_offset(l), n, b0 > 0);
+    gemm<V>(n, m, rows, s.branch, Rp, 1, hidden, m_padded, buf.grad_weight2 + p.weight_offset(l), m, b0 > 0, ahead);
+    gemm<V>(m, n, rows, s.hidden_grad, Rp, 1, inputs, n_padded, buf.grad_weight1 + p.weight_offset(l), n, b0 > 0,
+            ahead);
     if (buf.grad_bias2) add_row_sums<V>(s.branch, Rp, 0, n, rows, b0, B, sums, buf.grad_bias2 + l * n);
     if (buf.grad_bias1) add_row_sums<V>(s.hidden_grad, Rp, 0, m, rows, b0, B, sums + n * V::W, buf.grad_bias1 + l * m);
   }

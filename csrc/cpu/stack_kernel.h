@@ -195,12 +195,65 @@ using StackKernels = Kernels<T, StackProblem<T>, StackBackwardBuffers<T>>;
 namespace stack_impl {
 namespace {
 
+// Lines of a strided block that a later step reads from memory (a tile's rows of a saved state, written past the
+// caches), asked for a few at a time by the GEMMs that run in between, after each register tile, spread evenly over
+// `fmas_before_use` vector FMAs (the reverse walk passes those of its last step). Asked for all at once, or at a
+// fixed pace that runs ahead of that work, they stall the core on its miss buffers (docs/design.md §7.6).
+// Default-constructed, it asks for nothing.
+template <class T>
+class LineRequests {
+ public:
+  LineRequests() = default;
+  // `rows` rows of `row_elements` elements from `first`, `stride` elements apart.
+  LineRequests(const T* first, int64_t stride, int64_t rows, int64_t row_elements, int64_t fmas_before_use)
+      : row_(reinterpret_cast<uintptr_t>(first)),
+        stride_(static_cast<uintptr_t>(stride) * sizeof(T)),
+        row_bytes_(static_cast<uintptr_t>(row_elements) * sizeof(T)),
+        rows_left_(row_elements > 0 ? rows : 0),
+        fmas_per_line_(std::max<int64_t>(fmas_before_use / std::max<int64_t>(rows * ((row_bytes_ + 63) / 64), 1), 1)) {
+    start_row();
+  }
+
+  // After a register tile of `vector_fmas` vector FMAs.
+  void ask_after(int64_t vector_fmas) {
+    fmas_seen_ += vector_fmas;
+    for (credit_ += vector_fmas; credit_ >= fmas_per_line_ && rows_left_ > 0; credit_ -= fmas_per_line_) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 3);
+      if (line_ < last_) {
+        line_ += 64;
+      } else {
+        row_ += stride_;
+        --rows_left_;
+        start_row();
+      }
+    }
+  }
+
+  // The vector FMAs of the register tiles after which it was asked: the work between two steps of a walk.
+  int64_t fmas_seen() const { return fmas_seen_; }
+
+ private:
+  void start_row() {
+    line_ = row_ & ~uintptr_t(63);
+    last_ = (row_ + row_bytes_ - 1) & ~uintptr_t(63);
+  }
+
+  uintptr_t row_ = 0, stride_ = 0, row_bytes_ = 0;
+  int64_t rows_left_ = 0, fmas_per_line_ = 1, credit_ = 0, fmas_seen_ = 0;
+  uintptr_t line_ = 0, last_ = 0;  // the next line to ask for, and the row's last
+};
+
+// Asks for nothing: for the GEMMs with nothing to ask for in between.
+struct NoLineRequests {
+  void ask_after(int64_t) {}
+};
+
 // C[i][j] (+)= sum_p A(i, p) * Bm[p][j] for i < MI, j < NJ*W, with A(i, p) = a[i*asi + p*asp] broadcast
 // and Bm rows read as full vectors (the caller pads them). Only the first `last` lanes of the last
-// vector of each C row are read or written.
-template <class V, int MI, int NJ>
+// vector of each C row are read or written. Then `ahead` asks for the lines due after this tile (LineRequests).
+template <class V, int MI, int NJ, class Ahead>
 inline void gemm_tile(int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b, int64_t bs,
-                      typename V::T* c, int64_t cs, bool accumulate, int last) {
+                      typename V::T* c, int64_t cs, bool accumulate, int last, Ahead& ahead) {
   using Vec = typename V::Vec;
   Vec acc[MI][NJ];
 #pragma GCC unroll 16
@@ -233,42 +286,50 @@ inline void gemm_tile(int64_t K, const typename V::T* a, int64_t asi, int64_t as
       }
     }
   }
+  ahead.ask_after(MI * NJ * K);
 }
 
-template <class V, int MI, int NJ>
+template <class V, int MI, int NJ, class Ahead>
 inline void gemm_rows(int64_t M, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
-                      int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
+                      int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last, Ahead& ahead) {
   int64_t i = 0;
-  for (; i + MI <= M; i += MI) gemm_tile<V, MI, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
+  for (; i + MI <= M; i += MI) {
+    gemm_tile<V, MI, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last, ahead);
+  }
   // The remaining rows in tiles of 4, 2, 1: a one-row tile is load-bound, so use it least.
-  for (; i + 4 <= M; i += 4) gemm_tile<V, 4, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
-  for (; i + 2 <= M; i += 2) gemm_tile<V, 2, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
-  for (; i < M; ++i) gemm_tile<V, 1, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last);
+  for (; i + 4 <= M; i += 4)
+    gemm_tile<V, 4, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last, ahead);
+  for (; i + 2 <= M; i += 2)
+    gemm_tile<V, 2, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last, ahead);
+  for (; i < M; ++i) gemm_tile<V, 1, NJ>(K, a + i * asi, asi, asp, b, bs, c + i * cs, cs, accumulate, last, ahead);
 }
 
 // One panel of nj <= NJ vectors of C columns, in the register tile the traits give for nj.
-template <class V, int NJ>
+template <class V, int NJ, class Ahead>
 inline void gemm_panel(int nj, int64_t M, int64_t K, const typename V::T* a, int64_t asi, int64_t asp,
-                       const typename V::T* b, int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last) {
+                       const typename V::T* b, int64_t bs, typename V::T* c, int64_t cs, bool accumulate, int last,
+                       Ahead& ahead) {
   if constexpr (NJ > 1) {
-    if (nj < NJ) return gemm_panel<V, NJ - 1>(nj, M, K, a, asi, asp, b, bs, c, cs, accumulate, last);
+    if (nj < NJ) return gemm_panel<V, NJ - 1>(nj, M, K, a, asi, asp, b, bs, c, cs, accumulate, last, ahead);
   }
-  gemm_rows<V, V::kTileRows[NJ - 1], NJ>(M, K, a, asi, asp, b, bs, c, cs, accumulate, last);
+  gemm_rows<V, V::kTileRows[NJ - 1], NJ>(M, K, a, asi, asp, b, bs, c, cs, accumulate, last, ahead);
 }
 
 // C (M x N, row stride cs) (+)= A (M x K, strides asi/asp) * Bm (K x N, row stride bs >= N rounded
 // up to W). C is cut into panels of V::kTileVectors vectors, each computed in register tiles of
-// V::kTileRows[NJ - 1] rows x NJ vectors (the traits type says why that tile fits its registers).
-template <class V>
+// V::kTileRows[NJ - 1] rows x NJ vectors (the traits type says why that tile fits its registers). After each
+// register tile, ahead.ask_after(its vector FMAs) (LineRequests: some of its lines).
+template <class V, class Ahead>
 void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
-          int64_t bs, typename V::T* c, int64_t cs, bool accumulate) {
+          int64_t bs, typename V::T* c, int64_t cs, bool accumulate, Ahead& ahead) {
   // K in blocks, so that the panel of Bm a register tile streams (kBlockK x 4 vectors, 16 KiB for
   // float32) stays in L1 across the tiles of a chunk. C is reloaded between blocks at full
   // precision, so the sum over K runs in the same order as without blocking.
   constexpr int64_t kBlockK = 64;
   if (K > kBlockK) {
     for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
-      gemm<V>(M, N, std::min(kBlockK, K - k0), a + k0 * asp, asi, asp, b + k0 * bs, bs, c, cs, accumulate || k0 > 0);
+      gemm<V>(M, N, std::min(kBlockK, K - k0), a + k0 * asp, asi, asp, b + k0 * bs, bs, c, cs, accumulate || k0 > 0,
+              ahead);
     }
     return;
   }
@@ -276,8 +337,17 @@ void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, 
   for (int64_t j0 = 0; j0 < vectors; j0 += V::kTileVectors) {
     const int nj = static_cast<int>(std::min<int64_t>(V::kTileVectors, vectors - j0));
     const int last = static_cast<int>(std::min<int64_t>(V::W, N - (j0 + nj - 1) * V::W));
-    gemm_panel<V, V::kTileVectors>(nj, M, K, a, asi, asp, b + j0 * V::W, bs, c + j0 * V::W, cs, accumulate, last);
+    gemm_panel<V, V::kTileVectors>(nj, M, K, a, asi, asp, b + j0 * V::W, bs, c + j0 * V::W, cs, accumulate, last,
+                                   ahead);
   }
+}
+
+// The same, asking for nothing in between.
+template <class V>
+void gemm(int64_t M, int64_t N, int64_t K, const typename V::T* a, int64_t asi, int64_t asp, const typename V::T* b,
+          int64_t bs, typename V::T* c, int64_t cs, bool accumulate) {
+  NoLineRequests none;
+  gemm<V>(M, N, K, a, asi, asp, b, bs, c, cs, accumulate, none);
 }
 
 // dst[k * stride + r] = src[k * src_stride + r] for r < count, 0 for count <= r < live (k < rows).
@@ -611,7 +681,7 @@ void store_tile(typename V::T* rows_out, typename V::T* features_out, int64_t wi
 // all layers; and, for the reverse walk, backward_layer (one layer of one tile, given its gradient plane g) and
 // add_weight_gradients (that tile's rows of the layer's parameter gradients, added while they are in its
 // planes, with private scratch of K::packed_elements(p) and K::summed_features(p) partial sums per lane in a
-// slot the team shares).
+// slot the team shares). Both pass `ahead` (LineRequests or NoLineRequests) to each of their GEMMs.
 template <class K, class T, class Problem, class Backward>
 struct TileWalks {
   static void forward(const Problem& p, const StackForwardBuffers<T>& buf, int threads) {
@@ -650,6 +720,14 @@ struct TileWalks {
     if (buf.saved_bypasses_caches) V::stream_fence();  // the streamed states, for whoever reads them
   }
 
+  // Rows [b0, b0 + rows) of every feature of layer l's saved state (nothing for l < 0): what the reverse walk reads
+  // from memory next, asked for while this step's GEMMs run (`fmas`, the vector FMAs of the last step).
+  static LineRequests<T> saved_rows(const Problem& p, const Backward& buf, int64_t l, int64_t b0, int64_t rows,
+                                    int64_t fmas) {
+    if (l < 0) return {};
+    return {buf.saved + state_offset(l, 0, p.width, p.batch) + b0, p.batch, p.width, rows, fmas};
+  }
+
   // The reverse walk, the layers in step: at each layer every tile is taken back and adds its rows into the
   // layer's parameter gradients at once, in the batch's row order (GradientChain), so no dh of the whole
   // batch is ever stored. Each gradient element sums the rows in the same order whatever the tiling, so the
@@ -675,15 +753,20 @@ struct TileWalks {
       each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
         load_tile<V>(buf.grad_out, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
       });
+      const int64_t first_row = team.first_tile(tile_count(p)) * p.tile_rows;
+      const int64_t end_row = std::min(team.end_tile(tile_count(p)) * p.tile_rows, p.batch);
+      int64_t step_fmas = 0;
       for (int64_t l = p.depth - 1; l >= 0; --l) {
         const int64_t step = p.depth - 1 - l;
         T* slot = sums.get() + step % GradientChain::kLayerSlots * summed;
+        LineRequests<T> ahead = saved_rows(p, buf, l - 1, first_row, end_row - first_row, step_fmas);
         each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
-          K::backward_layer(p, buf, team, s, g, row, l, b0, rows);
+          K::backward_layer(p, buf, team, s, g, row, l, b0, rows, ahead);
           if (i == 0) chain.wait(team, step);
-          K::add_weight_gradients(p, buf, s, l, b0, rows, packed.get(), slot);
+          K::add_weight_gradients(p, buf, s, l, b0, rows, packed.get(), slot, ahead);
           if (i == last) chain.pass(team, step);
         });
+        step_fmas = ahead.fmas_seen();
       }
       each_tile([&](int64_t, T* g, int64_t b0, int64_t rows) {
         store_tile<V>(buf.grad_x, buf.grad_carry, p.width, p.batch, g, s.padded, o0, o1, b0, rows);
@@ -701,12 +784,15 @@ struct TileWalks {
     using V = typename Planes::Simd;
     const int64_t tiles = tile_count(p), items = p.depth * tiles;
     const Team chain = roles.chain(team);
+    // A small batch: its weight GEMMs' register tiles are short (K = the tile's rows), and pacing requests after
+    // each cost more than the requests gained (docs/design.md §7.6).
+    NoLineRequests none;
     if (roles.weights_role(team)) {
       for (int64_t item = 0; item < items; ++item) {
         roles.wait_filled(chain, item);
         const int64_t tile = item % tiles;
         K::add_weight_gradients(p, buf, roles.slot(item), p.depth - 1 - item / tiles, tile * p.tile_rows,
-                                rows_in_tile(p, tile), packed, sums);
+                                rows_in_tile(p, tile), packed, sums, none);
         roles.emptied(item);
       }
       return;
@@ -720,7 +806,7 @@ struct TileWalks {
       roles.wait_for_slot(item);
       const int64_t tile = item % tiles;
       K::backward_layer(p, buf, chain, roles.slot(item), grads.at(tile * p.width), row, p.depth - 1 - item / tiles,
-                        tile * p.tile_rows, rows_in_tile(p, tile));
+                        tile * p.tile_rows, rows_in_tile(p, tile), none);
       roles.filled(chain, item);
     }
     for_each_tile(p, chain, [&](int64_t tile, int64_t b0, int64_t rows) {
@@ -922,8 +1008,9 @@ struct Stack
 
   // Layer l of the reverse walk for one tile of `rows` rows from row b0, whose gradient g = dLoss/dx is in the
   // plane g (features [o0, o1) of it when split): dh_l into the plane aux, then g <- dLoss/dx_l.
+  template <class Ahead>
   static void backward_layer(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Team& team, Planes& s,
-                             T* g, T* row, int64_t l, int64_t b0, int64_t rows) {
+                             T* g, T* row, int64_t l, int64_t b0, int64_t rows, Ahead& ahead) {
     constexpr bool kRecompute = kPost && kPlanes == 0 && !kIdentity;  // smooth phi: rebuild h
     constexpr bool kNeedInput = kRecompute || (!kPost && !kIdentity);
     const int64_t n = p.width, B = p.batch, Rp = s.padded, o0 = team.begin(n), o1 = team.end(n);
@@ -935,7 +1022,9 @@ struct Stack
       load_rows<V>(s.input + o0 * Rp, Rp, live, buf.saved + state_offset(l, o0, n, B) + b0, B, o1 - o0, rows);
     }
     team.sync();  // the row mean reads all of g; the recomputation all of x_l
-    if constexpr (kRecompute) gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false);
+    if constexpr (kRecompute) {
+      gemm<V>(o1 - o0, live, n, W + o0 * n, n, 1, s.input, Rp, s.branch + o0 * Rp, Rp, false, ahead);
+    }
     const uint16_t* mask = kPlanes ? buf.mask + mask_offset(l, 0, 0, kPlanes, n, B) : nullptr;
     branch_gradient<V>(p.mean_subtract, n, p.scale, g, s.aux, Rp, o0, o1, live, row, [&](int64_t o, int64_t r, Vec du) {
       if constexpr (kPost && kPlanes) {
@@ -952,9 +1041,9 @@ struct Stack
     team.sync();           // g += dh W reads dh of every feature, and overwrites g the row mean read
     const T* Wk = W + o0;  // rows [o0, o1) of the result are features k of the input
     if constexpr (kPost || kIdentity) {
-      gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, g + o0 * Rp, Rp, true);  // g += dh W
+      gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, g + o0 * Rp, Rp, true, ahead);  // g += dh W
     } else {
-      gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false);  // da = dh W
+      gemm<V>(o1 - o0, live, n, Wk, 1, n, s.aux, Rp, s.branch + o0 * Rp, Rp, false, ahead);  // da = dh W
       for (int64_t k = o0; k < o1; ++k) {
         for (int64_t r = 0; r < live; r += V::W) {
           const int64_t i = k * Rp + r;
@@ -966,12 +1055,14 @@ struct Stack
 
   // The tile's rows added into dW_l = dh_l^T in_l (in_l = x_l, or phi(x_l) for "pre") and db_l = sum_rows dh_l,
   // from dh_l in the plane aux, by one thread.
+  template <class Ahead>
   static void add_weight_gradients(const StackProblem<T>& p, const StackBackwardBuffers<T>& buf, const Planes& s,
-                                   int64_t l, int64_t b0, int64_t rows, T* packed, T* sums) {
+                                   int64_t l, int64_t b0, int64_t rows, T* packed, T* sums, Ahead& ahead) {
     const int64_t n = p.width, B = p.batch, Rp = s.padded;
     pack_transposed<V>(packed, whole_vectors<V>(n), buf.saved + state_offset(l, 0, n, B) + b0, B, n, rows,
                        [](Vec x) { return !kPost && !kIdentity ? Phi::value(x) : x; });
-    gemm<V>(n, n, rows, s.aux, Rp, 1, packed, whole_vectors<V>(n), buf.grad_weight + weight_offset(l, 0, n), n, b0 > 0);
+    gemm<V>(n, n, rows, s.aux, Rp, 1, packed, whole_vectors<V>(n), buf.grad_weight + weight_offset(l, 0, n), n, b0 > 0,
+            ahead);
     if (buf.grad_bias) add_row_sums<V>(s.aux, Rp, 0, n, rows, b0, B, sums, buf.grad_bias + l * n);
   }
 };
