@@ -8,6 +8,7 @@ import gc
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -258,6 +259,10 @@ def copy_gbps(device: torch.device | str, nbytes: int = 1 << 28, repeats: int = 
     return 2 * nbytes / statistics.median(seconds) / 1e9
 
 
+ROUND_ORDER_SEED = 0
+"""Seeds the order of the variants in each timed round of time_round_robin: the same orders in every run."""
+
+
 def time_round_robin(
     calls: dict[str, Callable[[], object]],
     *,
@@ -267,8 +272,9 @@ def time_round_robin(
     budget_s: float,
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Times every call in ``calls`` with their repeats interleaved: round r calls each variant once,
-    starting at variant r mod k so no variant is always first. ``warmup`` untimed rounds first; then
+    """Times every call in ``calls`` with their repeats interleaved: each round calls each variant once, in
+    an order drawn afresh (from a fixed seed), so that no variant is always first or always follows the same
+    other variant, whose buffers it finds in the caches. ``warmup`` untimed rounds first; then
     enough rounds to fill ``budget_s`` (estimated from the last warm-up round), clamped to
     [min_repeats, max_repeats]. Python's garbage collector is off while timing.
 
@@ -302,9 +308,9 @@ def time_round_robin(
             round_s = run_round(names, record=False)
         repeats = max_repeats if round_s <= 0 else math.ceil(budget_s / round_s)
         repeats = max(min_repeats, min(max_repeats, repeats))
-        for index in range(repeats):
-            shift = index % len(names)
-            run_round(names[shift:] + names[:shift], record=True)
+        orders = random.Random(ROUND_ORDER_SEED)
+        for _ in range(repeats):
+            run_round(orders.sample(names, len(names)), record=True)
     finally:
         gc.enable()
     return {name: ms for name, ms in times.items() if name not in errors}, errors
