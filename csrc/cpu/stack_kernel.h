@@ -759,7 +759,9 @@ struct TileWalks {
       for (int64_t l = p.depth - 1; l >= 0; --l) {
         const int64_t step = p.depth - 1 - l;
         T* slot = sums.get() + step % GradientChain::kLayerSlots * summed;
-        LineRequests<T> ahead = saved_rows(p, buf, l - 1, first_row, end_row - first_row, step_fmas);
+        // A recomputation left the states in the caches: asked for again, they would only crowd out the L1.
+        LineRequests<T> ahead =
+            recompute ? LineRequests<T>() : saved_rows(p, buf, l - 1, first_row, end_row - first_row, step_fmas);
         each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
           K::backward_layer(p, buf, team, s, g, row, l, b0, rows, ahead);
           if (i == 0) chain.wait(team, step);
