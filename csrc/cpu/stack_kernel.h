@@ -720,14 +720,6 @@ struct TileWalks {
     if (buf.saved_bypasses_caches) V::stream_fence();  // the streamed states, for whoever reads them
   }
 
-  // Rows [b0, b0 + rows) of every feature of layer l's saved state (nothing for l < 0): what the reverse walk reads
-  // from memory next, asked for while this step's GEMMs run (`fmas`, the vector FMAs of the last step).
-  static LineRequests<T> saved_rows(const Problem& p, const Backward& buf, int64_t l, int64_t b0, int64_t rows,
-                                    int64_t fmas) {
-    if (l < 0) return {};
-    return {buf.saved + state_offset(l, 0, p.width, p.batch) + b0, p.batch, p.width, rows, fmas};
-  }
-
   // The reverse walk, the layers in step: at each layer every tile is taken back and adds its rows into the
   // layer's parameter gradients at once, in the batch's row order (GradientChain), so no dh of the whole
   // batch is ever stored. Each gradient element sums the rows in the same order whatever the tiling, so the
@@ -759,9 +751,14 @@ struct TileWalks {
       for (int64_t l = p.depth - 1; l >= 0; --l) {
         const int64_t step = p.depth - 1 - l;
         T* slot = sums.get() + step % GradientChain::kLayerSlots * summed;
-        // A recomputation left the states in the caches: asked for again, they would only crowd out the L1.
-        LineRequests<T> ahead =
-            recompute ? LineRequests<T>() : saved_rows(p, buf, l - 1, first_row, end_row - first_row, step_fmas);
+        // What the next step reads from memory: this thread's rows of every feature of layer l - 1's saved state,
+        // asked for over this step's GEMMs. (A recomputation left the states in the caches: asked for again, they
+        // would only crowd out the L1.)
+        LineRequests<T> ahead;
+        if (l > 0 && !recompute) {
+          ahead = LineRequests<T>(buf.saved + state_offset(l - 1, 0, p.width, p.batch) + first_row, p.batch, p.width,
+                                  end_row - first_row, step_fmas);
+        }
         each_tile([&](int64_t i, T* g, int64_t b0, int64_t rows) {
           K::backward_layer(p, buf, team, s, g, row, l, b0, rows, ahead);
           if (i == 0) chain.wait(team, step);
