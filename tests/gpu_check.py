@@ -21,7 +21,9 @@ Steps, most important first; each prints its line as soon as it ends, so a run c
    shape compiles dozens of configs, so steps 1-6 launch the pinned configs, DMUP_AUTOTUNE=0).
 
 The pytest steps run on 8 workers where pytest-xdist is installed (the kernels compile in parallel); one
-fails when a test fails or none passed, and its line gives pytest's counts. A step that raises or runs out
+fails when a test fails or none passed, and its line gives pytest's counts. With GPU_CHECK_LOGS set to a
+folder, each step's whole output goes to <step>.log there, and the quick benchmark's JSON to bench.json
+(a lent GPU is held for minutes: one run must bring back every traceback). A step that raises or runs out
 of time fails with the reason. Exits 1 when a step fails. On a machine without an NVIDIA device it says
 so in one line and exits 0; on one whose torch cannot use the device (a CPU build), it exits 1.
 """
@@ -57,6 +59,7 @@ STEP_ENV = {
     "PYTHONUNBUFFERED": "1",
     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
 }
+LOGS = Path(os.environ["GPU_CHECK_LOGS"]) if os.environ.get("GPU_CHECK_LOGS") else None
 START = time.monotonic()
 
 
@@ -93,10 +96,14 @@ def run(name: str, command: list[str], budget_s: float, env: dict[str, str] | No
                 ok, detail = (judge or default_judge)(process.returncode, out, err)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-                process.communicate()
+                out, err = process.communicate()
                 ok, detail = False, f"timed out after {limit:.0f} s"
     except Exception as error:  # a step that cannot even start is a failure with its reason, not a crash
-        ok, detail = False, f"{type(error).__name__}: {error}"
+        ok, detail, out, err = False, f"{type(error).__name__}: {error}", "", ""
+    if LOGS is not None:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        text = f"$ {' '.join(command)}\n{detail}\n--- stdout\n{out}\n--- stderr\n{err}"
+        (LOGS / f"{'-'.join(name.replace(',', '').replace(':', '').split())}.log").write_text(text)
     return report(name, "ok" if ok else "FAIL", time.monotonic() - start, detail)
 
 
@@ -235,7 +242,7 @@ def main() -> int:
     ):  # fmt: skip
         results.append(run(name, [*PYTEST, "-k", "triton or cuda", *files], budget, judge=pytest_judge))
     with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "bench.json"
+        out = (LOGS or Path(folder)) / "bench.json"
         command = [
             sys.executable,
             "-m",
