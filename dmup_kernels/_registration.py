@@ -122,9 +122,10 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
         return below_autograd(*args)
 
     with warnings.catch_warnings():
-        # A custom_op / triton_op (the Triton kernels) comes with an Autograd kernel; this one replaces it.
+        # A custom_op / triton_op (the Triton kernels) comes with an Autograd kernel; this one replaces it
+        # (torch before 2.13 refuses that unless allow_override is given).
         warnings.filterwarnings("ignore", message="Warning only once for all operators")
-        _LIBRARY.impl(name, autograd_kernel, "Autograd")
+        _LIBRARY.impl(name, autograd_kernel, "Autograd", allow_override=True)
 
 
 def _forward_mode_may_run(args: tuple) -> bool:

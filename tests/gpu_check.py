@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,7 +104,7 @@ def run(name: str, command: list[str], budget_s: float, env: dict[str, str] | No
     if LOGS is not None:
         LOGS.mkdir(parents=True, exist_ok=True)
         text = f"$ {' '.join(command)}\n{detail}\n--- stdout\n{out}\n--- stderr\n{err}"
-        (LOGS / f"{'-'.join(name.replace(',', '').replace(':', '').split())}.log").write_text(text)
+        (LOGS / f"{re.sub('[^A-Za-z0-9]+', '-', name).strip('-')}.log").write_text(text)
     return report(name, "ok" if ok else "FAIL", time.monotonic() - start, detail)
 
 
