@@ -5,7 +5,9 @@ machine the system's torch, not the CPU build pinned in .venv) and builds the ex
 Steps, most important first; each prints its line as soon as it ends, so a run cut short still reports:
 
 0. build: ``setup.py build_ext --inplace --force``, with the CUDA kernels (MAX_JOBS = the CPU count), then a
-   check that the extension has them and that Triton imports;
+   check that the extension has them and that Triton imports, and that an error the C++ code raises with a
+   number in its message reaches Python as a ValueError (on one GPU image, whose compiler linked its own
+   copy of libstdc++ into the extension, formatting that number crashed the process);
 1. the CUDA C++ tests: tests/test_cuda_kernels.py;
 2. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns the
    interpreter on): tests/test_triton_kernels.py;
@@ -38,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +113,14 @@ def run(name: str, command: list[str], budget_s: float, env: dict[str, str] | No
 
 def default_judge(code: int, out: str, err: str) -> tuple[bool, str]:
     return code == 0, last_line(out) if code == 0 else last_line(err) or last_line(out)
+
+
+def crash_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    """The default judgement, naming the signal and the compiler when the process was killed by one."""
+    if code >= 0:
+        return default_judge(code, out, err)
+    compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX")
+    return False, f"killed by {signal.Signals(-code).name}; the extension was built with {compiler}"
 
 
 def pytest_judge(code: int, out: str, err: str) -> tuple[bool, str]:
@@ -199,6 +210,18 @@ def has_nvidia_device() -> bool:
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
+def errors_reach_python() -> str:
+    """An op's input error from C++, its message formatting shapes, raised as a ValueError."""
+    import dmup_kernels  # noqa: F401 (registers the ops)
+
+    x = torch.randn(4, 6, device="cuda")
+    try:
+        torch.ops.dmup.scaled_residual(x, x[:, :5].contiguous(), 0.5, "relu", False)
+    except ValueError as error:
+        return f"ValueError: {str(error).splitlines()[0][:80]}"
+    raise AssertionError("scaled_residual accepted tensors of two shapes")
+
+
 def has_cuda_kernels() -> str:
     from dmup_kernels.ops._backend import HAS_CUDA_KERNELS
     from dmup_kernels.triton import HAS_TRITON
@@ -209,7 +232,12 @@ def has_cuda_kernels() -> str:
 
 
 # The steps that run in a subprocess of their own (``in_subprocess``): each prints its detail, or raises.
-SUBPROCESS_STEPS = {"has_cuda_kernels": has_cuda_kernels, "routing": routing, "autotuned_stack": autotuned_stack}
+SUBPROCESS_STEPS = {
+    "has_cuda_kernels": has_cuda_kernels,
+    "errors_reach_python": errors_reach_python,
+    "routing": routing,
+    "autotuned_stack": autotuned_stack,
+}
 
 
 def main() -> int:
@@ -232,6 +260,7 @@ def main() -> int:
             judge=lambda code, out, err: (code == 0, "built" if code == 0 else last_line(err) or last_line(out)),
         ),
         run("extension has CUDA kernels", in_subprocess("has_cuda_kernels"), 60),
+        run("C++ errors reach Python", in_subprocess("errors_reach_python"), 60, judge=crash_judge),
     ]
     for name, files, budget in (
         ("CUDA C++ tests", ["tests/test_cuda_kernels.py"], 60),

@@ -300,21 +300,24 @@ def test_half_precision_epilogue(width, activation, dtype, triton_device, seed):
 )
 def test_half_precision_stack_kernels(activation, block, dtype, triton_device, seed):
     """The stack kernels on half tensors: output and gradients against the float64 reference from the
-    same (rounded) inputs."""
+    same (rounded) inputs, within 2x the error of eager PyTorch in the dtype plus 1e-3 (a sign bit that
+    rounding flips moves a whole gradient row, in eager as in the kernels)."""
     from dmup_kernels.triton.residual_stack import stack_backward, stack_forward
 
     x, weight, bias = (t.to(dtype) for t in _stack_op_inputs(activation, block, seed, triton_device, rows=19, width=32))
     grad_out = torch.randn_like(x)
     out, states, signs, pre = stack_forward(x, weight, bias, 0.5, activation, block, True, True)
     grads = stack_backward(grad_out, x, states, signs, pre, weight, bias, 0.5, activation, block, True)
-    leaves = [t.double().requires_grad_() for t in (x, weight, bias)]
-    expected = reference.residual_stack(*leaves, scale=0.5, activation=activation, block=block)
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
-    for name, got, want in zip(
-        ("output", "grad x", "grad weight", "grad bias"), (out, *grads), (expected, *expected_grads)
+    results = {}
+    for precision in (torch.float64, dtype):
+        leaves = [t.to(precision).requires_grad_() for t in (x, weight, bias)]
+        output = reference.residual_stack(*leaves, scale=0.5, activation=activation, block=block)
+        results[precision] = (output, *torch.autograd.grad(output, leaves, grad_out.to(precision)))
+    for name, got, want, eager in zip(
+        ("output", "grad x", "grad weight", "grad bias"), (out, *grads), results[torch.float64], results[dtype]
     ):
         assert got.dtype == dtype, name
-        assert rel_err(got, want) < 2 * HALF_TOLERANCE[dtype], name
+        assert rel_err(got, want) <= 2 * rel_err(eager, want) + 1e-3, name
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,7 +410,6 @@ def test_depth_fused_mlp_stack_matches_reference(spec: MlpStackSpec, dtype, monk
 def test_mlp_stack_routes_by_width(width, sms, fused, monkeypatch, triton_device, seed):
     """Up to DEPTH_FUSED_MLP_MAX_WIDTH the depth-fused op and its state; wider, a layer at a time (library
     GEMMs and the epilogue kernel, a recorded stream); both give the reference's result and gradients."""
-    from dmup_kernels.ops.residual_mlp_stack import MLP_STACK_BACKENDS
     from dmup_kernels.triton import ops as triton_ops
     from dmup_kernels.triton.residual_mlp_stack import depth_fused_mlp_compiles
 
@@ -465,29 +467,29 @@ def test_mlp_saved_state_layout(activation, triton_device, seed):
     """states = x_1..x_{L-1}; signs = the bits of h1 = x_l W1^T + b1 packed little-endian per row, hidden
     units in place of features (relu [not h1 <= 0], abs [h1 > 0] and [h1 < 0]); no (B, m) tensor: a hidden
     width of 45 takes two chunks, the second partial, and six sign bytes, the last partial."""
-    from dmup_kernels.triton.ops import FusedMlpState
 
     rows, width, hidden, depth = 13, 21, 45, 3
     case = make_mlp_stack_case(MlpStackSpec(width, hidden, depth, (rows,), True, activation, True), torch.float64, seed)
     case = case.to(triton_device)
-    settings = MlpStackSettings(**mlp_stack_kwargs(case))
-    with torch.enable_grad():
-        out, state = MLP_STACK_BACKENDS["triton"].forward(
-            case.x.requires_grad_(), MlpWeights(*case.params), settings, True
-        )
-    stream = reference.residual_mlp_stream(case.x.detach(), *case.params, **mlp_stack_kwargs(case))
-    assert isinstance(state, FusedMlpState) and rel_err(out, stream[-1]) < 1e-13
-    assert state.states.shape == (depth - 1, rows, width) and rel_err(state.states, torch.stack(stream[1:-1])) < 1e-13
+    # The op itself: its float64 forward compiles on every Triton, the backend's route may not take it.
+    out, states, signs = torch.ops.dmup.triton_residual_mlp_stack(
+        case.x, *case.params, case.scale, activation, True, True
+    )
+    stream = reference.residual_mlp_stream(case.x, *case.params, **mlp_stack_kwargs(case))
+    assert rel_err(out, stream[-1]) < 1e-13
+    assert states.shape == (depth - 1, rows, width) and rel_err(states, torch.stack(stream[1:-1])) < 1e-13
     planes = {"relu": 1, "abs": 2}.get(activation, 0)
-    assert state.signs.dtype == torch.uint8 and state.signs.shape == (depth, planes, rows, 6)
+    assert signs.dtype == torch.uint8 and signs.shape == (depth, planes, rows, 6)
     h1 = torch.stack([torch.nn.functional.linear(x, w, b) for x, w, b in zip(stream[:-1], case.weight1, case.bias1)])
     for plane, bits in enumerate(([~(h1 <= 0)] if activation == "relu" else [h1 > 0, h1 < 0])[:planes]):
         expected = np.packbits(bits.cpu().numpy(), axis=-1, bitorder="little")
-        assert np.array_equal(state.signs[:, plane].cpu().numpy(), expected), f"plane {plane}"
-    assert all(hidden not in tensor.shape for tensor in state)
+        assert np.array_equal(signs[:, plane].cpu().numpy(), expected), f"plane {plane}"
+    assert all(hidden not in tensor.shape for tensor in (out, states, signs))
 
 
 def test_mlp_inference_saves_nothing_and_backward_raises(triton_device, seed):
+    from dmup_kernels.triton.residual_mlp_stack import depth_fused_mlp_compiles
+
     case = make_mlp_stack_case(MlpStackSpec(9, 20, 4, (11,), True, "relu", True), torch.float64, seed)
     case = case.to(triton_device)
     args = (case.x, *case.params, case.scale, "relu", True)
@@ -497,7 +499,9 @@ def test_mlp_inference_saves_nothing_and_backward_raises(triton_device, seed):
     assert rel_err(out, expected) < 1e-13
     with torch.no_grad():
         got = dmup_kernels.residual_mlp_stack(case.x, *case.params, **mlp_stack_kwargs(case), backend="triton")
-    assert torch.equal(got, out)
+    if depth_fused_mlp_compiles(torch.float64.itemsize, "relu"):  # else the function runs a layer at a time
+        assert torch.equal(got, out)
+    assert rel_err(got, expected) < 1e-13
     case.weight1.requires_grad_()
     out, *_ = torch.ops.dmup.triton_residual_mlp_stack(*args, False)
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
@@ -534,6 +538,10 @@ def test_mlp_empty_batch(triton_device):
 @pytest.mark.parametrize("activation", ["relu", "abs", "silu", "identity"])
 @pytest.mark.parametrize("save", [True, False])
 def test_opcheck_mlp_stack(activation, save, triton_device, seed):
+    from dmup_kernels.triton.residual_mlp_stack import depth_fused_mlp_compiles
+
+    if save and not depth_fused_mlp_compiles(torch.float64.itemsize, activation):
+        pytest.skip("this Triton cannot compile the float64 MLP backward of relu and abs (FLOAT64_SIGN_BIT_DOTS)")
     case = make_mlp_stack_case(MlpStackSpec(7, 11, 2, (5,), True, activation, True), torch.float64, seed)
     case = case.to(triton_device)
     args = (case.x, *case.params, 0.5, activation, True)
