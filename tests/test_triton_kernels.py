@@ -10,6 +10,7 @@ themselves (the interpreter has no bfloat16; tests/test_triton_compile.py compil
 
 from __future__ import annotations
 
+import importlib
 import math
 import subprocess
 import sys
@@ -94,6 +95,52 @@ def test_modules_match_reference(triton_device, seed):
 
 def test_auto_backend_stays_cpp_on_cpu():
     assert dmup_kernels.ops.resolve_backend("auto", torch.device("cpu")) in ("cpp", "reference")
+
+
+@pytest.mark.parametrize(
+    ("has_triton", "has_cuda_kernels", "fuses", "expected"),
+    [
+        (True, True, True, "triton"),  # Triton's depth-fused kernels take the call
+        (True, True, False, "cuda"),  # per-layer work: the CUDA C++ host loop
+        (True, True, None, "cuda"),  # an op without depth-fused Triton kernels (scaled_residual)
+        (True, False, False, "triton"),  # no CUDA kernels built: Triton's per-layer route
+        (False, True, True, "cuda"),
+        (False, False, True, "reference"),
+    ],
+)
+def test_auto_backend_on_cuda_tensors(has_triton, has_cuda_kernels, fuses, expected, monkeypatch):
+    """The rule behind "auto" on CUDA tensors (no GPU needed: only the device's type is read)."""
+    from dmup_kernels.ops import _backend
+
+    monkeypatch.setattr(_backend, "HAS_TRITON", has_triton)
+    monkeypatch.setattr(_backend, "HAS_CUDA_KERNELS", has_cuda_kernels)
+    triton_fuses = None if fuses is None else (lambda: fuses)
+    assert _backend.resolve_backend("auto", torch.device("cuda"), triton_fuses=triton_fuses) == expected
+
+
+@pytest.mark.parametrize(("rows", "width", "fused"), [(4096, 64, True), (8, 1025, False), (4096, 512, False)])
+def test_auto_backend_asks_the_triton_route(rows, width, fused, monkeypatch, triton_device):
+    """residual_stack and residual_mlp_stack ask their Triton backend whether its depth-fused kernels take
+    the rows (the rule its forward follows) before "auto" settles on Triton or CUDA C++; n = 512 runs the
+    stack's fused block a layer at a time, which does not count."""
+    from dmup_kernels.ops import _backend
+    from dmup_kernels.triton import ops as triton_ops
+
+    monkeypatch.setattr(triton_ops, "sm_count", lambda device: 132)
+    asked = []
+    resolve = _backend.resolve_backend
+
+    def recording(backend, device, *, triton_fuses=None):
+        asked.append(triton_fuses())
+        return resolve(backend, device, triton_fuses=triton_fuses)
+
+    for module in ("residual_stack", "residual_mlp_stack"):
+        monkeypatch.setattr(importlib.import_module(f"dmup_kernels.ops.{module}"), "resolve_backend", recording)
+    x = torch.zeros(rows, width, device=triton_device)
+    weight = torch.zeros(1, width, width, device=triton_device)
+    dmup_kernels.residual_stack(x, weight, scale=0.5)
+    dmup_kernels.residual_mlp_stack(x, weight, weight, scale=0.5)
+    assert asked == [fused, fused]
 
 
 # ---------------------------------------------------------------------------------------------------

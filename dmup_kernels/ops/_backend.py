@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._checks import check_choice
@@ -17,20 +19,22 @@ HAS_CUDA_KERNELS: bool = HAS_CPP and torch._C._dispatch_has_kernel_for_dispatch_
 """True when the extension was built with its CUDA kernels (a CUDA build of torch and CUDA_HOME)."""
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, *, triton_fuses: Callable[[], bool] | None = None) -> str:
     """The concrete backend that runs on ``device`` for the requested ``backend``.
 
-    "auto": the C++ kernels on CPU tensors; Triton, then CUDA C++, on CUDA tensors; else the reference.
+    "auto": the C++ kernels on CPU tensors. On CUDA tensors, Triton where its depth-fused kernels take the
+    call (``triton_fuses()``; None: the op has none), else the CUDA C++ kernels, whose host loop launches
+    from C++ where Triton's per-layer routes launch from Python (measured in docs/design.md §7.8), and
+    Triton where those are not built; else the reference.
     """
     check_choice(backend, "backend", BACKENDS)
     if backend == "auto":
         if device.type == "cpu" and HAS_CPP:
             return "cpp"
-        if device.type == "cuda" and HAS_TRITON:
-            return "triton"
-        if device.type == "cuda" and HAS_CUDA_KERNELS:
-            return "cuda"
-        return "reference"
+        if device.type != "cuda" or not (HAS_TRITON or HAS_CUDA_KERNELS):
+            return "reference"
+        fused = HAS_TRITON and triton_fuses is not None and triton_fuses()
+        return "triton" if fused or not HAS_CUDA_KERNELS else "cuda"
     if backend == "cpp":
         if not HAS_CPP:
             raise RuntimeError("backend='cpp' needs the compiled extension dmup_kernels._C, which failed to import")

@@ -117,9 +117,11 @@ def residual_mlp_stack(
     scale = check_mlp_stack_args(x, weight1, weight2, bias1, bias2, scale, activation, mean_subtract)
     checkpoint = check_checkpoint(checkpoint)
     check_flag(return_states, "return_states")
-    backend = resolve_backend(backend, x.device)
-    stack = REFERENCE_MLP_STACK if x.numel() == 0 else MLP_STACK_BACKENDS[backend]
     weights = MlpWeights(weight1, weight2, bias1, bias2)
+    backend = resolve_backend(
+        backend, x.device, triton_fuses=lambda: TRITON_MLP_STACK.fuses_the_depth(x, weights, activation)
+    )
+    stack = REFERENCE_MLP_STACK if x.numel() == 0 else MLP_STACK_BACKENDS[backend]
     save = return_states or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights)))
     every = 0 if return_states else checkpoint_every(checkpoint, weight1.shape[0])
     out, state = stack.forward(x, weights, MlpStackSettings(scale, activation, mean_subtract, every), save)

@@ -109,7 +109,7 @@ def residual_stack(
     scale = check_stack_args(x, weight, bias, scale, activation, block, mean_subtract)
     checkpoint = check_checkpoint(checkpoint)
     check_flag(return_states, "return_states")
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, triton_fuses=lambda: TRITON_STACK.fuses_the_depth(x))
     stack = REFERENCE_STACK if x.numel() == 0 else STACK_BACKENDS[backend]
     params = (x, weight) if bias is None else (x, weight, bias)
     save = return_states or (torch.is_grad_enabled() and any(t.requires_grad for t in params))

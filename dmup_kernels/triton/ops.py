@@ -50,6 +50,7 @@ from .residual_mlp_stack import (
     uses_depth_fused_mlp,
 )
 from .residual_stack import (
+    DEPTH_FUSED_MAX_WIDTH,
     allocate_stack_gradients,
     allocate_stack_outputs,
     fills_the_gpu,
@@ -144,11 +145,23 @@ class TritonStack:
         return out.to(x.dtype).reshape(x.shape), state
 
     @staticmethod
+    def fuses(x: Tensor) -> bool:
+        """Whether x's rows run through the fused op: register tiles wide enough for them, in the compute
+        dtype, and enough rows to fill the GPU."""
+        width, itemsize = x.shape[-1], compute_dtype(x.dtype).itemsize
+        return uses_fused_kernels(width, itemsize) and fills_the_gpu(
+            x.numel() // width, width, itemsize, sm_count(x.device)
+        )
+
+    @classmethod
+    def fuses_the_depth(cls, x: Tensor) -> bool:
+        """Whether x's rows run through the depth-fused kernels, every layer in one launch."""
+        return x.shape[-1] <= DEPTH_FUSED_MAX_WIDTH and cls.fuses(x)
+
     def _run(
-        rows: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
+        self, rows: Tensor, weight: Tensor, bias: Tensor | None, settings: StackSettings, save: bool
     ) -> tuple[Tensor, FusedState | list[Tensor]]:
-        width, itemsize = rows.shape[1], rows.element_size()
-        if uses_fused_kernels(width, itemsize) and fills_the_gpu(rows.shape[0], width, itemsize, sm_count(rows.device)):
+        if self.fuses(rows):
             out, *state = torch.ops.dmup.triton_residual_stack(rows, weight, bias, *settings.layer, save)
             return out, FusedState(rows, *state)
         stream = reference.residual_stream(rows, weight, bias, **settings.layer_options, epilogue=TRITON_EPILOGUE.op)
@@ -236,13 +249,17 @@ class TritonMlpStack:
         """The per-layer path, its epilogue op looked up on each use (as ``TRITON_EPILOGUE.op`` is)."""
         return RecordedMlpStack(TRITON_EPILOGUE.op, kernel_operands=True)
 
+    @staticmethod
+    def fuses_the_depth(x: Tensor, weights: MlpWeights, activation: str) -> bool:
+        """Whether x's rows run through the depth-fused op (``uses_depth_fused_mlp``)."""
+        hidden_width, width = weights.weight1.shape[1:]
+        itemsize = compute_dtype(x.dtype).itemsize
+        return uses_depth_fused_mlp(x.numel() // width, width, hidden_width, itemsize, activation, sm_count(x.device))
+
     def forward(
         self, x: Tensor, weights: MlpWeights, settings: MlpStackSettings, save: bool
     ) -> tuple[Tensor, FusedMlpState | list[Tensor]]:
-        hidden_width, width = weights.weight1.shape[1:]
-        itemsize = compute_dtype(x.dtype).itemsize
-        row_count = x.numel() // width
-        if not uses_depth_fused_mlp(row_count, width, hidden_width, itemsize, settings.activation, sm_count(x.device)):
+        if not self.fuses_the_depth(x, weights, settings.activation):
             return self.per_layer.forward(x, weights, settings, save)
         rows, *params = compute_rows(x, *weights)
         if save and settings.checkpoint_every:
