@@ -116,11 +116,17 @@ def default_judge(code: int, out: str, err: str) -> tuple[bool, str]:
 
 
 def crash_judge(code: int, out: str, err: str) -> tuple[bool, str]:
-    """The default judgement, naming the signal and the compiler when the process was killed by one."""
+    """The default judgement; when a signal killed the process, it names the signal, the compiler, and how
+    many of libstdc++'s locale symbols the extension defines itself (a private copy of that code)."""
     if code >= 0:
         return default_judge(code, out, err)
     compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX")
-    return False, f"killed by {signal.Signals(-code).name}; the extension was built with {compiler}"
+    detail = f"killed by {signal.Signals(-code).name}; the extension was built with {compiler}"
+    extension = ROOT / "dmup_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if extension.exists() and shutil.which("nm"):
+        symbols = subprocess.run(["nm", "-C", "--defined-only", extension], capture_output=True, text=True).stdout
+        detail += f" and defines {symbols.count('std::locale')} std::locale symbols itself"
+    return False, detail
 
 
 def pytest_judge(code: int, out: str, err: str) -> tuple[bool, str]:
