@@ -367,6 +367,50 @@ def test_half_precision_stack_kernels(activation, block, dtype, triton_device, s
         assert rel_err(got, want) <= 2 * rel_err(eager, want) + 1e-3, name
 
 
+def _half_precision_stack_model(x, weight, bias, grad_out, scale: float, activation: str) -> dict[str, torch.Tensor]:
+    """What the stack kernels compute for relu or abs post blocks with MS on half tensors (docs/design.md
+    §7.7), in PyTorch: a float32 stream; each GEMM takes its operands in the half dtype (x_l as stored, dh_l
+    as stored) and sums in float32; the sign bits of the float32 h; results stored in the half dtype."""
+    half = x.dtype
+    stream, hs = [x.float()], []
+    for w, b in zip(weight, bias):
+        hs.append(stream[-1].to(half).float() @ w.float().T + b.float())
+        stream.append(stream[-1] + scale * reference.subtract_mean(reference.activation(hs[-1], activation)))
+    g, dhs = grad_out.float(), []
+    for w, h in zip(weight.flip(0), reversed(hs)):
+        dv = reference.subtract_mean(scale * g)
+        dhs.insert(0, (dv * torch.sign(h) if activation == "abs" else torch.where(h > 0, dv, 0.0)).to(half))
+        g = g + dhs[0].float() @ w.float()
+    grad_weight = torch.stack([dh.float().T @ state.to(half).float() for dh, state in zip(dhs, stream)])
+    return {
+        "output": stream[-1].to(half),
+        "states": torch.stack(stream[1:-1]).to(half),
+        "grad x": g.to(half),
+        "grad weight": grad_weight.to(half),
+    }
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "abs"])
+def test_half_precision_stack_kernels_round_as_designed(activation, dtype, triton_device, seed):
+    """The stack kernels on half tensors against a model of their roundings: within one unit of the
+    dtype's precision, each result on its own (the interpreter matches the model to the bit)."""
+    from dmup_kernels.triton.residual_stack import stack_backward, stack_forward
+
+    x, weight, bias = (
+        t.to(dtype) for t in _stack_op_inputs(activation, "post", seed, triton_device, rows=19, width=32)
+    )
+    grad_out = torch.randn_like(x)
+    out, states, signs, pre = stack_forward(x, weight, bias, 0.5, activation, "post", True, True)
+    grad_x, grad_weight, _ = stack_backward(
+        grad_out, x, states, signs, pre, weight, bias, 0.5, activation, "post", True
+    )
+    got = {"output": out, "states": states, "grad x": grad_x, "grad weight": grad_weight}
+    model = _half_precision_stack_model(x, weight, bias, grad_out, 0.5, activation)
+    errors = {name: rel_err(got[name], model[name]) for name in model}
+    assert max(errors.values()) <= torch.finfo(dtype).eps, errors
+
+
 # ---------------------------------------------------------------------------------------------------
 # routing: fused kernels or a GEMM per layer, by the program count against the SM count
 # ---------------------------------------------------------------------------------------------------
