@@ -9,6 +9,7 @@ its architecture and picks the kernel at run time. DMUP_NATIVE=1 builds everythi
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -25,12 +26,20 @@ def cxx_flags() -> list[str]:
     return flags
 
 
+def link_flags() -> list[str]:
+    # A compiler that links libstdc++ statically (as one CUDA image's /opt/gcc did) puts a private copy of it
+    # in the extension; exported, that copy's symbols mix with the process's shared libstdc++, and a C++ error
+    # message that formats a number came out cut short or crashed the process. Keeping the copy's symbols
+    # local ends that; with the usual shared libstdc++ the flag changes nothing.
+    return ["-fopenmp", "-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else ["-fopenmp"]
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="dmup_kernels._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags(),
     )
     if WITH_CUDA:
         # Per op, <op>.cu (kernels) and <op>_ops.cpp (torch glue): the build names each object file

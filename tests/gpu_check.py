@@ -5,9 +5,10 @@ machine the system's torch, not the CPU build pinned in .venv) and builds the ex
 Steps, most important first; each prints its line as soon as it ends, so a run cut short still reports:
 
 0. build: ``setup.py build_ext --inplace --force``, with the CUDA kernels (MAX_JOBS = the CPU count), then a
-   check that the extension has them and that Triton imports, and that an error the C++ code raises with a
-   number in its message reaches Python as a ValueError (on one GPU image, whose compiler linked its own
-   copy of libstdc++ into the extension, formatting that number crashed the process);
+   check that the extension has them and that Triton imports, and that an error the C++ code raises with
+   shapes in its message reaches Python whole, as a ValueError (on one GPU image, whose compiler linked a
+   copy of libstdc++ into the extension, formatting a number crashed the process until setup.py kept that
+   copy's symbols local);
 1. the CUDA C++ tests: tests/test_cuda_kernels.py;
 2. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns the
    interpreter on): tests/test_triton_kernels.py;
@@ -217,14 +218,17 @@ def has_nvidia_device() -> bool:
 
 
 def errors_reach_python() -> str:
-    """An op's input error from C++, its message formatting shapes, raised as a ValueError."""
+    """An op's input error from C++ raised as a ValueError, the shapes in its message formatted whole."""
     import dmup_kernels  # noqa: F401 (registers the ops)
 
     x = torch.randn(4, 6, device="cuda")
     try:
         torch.ops.dmup.scaled_residual(x, x[:, :5].contiguous(), 0.5, "relu", False)
     except ValueError as error:
-        return f"ValueError: {str(error).splitlines()[0][:80]}"
+        message = str(error).splitlines()[0]
+        if "[4, 6]" not in message or "[4, 5]" not in message:
+            raise AssertionError(f"the shapes are missing from the message: {message!r}") from error
+        return f"ValueError: {message[:80]}"
     raise AssertionError("scaled_residual accepted tensors of two shapes")
 
 
