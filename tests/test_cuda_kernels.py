@@ -22,7 +22,7 @@ import dmup_kernels
 from dmup_kernels import ResidualStack, reference
 
 from conftest import needs_cuda, rel_err
-from parity import MLP_RESULTS, mlp_outputs_and_grads, run_mlp_stack_reference, stack_kwargs
+from parity import MLP_RESULTS, check_within_twice_eager, mlp_outputs_and_grads, run_mlp_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -78,11 +78,7 @@ def test_stack_half_types_within_twice_eager_error(spec: StackSpec, dtype, seed)
     got = stack_grads(case, grad_out, "cuda", DEVICE, dtype)
     eager = stack_grads(case, grad_out, "reference", DEVICE, dtype)
     expected = stack_grads(case, grad_out, "reference", "cpu", torch.float64)
-    for name, value, eager_value, ref in zip(GRAD_NAMES, got, eager, expected):
-        if ref is None:
-            continue
-        assert value.dtype == dtype, name
-        assert rel_err(value, ref) <= 2 * rel_err(eager_value, ref) + 1e-3, name
+    check_within_twice_eager(GRAD_NAMES, got, eager, expected, dtype)
 
 
 def test_stack_return_states(seed):
@@ -205,9 +201,7 @@ def test_scaled_residual_half_types_within_twice_eager_error(spec: ResidualSpec,
     got = residual_grads(case, grad_out, "cuda", DEVICE, dtype)
     eager = residual_grads(case, grad_out, "reference", DEVICE, dtype)
     expected = residual_grads(case, grad_out, "reference", "cpu", torch.float64)
-    for name, value, eager_value, ref in zip(("output", "grad x", "grad branch_out"), got, eager, expected):
-        assert value.dtype == dtype, name
-        assert rel_err(value, ref) <= 2 * rel_err(eager_value, ref) + 1e-3, name
+    check_within_twice_eager(("output", "grad x", "grad branch_out"), got, eager, expected, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,8 +247,4 @@ def test_mlp_half_types_within_twice_eager_error(spec: MlpStackSpec, dtype, seed
     got = mlp_outputs_and_grads(case.to(DEVICE), grad_out.to(DEVICE), "cuda")
     eager = run_mlp_stack_reference(case, grad_out, dtype)
     expected = run_mlp_stack_reference(case, grad_out)
-    for name, value, eager_value, ref in zip(MLP_RESULTS, got, eager, expected):
-        if ref is None:
-            continue
-        assert value.dtype == dtype, name
-        assert rel_err(value, ref) <= 2 * rel_err(eager_value, ref) + 1e-3, name
+    check_within_twice_eager(MLP_RESULTS, got, eager, expected, dtype)

@@ -27,6 +27,7 @@ from parity import (
     MLP_RESULTS,
     TOLERANCE,
     check_mlp_stack,
+    check_within_twice_eager,
     mlp_outputs_and_grads,
     mlp_stack_kwargs,
     run_mlp_stack_reference,
@@ -159,11 +160,7 @@ def test_bfloat16_within_twice_eager_error(spec: MlpStackSpec, seed):
     got = mlp_outputs_and_grads(case, grad_out, "cpp")
     ref = run_mlp_stack_reference(case, grad_out)
     eager = run_mlp_stack_reference(case, grad_out, torch.bfloat16)
-    for name, value, eager_value, expected in zip(MLP_RESULTS, got, eager, ref):
-        if expected is None:
-            continue
-        assert value.dtype == torch.bfloat16, name
-        assert rel_err(value, expected) <= 2 * rel_err(eager_value, expected) + 1e-3, name
+    check_within_twice_eager(MLP_RESULTS, got, eager, ref, torch.bfloat16)
 
 
 def hidden_preactivations(case: MlpStackCase) -> torch.Tensor:

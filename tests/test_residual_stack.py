@@ -21,7 +21,7 @@ from dmup_kernels._layout import StackSettings
 from dmup_kernels.ops.residual_stack import STACK_BACKENDS
 
 from conftest import OP_BACKENDS, OpLog, backend_device, graph_nodes, needs_cpp, num_threads, rel_err, saved_bytes
-from parity import check_stack, run_stack, run_stack_reference, stack_kwargs
+from parity import check_stack, check_within_twice_eager, run_stack, run_stack_reference, stack_kwargs
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -145,12 +145,7 @@ def test_bfloat16_within_twice_eager_error(spec: StackSpec, seed):
     got = run_stack(case, grad_out, "cpp")
     ref = run_stack_reference(case, grad_out)
     eager = run_stack_reference(case, grad_out, torch.bfloat16)
-    for name, value, eager_value, expected in zip(("output", "grad x", "grad weight", "grad bias"), got, eager, ref):
-        if expected is None:
-            continue
-        assert value.dtype == torch.bfloat16, name
-        bound = 2 * rel_err(eager_value, expected) + 1e-3
-        assert rel_err(value, expected) <= bound, name
+    check_within_twice_eager(("output", "grad x", "grad weight", "grad bias"), got, eager, ref, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------------

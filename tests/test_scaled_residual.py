@@ -13,7 +13,7 @@ from dmup_kernels._layout import EpilogueSettings
 from dmup_kernels.ops.scaled_residual import EPILOGUE_BACKENDS
 
 from conftest import OP_BACKENDS, backend_device, needs_cpp, rel_err
-from parity import check_residual, run_residual, run_residual_reference
+from parity import check_residual, check_within_twice_eager, run_residual, run_residual_reference
 from sample_inputs import (
     ACTIVATIONS,
     RESIDUAL_SPECS,
@@ -56,14 +56,13 @@ def test_bfloat16_within_twice_eager_error(spec: ResidualSpec, seed):
     b = case.branch_out.detach().clone().requires_grad_()
     eager = reference.scaled_residual(x, b, case.scale, case.activation, case.mean_subtract)
     eager.backward(grad_out)
-    assert out.dtype == torch.bfloat16 and db.dtype == torch.bfloat16
-    for name, got, eager_value, ref in (
-        ("output", out, eager.detach(), ref_out),
-        ("grad x", dx, x.grad, ref_dx),
-        ("grad branch_out", db, b.grad, ref_db),
-    ):
-        bound = 2 * rel_err(eager_value, ref) + 1e-3
-        assert rel_err(got, ref) <= bound, name
+    check_within_twice_eager(
+        ("output", "grad x", "grad branch_out"),
+        (out, dx, db),
+        (eager.detach(), x.grad, b.grad),
+        (ref_out, ref_dx, ref_db),
+        torch.bfloat16,
+    )
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)

@@ -25,7 +25,15 @@ from dmup_kernels._layout import MlpStackSettings, MlpWeights
 from dmup_kernels.ops.residual_mlp_stack import MLP_STACK_BACKENDS
 
 from conftest import INTERPRETED, needs_triton, rel_err
-from parity import MLP_RESULTS, check_mlp_stack, check_stack, mlp_outputs_and_grads, mlp_stack_kwargs, stack_kwargs
+from parity import (
+    MLP_RESULTS,
+    check_mlp_stack,
+    check_stack,
+    check_within_twice_eager,
+    mlp_outputs_and_grads,
+    mlp_stack_kwargs,
+    stack_kwargs,
+)
 from sample_inputs import (
     ACTIVATIONS,
     BLOCKS,
@@ -341,6 +349,17 @@ def test_half_precision_epilogue(width, activation, dtype, triton_device, seed):
     assert rel_err(grad, expected_grad) < HALF_TOLERANCE[dtype]
 
 
+def check_half_precision_kernels(names, got, reference_results, inputs, grad_out) -> None:
+    """The 2x-eager rule for the kernels' half-precision results ``got``; ``reference_results(leaves, grad_out)``
+    gives the reference's results from leaves of one precision, run in float64 and in the inputs' dtype."""
+    dtype = inputs[0].dtype
+    results = {}
+    for precision in (torch.float64, dtype):
+        leaves = [t.detach().to(precision).requires_grad_() for t in inputs]
+        results[precision] = reference_results(leaves, grad_out.to(precision))
+    check_within_twice_eager(names, got, results[dtype], results[torch.float64], dtype)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("activation", "block"), [("relu", "post"), ("abs", "post"), ("gelu", "post"), ("silu", "pre")]
@@ -355,16 +374,13 @@ def test_half_precision_stack_kernels(activation, block, dtype, triton_device, s
     grad_out = torch.randn_like(x)
     out, states, signs, pre = stack_forward(x, weight, bias, 0.5, activation, block, True, True)
     grads = stack_backward(grad_out, x, states, signs, pre, weight, bias, 0.5, activation, block, True)
-    results = {}
-    for precision in (torch.float64, dtype):
-        leaves = [t.to(precision).requires_grad_() for t in (x, weight, bias)]
-        output = reference.residual_stack(*leaves, scale=0.5, activation=activation, block=block)
-        results[precision] = (output, *torch.autograd.grad(output, leaves, grad_out.to(precision)))
-    for name, got, want, eager in zip(
-        ("output", "grad x", "grad weight", "grad bias"), (out, *grads), results[torch.float64], results[dtype]
-    ):
-        assert got.dtype == dtype, name
-        assert rel_err(got, want) <= 2 * rel_err(eager, want) + 1e-3, name
+
+    def reference_results(inputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
+        output = reference.residual_stack(*inputs, scale=0.5, activation=activation, block=block)
+        return [output, *torch.autograd.grad(output, inputs, grad)]
+
+    check_half_precision_kernels(("output", "grad x", "grad weight", "grad bias"), [out, *grads], reference_results,
+                             [x, weight, bias], grad_out)  # fmt: skip
 
 
 def _half_precision_stack_model(x, weight, bias, grad_out, scale: float, activation: str) -> dict[str, torch.Tensor]:
@@ -663,7 +679,7 @@ def test_traffic_model_counts_the_state_the_mlp_stack_saves(activation, triton_d
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_half_precision_mlp_stack_kernels(activation, dtype, triton_device, seed):
     """The MLP kernels on half tensors (half GEMM operands, float32 arithmetic): output and gradients against
-    the float64 reference from the same (rounded) inputs."""
+    the float64 reference from the same (rounded) inputs, by the 2x-eager rule."""
     from dmup_kernels.triton.residual_mlp_stack import mlp_stack_backward, mlp_stack_forward
 
     case = make_mlp_stack_case(MlpStackSpec(32, 40, 2, (19,), True, activation, True), dtype, seed)
@@ -671,12 +687,12 @@ def test_half_precision_mlp_stack_kernels(activation, dtype, triton_device, seed
     grad_out = torch.randn_like(case.x)
     out, states, signs = mlp_stack_forward(case.x, *case.params, 0.5, activation, True, True)
     grads = mlp_stack_backward(grad_out, case.x, states, signs, *case.params, 0.5, activation, True)
-    leaves = [t.double().requires_grad_() for t in (case.x, *case.params)]
-    expected = reference.residual_mlp_stack(*leaves, scale=0.5, activation=activation, mean_subtract=True)
-    expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
-    for name, got, want in zip(MLP_RESULTS, (out, *grads), (expected, *expected_grads)):
-        assert got.dtype == dtype, name
-        assert rel_err(got, want) < 2 * HALF_TOLERANCE[dtype], name
+
+    def reference_results(inputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
+        output = reference.residual_mlp_stack(*inputs, scale=0.5, activation=activation, mean_subtract=True)
+        return [output, *torch.autograd.grad(output, inputs, grad)]
+
+    check_half_precision_kernels(MLP_RESULTS, [out, *grads], reference_results, [case.x, *case.params], grad_out)
 
 
 @pytest.mark.parametrize(
