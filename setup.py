@@ -27,10 +27,10 @@ def cxx_flags() -> list[str]:
 
 
 def link_flags() -> list[str]:
-    # A compiler that links libstdc++ statically (as one CUDA image's /opt/gcc did) puts a private copy of it
-    # in the extension; exported, that copy's symbols mix with the process's shared libstdc++, and a C++ error
-    # message that formats a number came out cut short or crashed the process. Keeping the copy's symbols
-    # local ends that; with the usual shared libstdc++ the flag changes nothing.
+    # A compiler that links libstdc++ statically puts a private copy of it in the extension; exported, that
+    # copy's symbols mix with the process's shared libstdc++, and a C++ error message that formats a number
+    # comes out cut short or crashes the process. Keeping the copy's symbols local prevents that; with the
+    # usual shared libstdc++ the flag changes nothing.
     return ["-fopenmp", "-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else ["-fopenmp"]
 
 

@@ -123,7 +123,7 @@ def _register(qualname: str, backward: Callable, setup_context: Callable) -> Non
 
     with warnings.catch_warnings():
         # A custom_op / triton_op (the Triton kernels) comes with an Autograd kernel; this one replaces it
-        # (torch before 2.13 refuses that unless allow_override is given).
+        # (torch 2.11 refuses to unless told allow_override=True, which 2.13 assumes).
         warnings.filterwarnings("ignore", message="Warning only once for all operators")
         _LIBRARY.impl(name, autograd_kernel, "Autograd", allow_override=True)
 
