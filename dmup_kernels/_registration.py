@@ -166,11 +166,14 @@ class OpEpilogue:
         def setup_context(ctx, inputs, output) -> None:
             _, branch_out, *settings = inputs
             ctx.settings = EpilogueSettings(*settings)
-            ctx.save_for_backward(branch_out)
+            # phi' reads branch_out; the identity's gradient, s MS(grad_out), does not, and then nothing is kept
+            # (as eager's x + s * MS(branch_out) keeps nothing).
+            ctx.save_for_backward(None if ctx.settings.activation == "identity" else branch_out)
 
         def backward(ctx, grad_out: Tensor):
             (branch_out,) = ctx.saved_tensors
-            return self.backward(grad_out, branch_out, ctx.settings)
+            # For the identity, grad_out stands in for branch_out, whose values the kernels do not read then.
+            return self.backward(grad_out, grad_out if branch_out is None else branch_out, ctx.settings)
 
         register_autograd(op, backward, setup_context=setup_context, backward_op=backward_op)
 

@@ -12,7 +12,7 @@ from dmup_kernels import reference
 from dmup_kernels._layout import EpilogueSettings
 from dmup_kernels.ops.scaled_residual import EPILOGUE_BACKENDS
 
-from conftest import OP_BACKENDS, backend_device, needs_cpp, rel_err
+from conftest import OP_BACKENDS, backend_device, needs_cpp, rel_err, saved_bytes
 from parity import check_residual, check_within_twice_eager, run_residual, run_residual_reference
 from sample_inputs import (
     ACTIVATIONS,
@@ -79,6 +79,22 @@ def test_backend_contract_backward_matches_reference(backend, seed):
     for name, got, ref in zip(("grad x", "grad branch_out"), gradients(backend, backend_device(backend)),
                               gradients("reference", "cpu")):  # fmt: skip
         assert rel_err(got, ref) < 1e-12, name
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu"])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_saves_what_eager_saves(backend, activation, seed):
+    """The fused op keeps branch_out only where phi' reads it: nothing for the identity (eager's
+    x + s * MS(branch_out) keeps nothing either), branch_out for a nonlinear phi."""
+    device = backend_device(backend)
+    x, branch_out = (torch.randn(6, 40, device=device, requires_grad=True) for _ in range(2))
+
+    def run(name: str):
+        return lambda: dmup_kernels.scaled_residual(x, branch_out, 0.5, activation, True, backend=name)
+
+    ours = saved_bytes(run(backend), exclude=[])
+    assert ours == saved_bytes(run("reference"), exclude=[])
+    assert ours == (0 if activation == "identity" else branch_out.nbytes)
 
 
 @needs_cpp
