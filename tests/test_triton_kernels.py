@@ -144,8 +144,8 @@ def test_auto_backend_asks_the_triton_route(rows, width, fused, monkeypatch, tri
 
     for module in ("residual_stack", "residual_mlp_stack"):
         monkeypatch.setattr(importlib.import_module(f"dmup_kernels.ops.{module}"), "resolve_backend", recording)
-    x = torch.zeros(rows, width, device=triton_device)
-    weight = torch.zeros(1, width, width, device=triton_device)
+    x = torch.randn(rows, width, device=triton_device)
+    weight = torch.randn(1, width, width, device=triton_device) / width**0.5
     dmup_kernels.residual_stack(x, weight, scale=0.5)
     dmup_kernels.residual_mlp_stack(x, weight, weight, scale=0.5)
     assert asked == [fused, fused]
