@@ -16,12 +16,13 @@ from dmup_kernels import (
     STANDARD,
     DepthMuPNet,
     DepthParametrization,
+    ResidualMLPStack,
     ResidualStack,
     ScaledResidual,
     reference,
 )
 
-from conftest import needs_cpp, needs_triton, rel_err
+from conftest import OP_BACKENDS, backend_device, needs_cpp, needs_triton, rel_err
 from sample_inputs import ACTIVATIONS, STACK_SPECS, StackSpec, make_stack_case, random_tensor
 
 STACK_IDS = [spec.id for spec in STACK_SPECS]
@@ -397,3 +398,23 @@ def test_return_states_gives_the_whole_residual_stream(backend, dtype):
     assert rel_err(states, torch.stack(expected)) < tolerance
     out.sum().backward()  # the output stays differentiable
     assert x.grad is not None and stack.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_inference_mode_gives_the_no_grad_result(backend, seed):
+    """Under torch.inference_mode every module runs its op without autograd, as under torch.no_grad: the same
+    output, bit for bit, as an inference tensor."""
+    device = backend_device(backend)
+    modules = [
+        ResidualStack(16, 5, bias=True, backend=backend, device=device),
+        ResidualMLPStack(16, 24, 3, bias=True, backend=backend, device=device),
+        ScaledResidual(nn.Linear(16, 16, device=device), 0.5, "gelu", True, backend=backend),
+    ]
+    x = torch.randn(3, 16, device=device, requires_grad=True)
+    for module in modules:
+        with torch.no_grad():
+            expected = module(x)
+        with torch.inference_mode():
+            got = module(x)
+        assert got.is_inference() and not got.requires_grad, type(module).__name__
+        assert torch.equal(got, expected), type(module).__name__
