@@ -13,8 +13,8 @@ Steps, most important first; each prints its line as soon as it ends, so a run c
 2. the Triton tests on CUDA tensors, compiled (TRITON_INTERPRET=0; tests/conftest.py otherwise turns the
    interpreter on): tests/test_triton_kernels.py;
 3. the op tests' Triton and CUDA cases (parity with the reference, checkpoints against saving every
-   layer): tests/test_scaled_residual.py, test_residual_stack.py, test_residual_mlp_stack.py,
-   test_checkpoint.py with -k "triton or cuda";
+   layer, the modules): tests/test_scaled_residual.py, test_residual_stack.py, test_residual_mlp_stack.py,
+   test_checkpoint.py, test_modules.py with -k "triton or cuda";
 4. the non-finite, torch.compile and torch.func tests, their Triton and CUDA cases;
 5. a quick benchmark (python -m benchmarks.run --device cuda --quick --no-compile): its parity checks, and
    the bandwidth the traffic model implies against the measured copy bandwidth;
@@ -276,7 +276,8 @@ def main() -> int:
         ("CUDA C++ tests", ["tests/test_cuda_kernels.py"], 60),
         ("Triton tests on CUDA", ["tests/test_triton_kernels.py"], 90),
         ("op tests: triton, cuda", [f"tests/test_{op}.py" for op in ("scaled_residual", "residual_stack",
-                                                                      "residual_mlp_stack", "checkpoint")], 150),
+                                                                      "residual_mlp_stack", "checkpoint",
+                                                                      "modules")], 150),
         ("non-finite/compile/func", ["tests/test_nonfinite.py", "tests/test_compile.py",
                                      "tests/test_func_transforms.py"], 90),
     ):  # fmt: skip
