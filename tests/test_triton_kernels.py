@@ -106,24 +106,37 @@ def test_auto_backend_stays_cpp_on_cpu():
 
 
 @pytest.mark.parametrize(
-    ("has_triton", "has_cuda_kernels", "fuses", "expected"),
+    ("has_triton", "has_cuda_kernels", "capability", "fuses", "expected"),
     [
-        (True, True, True, "triton"),  # Triton's depth-fused kernels take the call
-        (True, True, False, "cuda"),  # per-layer work: the CUDA C++ host loop
-        (True, True, None, "cuda"),  # an op without depth-fused Triton kernels (scaled_residual)
-        (True, False, False, "triton"),  # no CUDA kernels built: Triton's per-layer route
-        (False, True, True, "cuda"),
-        (False, False, True, "reference"),
+        (True, True, (9, 0), True, "triton"),  # Triton's depth-fused kernels take the call
+        (True, True, (9, 0), False, "cuda"),  # per-layer work: the CUDA C++ host loop
+        (True, True, (9, 0), None, "cuda"),  # an op without depth-fused Triton kernels (scaled_residual)
+        (True, False, (9, 0), False, "triton"),  # no CUDA kernels built: Triton's per-layer route
+        (False, True, (9, 0), True, "cuda"),
+        (False, False, (9, 0), True, "reference"),
+        (True, True, (6, 1), True, "cuda"),  # a GPU older than Triton compiles for
+        (True, False, (6, 1), True, "reference"),
     ],
 )
-def test_auto_backend_on_cuda_tensors(has_triton, has_cuda_kernels, fuses, expected, monkeypatch):
-    """The rule behind "auto" on CUDA tensors (no GPU needed: only the device's type is read)."""
+def test_auto_backend_on_cuda_tensors(has_triton, has_cuda_kernels, capability, fuses, expected, monkeypatch):
+    """The rule behind "auto" on CUDA tensors (no GPU needed: the device's capability is stubbed)."""
     from dmup_kernels.ops import _backend
 
     monkeypatch.setattr(_backend, "HAS_TRITON", has_triton)
     monkeypatch.setattr(_backend, "HAS_CUDA_KERNELS", has_cuda_kernels)
+    monkeypatch.setattr(_backend, "_capability", lambda device: capability)
     triton_fuses = None if fuses is None else (lambda: fuses)
     assert _backend.resolve_backend("auto", torch.device("cuda"), triton_fuses=triton_fuses) == expected
+
+
+def test_triton_backend_refuses_a_gpu_older_than_triton_supports(monkeypatch):
+    from dmup_kernels.ops import _backend
+
+    monkeypatch.setattr(_backend, "HAS_TRITON", True)
+    monkeypatch.setattr(_backend, "_capability", lambda device: (6, 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla P100")
+    with pytest.raises(ValueError, match=r"compute capability 7.0 or newer.*Tesla P100 has 6.1"):
+        _backend.resolve_backend("triton", torch.device("cuda"))
 
 
 @pytest.mark.parametrize(("rows", "width", "fused"), [(4096, 64, True), (8, 1025, False), (4096, 512, False)])

@@ -18,6 +18,14 @@ under the Triton interpreter, TRITON_INTERPRET=1)."""
 HAS_CUDA_KERNELS: bool = HAS_CPP and torch._C._dispatch_has_kernel_for_dispatch_key("dmup::scaled_residual", "CUDA")
 """True when the extension was built with its CUDA kernels (a CUDA build of torch and CUDA_HOME)."""
 
+TRITON_MIN_CAPABILITY = (7, 0)
+"""The oldest NVIDIA GPUs Triton compiles for (Volta), as torch.compile also requires."""
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    properties = torch.cuda.get_device_properties(device)
+    return properties.major, properties.minor
+
 
 def resolve_backend(backend: str, device: torch.device, *, triton_fuses: Callable[[], bool] | None = None) -> str:
     """The concrete backend that runs on ``device`` for the requested ``backend``.
@@ -25,15 +33,19 @@ def resolve_backend(backend: str, device: torch.device, *, triton_fuses: Callabl
     "auto": the C++ kernels on CPU tensors. On CUDA tensors, Triton where its depth-fused kernels take the
     call (``triton_fuses()``; None: the op has none), else the CUDA C++ kernels, whose host loop launches
     from C++ where Triton's per-layer routes launch from Python (measured in docs/design.md §7.8), and
-    Triton where those are not built; else the reference.
+    Triton where those are not built; Triton only on GPUs it compiles for (``TRITON_MIN_CAPABILITY``);
+    else the reference.
     """
     check_choice(backend, "backend", BACKENDS)
     if backend == "auto":
         if device.type == "cpu" and HAS_CPP:
             return "cpp"
-        if device.type != "cuda" or not (HAS_TRITON or HAS_CUDA_KERNELS):
+        if device.type != "cuda":
             return "reference"
-        fused = HAS_TRITON and triton_fuses is not None and triton_fuses()
+        triton = HAS_TRITON and _capability(device) >= TRITON_MIN_CAPABILITY
+        if not (triton or HAS_CUDA_KERNELS):
+            return "reference"
+        fused = triton and triton_fuses is not None and triton_fuses()
         return "triton" if fused or not HAS_CUDA_KERNELS else "cuda"
     if backend == "cpp":
         if not HAS_CPP:
@@ -52,5 +64,11 @@ def resolve_backend(backend: str, device: torch.device, *, triton_fuses: Callabl
             raise ValueError(
                 f"backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
                 f"got tensors on {device}"
+            )
+        if device.type == "cuda" and _capability(device) < TRITON_MIN_CAPABILITY:
+            found = ".".join(map(str, _capability(device)))
+            raise ValueError(
+                f"backend='triton' needs a GPU of compute capability 7.0 or newer, the oldest Triton compiles for; "
+                f"{torch.cuda.get_device_name(device)} has {found}: use backend='cuda' or 'auto'"
             )
     return backend
