@@ -392,8 +392,8 @@ def test_half_precision_stack_kernels(activation, block, dtype, triton_device, s
         output = reference.residual_stack(*inputs, scale=0.5, activation=activation, block=block)
         return [output, *torch.autograd.grad(output, inputs, grad)]
 
-    check_half_precision_kernels(("output", "grad x", "grad weight", "grad bias"), [out, *grads], reference_results,
-                             [x, weight, bias], grad_out)  # fmt: skip
+    names = ("output", "grad x", "grad weight", "grad bias")
+    check_half_precision_kernels(names, [out, *grads], reference_results, [x, weight, bias], grad_out)
 
 
 def _half_precision_stack_model(x, weight, bias, grad_out, scale: float, activation: str) -> dict[str, torch.Tensor]:
