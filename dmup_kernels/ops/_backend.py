@@ -65,10 +65,10 @@ def resolve_backend(backend: str, device: torch.device, *, triton_fuses: Callabl
                 f"backend='triton' runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); "
                 f"got tensors on {device}"
             )
-        if device.type == "cuda" and _capability(device) < TRITON_MIN_CAPABILITY:
-            found = ".".join(map(str, _capability(device)))
+        if device.type == "cuda" and (capability := _capability(device)) < TRITON_MIN_CAPABILITY:
+            oldest, found = (".".join(map(str, c)) for c in (TRITON_MIN_CAPABILITY, capability))
             raise ValueError(
-                f"backend='triton' needs a GPU of compute capability 7.0 or newer, the oldest Triton compiles for; "
-                f"{torch.cuda.get_device_name(device)} has {found}: use backend='cuda' or 'auto'"
+                f"backend='triton' needs a GPU of compute capability {oldest} or newer, the oldest Triton compiles "
+                f"for; {torch.cuda.get_device_name(device)} has {found}: use backend='cuda' or 'auto'"
             )
     return backend
