@@ -113,14 +113,11 @@ def run(name: str, command: list[str], budget_s: float, env: dict[str, str] | No
 
 
 def default_judge(code: int, out: str, err: str) -> tuple[bool, str]:
-    return code == 0, last_line(out) if code == 0 else last_line(err) or last_line(out)
-
-
-def crash_judge(code: int, out: str, err: str) -> tuple[bool, str]:
-    """The default judgement; when a signal killed the process, it names the signal, the compiler, and how
-    many of libstdc++'s locale symbols the extension defines itself (a private copy of that code)."""
+    """Ok on exit status 0, with the last line of stdout (of stderr when it failed). When a signal killed the
+    process, it names the signal, the compiler, and how many of libstdc++'s locale symbols the extension
+    defines itself (a private copy of that code, as on the image where C++ errors crashed)."""
     if code >= 0:
-        return default_judge(code, out, err)
+        return code == 0, last_line(out) if code == 0 else last_line(err) or last_line(out)
     compiler = os.environ.get("CXX") or sysconfig.get_config_var("CXX")
     detail = f"killed by {signal.Signals(-code).name}; the extension was built with {compiler}"
     extension = ROOT / "dmup_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
@@ -270,7 +267,7 @@ def main() -> int:
             judge=lambda code, out, err: (code == 0, "built" if code == 0 else last_line(err) or last_line(out)),
         ),
         run("extension has CUDA kernels", in_subprocess("has_cuda_kernels"), 60),
-        run("C++ errors reach Python", in_subprocess("errors_reach_python"), 60, judge=crash_judge),
+        run("C++ errors reach Python", in_subprocess("errors_reach_python"), 60),
     ]
     for name, files, budget in (
         ("CUDA C++ tests", ["tests/test_cuda_kernels.py"], 60),
