@@ -1,4 +1,4 @@
-"""Depth parametrization (docs/design.md §1.2): branch scale, learning-rate and epsilon scale formulas, presets,
+"""Depth parametrization (docs/design.md §1.2-1.3): branch scale, learning-rate and epsilon scale formulas, presets,
 validation."""
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ template CpuKernels<double> active_cpu_kernels<double>(int64_t batch);
 
 namespace {
 
-// A transparent huge page: buffers of this size or more (the saved state, dh_l and dW of a stack)
-// come from LargeBufferPool.
+// A transparent huge page: buffers of this size or more (the saved state, the weight gradients and a
+// checkpointed backward's segment states) come from LargeBufferPool.
 constexpr size_t kHugePageBytes = 2 << 20;
 
 // Large buffers, recycled. Training allocates the same few large buffers every step, and fresh

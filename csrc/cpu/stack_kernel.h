@@ -155,7 +155,7 @@ struct StackBackwardBuffers {
 };
 
 // The per-core L2 size assumed where the machine reports none: AMD Zen 3's 512 KiB (Zen 4 has
-// 1 MiB, Intel server cores 1-2 MiB). residual_stack.cpp asks the machine (sysconf).
+// 1 MiB, Intel server cores 1-2 MiB). l2_bytes() in stack_glue.cpp asks the machine (sysconf).
 constexpr int64_t kDefaultL2Bytes = 512 * 1024;
 
 // Row-tile size: the batch shared evenly by the threads, in multiples of 16 rows, capped so the
@@ -198,7 +198,7 @@ namespace {
 // Lines of a strided block that a later step reads from memory (a tile's rows of a saved state, written past the
 // caches), asked for a few at a time by the GEMMs that run in between, after each register tile, spread evenly over
 // `fmas_before_use` vector FMAs (the reverse walk passes those of its last step). Asked for all at once, or at a
-// fixed pace that runs ahead of that work, they stall the core on its miss buffers (docs/design.md §7.6).
+// fixed pace that runs ahead of that work, they stall the core on its miss buffers (docs/design.md §7.9).
 // Default-constructed, it asks for nothing.
 template <class T>
 class LineRequests {
@@ -784,7 +784,7 @@ struct TileWalks {
     const int64_t tiles = tile_count(p), items = p.depth * tiles;
     const Team chain = roles.chain(team);
     // A small batch: its weight GEMMs' register tiles are short (K = the tile's rows), and pacing requests after
-    // each cost more than the requests gained (docs/design.md §7.6).
+    // each cost more than the requests gained (docs/design.md §7.9).
     NoLineRequests none;
     if (roles.weights_role(team)) {
       for (int64_t item = 0; item < items; ++item) {
