@@ -362,15 +362,28 @@ def test_half_precision_epilogue(width, activation, dtype, triton_device, seed):
     assert rel_err(grad, expected_grad) < HALF_TOLERANCE[dtype]
 
 
-def check_half_precision_kernels(names, got, reference_results, inputs, grad_out) -> None:
-    """The 2x-eager rule for the kernels' half-precision results ``got``; ``reference_results(leaves, grad_out)``
-    gives the reference's results from leaves of one precision, run in float64 and in the inputs' dtype."""
+def check_half_precision_kernels(names, got, reference_forward, inputs, grad_out) -> None:
+    """The 2x-eager rule for the kernels' half-precision results ``got`` (output, then the gradients of
+    ``inputs``): ``reference_forward(*leaves)`` and its gradients, run in float64 and in the inputs' dtype."""
     dtype = inputs[0].dtype
     results = {}
     for precision in (torch.float64, dtype):
         leaves = [t.detach().to(precision).requires_grad_() for t in inputs]
-        results[precision] = reference_results(leaves, grad_out.to(precision))
+        output = reference_forward(*leaves)
+        results[precision] = [output, *torch.autograd.grad(output, leaves, grad_out.to(precision))]
     check_within_twice_eager(names, got, results[dtype], results[torch.float64], dtype)
+
+
+def _half_precision_stack_run(activation: str, block: str, dtype, device, seed):
+    """The stack kernels on half tensors (rows=19, width=32): the inputs (x, weight, bias), grad_out, and
+    what stack_forward and stack_backward return."""
+    from dmup_kernels.triton.residual_stack import stack_backward, stack_forward
+
+    inputs = [t.to(dtype) for t in _stack_op_inputs(activation, block, seed, device, rows=19, width=32)]
+    grad_out = torch.randn_like(inputs[0])
+    out, states, signs, pre = stack_forward(*inputs, 0.5, activation, block, True, True)
+    grads = stack_backward(grad_out, inputs[0], states, signs, pre, *inputs[1:], 0.5, activation, block, True)
+    return inputs, grad_out, (out, states), grads
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -381,19 +394,15 @@ def test_half_precision_stack_kernels(activation, block, dtype, triton_device, s
     """The stack kernels on half tensors: output and gradients against the float64 reference from the
     same (rounded) inputs, within 2x the error of eager PyTorch in the dtype plus 1e-3 (a sign bit that
     rounding flips moves a whole gradient row, in eager as in the kernels)."""
-    from dmup_kernels.triton.residual_stack import stack_backward, stack_forward
-
-    x, weight, bias = (t.to(dtype) for t in _stack_op_inputs(activation, block, seed, triton_device, rows=19, width=32))
-    grad_out = torch.randn_like(x)
-    out, states, signs, pre = stack_forward(x, weight, bias, 0.5, activation, block, True, True)
-    grads = stack_backward(grad_out, x, states, signs, pre, weight, bias, 0.5, activation, block, True)
-
-    def reference_results(inputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
-        output = reference.residual_stack(*inputs, scale=0.5, activation=activation, block=block)
-        return [output, *torch.autograd.grad(output, inputs, grad)]
-
+    inputs, grad_out, (out, _), grads = _half_precision_stack_run(activation, block, dtype, triton_device, seed)
     names = ("output", "grad x", "grad weight", "grad bias")
-    check_half_precision_kernels(names, [out, *grads], reference_results, [x, weight, bias], grad_out)
+    check_half_precision_kernels(
+        names,
+        [out, *grads],
+        lambda *leaves: reference.residual_stack(*leaves, scale=0.5, activation=activation, block=block),
+        inputs,
+        grad_out,
+    )
 
 
 def _half_precision_stack_model(x, weight, bias, grad_out, scale: float, activation: str) -> dict[str, torch.Tensor]:
@@ -424,18 +433,11 @@ def _half_precision_stack_model(x, weight, bias, grad_out, scale: float, activat
 def test_half_precision_stack_kernels_round_as_designed(activation, dtype, triton_device, seed):
     """The stack kernels on half tensors against a model of their roundings: within one unit of the
     dtype's precision, each result on its own (the interpreter matches the model to the bit)."""
-    from dmup_kernels.triton.residual_stack import stack_backward, stack_forward
-
-    x, weight, bias = (
-        t.to(dtype) for t in _stack_op_inputs(activation, "post", seed, triton_device, rows=19, width=32)
-    )
-    grad_out = torch.randn_like(x)
-    out, states, signs, pre = stack_forward(x, weight, bias, 0.5, activation, "post", True, True)
-    grad_x, grad_weight, _ = stack_backward(
-        grad_out, x, states, signs, pre, weight, bias, 0.5, activation, "post", True
+    inputs, grad_out, (out, states), (grad_x, grad_weight, _) = _half_precision_stack_run(
+        activation, "post", dtype, triton_device, seed
     )
     got = {"output": out, "states": states, "grad x": grad_x, "grad weight": grad_weight}
-    model = _half_precision_stack_model(x, weight, bias, grad_out, 0.5, activation)
+    model = _half_precision_stack_model(*inputs, grad_out, 0.5, activation)
     errors = {name: rel_err(got[name], model[name]) for name in model}
     assert max(errors.values()) <= torch.finfo(dtype).eps, errors
 
@@ -700,12 +702,13 @@ def test_half_precision_mlp_stack_kernels(activation, dtype, triton_device, seed
     grad_out = torch.randn_like(case.x)
     out, states, signs = mlp_stack_forward(case.x, *case.params, 0.5, activation, True, True)
     grads = mlp_stack_backward(grad_out, case.x, states, signs, *case.params, 0.5, activation, True)
-
-    def reference_results(inputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
-        output = reference.residual_mlp_stack(*inputs, scale=0.5, activation=activation, mean_subtract=True)
-        return [output, *torch.autograd.grad(output, inputs, grad)]
-
-    check_half_precision_kernels(MLP_RESULTS, [out, *grads], reference_results, [case.x, *case.params], grad_out)
+    check_half_precision_kernels(
+        MLP_RESULTS,
+        [out, *grads],
+        lambda *leaves: reference.residual_mlp_stack(*leaves, scale=0.5, activation=activation, mean_subtract=True),
+        [case.x, *case.params],
+        grad_out,
+    )
 
 
 @pytest.mark.parametrize(
